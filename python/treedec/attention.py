@@ -1,0 +1,95 @@
+"""The "treedec" attention backend registered with transformers.
+
+Inside treedec's decode loop, `model(...)` is called with a `treedec_step` keyword (a
+`TreeStep`); transformers forwards it to every attention call, which then runs tree attention
+over the `TreeCache` buffers. Outside the loop (a plain forward on a patched model) there is no
+`treedec_step` and the backend behaves exactly like "sdpa", mask included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import compat, ops, reference
+
+ATTN_NAME = "treedec"
+
+
+@dataclass
+class TreeStep:
+    """What every layer's attention needs for one forward of T tree nodes.
+
+    prefix_len int32 [B]: cached rows per sequence; the tree is written after them.
+    kv_start int32 [B]: first visible row (left padding); kv_start > prefix_len only in prefill.
+    tree_mask int32 [B, T, ceil(T/32)]: packed ancestor mask.
+    """
+
+    prefix_len: torch.Tensor
+    kv_start: torch.Tensor
+    tree_mask: torch.Tensor
+    _per_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tree_mask.shape[1]
+
+    def on(self, device: torch.device) -> TreeStep:
+        """This step's tensors on `device` (layers may live on several devices); built once each."""
+        if self.tree_mask.device == device:
+            return self
+        if device not in self._per_device:
+            self._per_device[device] = TreeStep(
+                self.prefix_len.to(device), self.kv_start.to(device), self.tree_mask.to(device)
+            )
+        return self._per_device[device]
+
+    def dense_mask(self) -> torch.Tensor:
+        """bool [B, 1, T, max(prefix_len) + T] for the reference path; built once per step and device."""
+        if "dense" not in self._per_device:
+            kv_len = int(self.prefix_len.max()) + self.num_nodes
+            self._per_device["dense"] = reference.dense_tree_mask(
+                self.prefix_len, self.tree_mask, self.kv_start, self.num_nodes, kv_len
+            )
+        return self._per_device["dense"]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""
+        step = self.on(q.device)
+        if ops.choose_backend(q.device) == "reference":
+            return reference.tree_attention(
+                q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, dense_mask=step.dense_mask()
+            )
+        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale)
+
+
+def treedec_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention-interface signature; returns ([B, T, Hq, D], None)."""
+    step = kwargs.get("treedec_step")
+    if step is None:
+        return compat.sdpa_attention_forward()(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out = step.attend(query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def treedec_mask(*args, **kwargs):
+    """Outside the decode loop masks are sdpa's; inside it the loop passes its own 4D mask,
+    which transformers hands to the attention function unchanged."""
+    return compat.sdpa_mask_function()(*args, **kwargs)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the backend and its mask function under "treedec" (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    attention_interface, mask_interface = compat.attention_registries()
+    attention_interface.register(ATTN_NAME, treedec_attention_forward)
+    mask_interface.register(ATTN_NAME, treedec_mask)
+    _registered = True

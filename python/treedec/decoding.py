@@ -1,0 +1,291 @@
+"""The decode loop: draft -> tree forward -> verify -> compact -> emit.
+
+One `generate` call: prefill the prompt (all but its last token) into a TreeCache, then
+repeat steps until every sequence has finished. A step asks the drafter for candidates per
+sequence, keeps the ones worth their cost (sizing.choose), runs the tree through the model in
+one forward with tree attention, verifies greedily, keeps the accepted rows of the cache, and
+emits the accepted tokens plus the bonus token. Sequences finish independently (EOS,
+max_new_tokens, stopping criteria) and leave the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops, sizing
+from .attention import TreeStep
+from .cache import TreeCache
+from .drafters.base import Drafter, DraftTrie, StepOutcome
+from .reference.tree import pack_bits
+
+CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class DecodeRequest:
+    """A validated generate call. input_ids int64 [B, L], left padded; attention_mask [B, L] or None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    stopping_criteria: list = field(default_factory=list)
+    streamer: object | None = None
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0
+    new_tokens: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    tree_nodes: int = 0  # summed over steps (T per step)
+    sequence_steps: int = 0  # steps summed over the sequences taking part in them
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "tau": self.new_tokens / max(self.sequence_steps, 1),
+            "seconds": self.seconds,
+            "prefill_seconds": self.prefill_seconds,
+            "mean_tree_nodes": self.tree_nodes / max(self.steps, 1),
+        }
+
+
+class ModelRunner:
+    """The model's pieces the loop calls, resolved once per patched model."""
+
+    def __init__(self, model: torch.nn.Module, cache_kwarg: str):
+        self.model = model
+        self.base = getattr(model, model.base_model_prefix)
+        self.lm_head = model.get_output_embeddings()
+        self.cache_kwarg = cache_kwarg
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.vocab_size = config.vocab_size
+
+    def layer_devices(self) -> list[torch.device]:
+        """Each layer's cache lives where its attention weights live (device_map may split them)."""
+        return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
+
+    def input_device(self) -> torch.device:
+        return self.base.embed_tokens.weight.device
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep):
+        """tokens int64 [B, T] (no -1), positions int64 [B, T] -> last hidden state [B, T, H]."""
+        device = self.input_device()
+        kwargs = {self.cache_kwarg: cache}
+        out = self.base(
+            input_ids=tokens.to(device),
+            position_ids=positions.to(device),
+            # A prepared 4D mask is handed to attention untouched: transformers builds none of its own.
+            attention_mask=step.tree_mask.unsqueeze(1).to(device),
+            use_cache=True,
+            treedec_step=step,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] (k=1: greedy's argmax)."""
+        batch, num_nodes, width = hidden.shape
+        weight = self.lm_head.weight
+        _, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
+        return ids.view(batch, num_nodes, k).cpu()
+
+
+def chain_tree_mask(batch: int, num_nodes: int) -> torch.Tensor:
+    """Packed ancestor mask of a chain (a causal block) without walking the tree: int32 [B, T, W]."""
+    index = torch.arange(num_nodes)
+    return pack_bits(index.view(1, -1) <= index.view(-1, 1)).expand(batch, -1, -1).contiguous()
+
+
+def pack_tries(tries: list[DraftTrie], kept: list[list[int]], num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept trie nodes -> parents int32 [B, T], tokens int64 [B, T]; short rows get padding nodes
+    (token -1, parent 0) so every sequence has T nodes."""
+    parents = torch.zeros(len(tries), num_nodes, dtype=torch.int32)
+    tokens = torch.full((len(tries), num_nodes), -1, dtype=torch.int64)
+    parents[:, 0] = -1
+    for row, (trie, nodes) in enumerate(zip(tries, kept)):
+        position = {node: i for i, node in enumerate(nodes)}
+        parents[row, 1 : len(nodes)] = torch.tensor([position[trie.parents[n]] for n in nodes[1:]], dtype=torch.int32)
+        tokens[row, : len(nodes)] = torch.tensor([trie.tokens[n] for n in nodes], dtype=torch.int64)
+    return parents, tokens
+
+
+class TreeDecoder:
+    """Runs one generate call; the long-lived pieces (drafter, acceptance, cost) belong to the model state."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        drafter: Drafter,
+        acceptance: sizing.AcceptanceModel,
+        cost: sizing.CostCurve,
+        max_nodes: int,
+    ):
+        self.runner, self.drafter = runner, drafter
+        self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
+
+    # -- one call ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
+        started = time.perf_counter()
+        stats = DecodeStats(sequences=request.input_ids.shape[0])
+        input_ids = request.input_ids.cpu()
+        batch, length = input_ids.shape
+        if request.attention_mask is None:
+            padding = torch.zeros(batch, dtype=torch.int64)
+        else:
+            padding = length - request.attention_mask.cpu().long().sum(1)
+        prompts = [input_ids[b, int(padding[b]) :].tolist() for b in range(batch)]
+        if request.streamer is not None:
+            request.streamer.put(input_ids)
+
+        cache = self._prefill(input_ids, padding, request.max_new_tokens)
+        stats.prefill_seconds = time.perf_counter() - started
+
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        roots = [prompt[-1] for prompt in prompts]
+        active = list(range(batch))  # sequence ids of the cache's batch rows
+        self.drafter.start(prompts)
+        with_drafts = self.max_nodes > 1 and self.drafter.name != "none"
+        while active:
+            step_started = time.perf_counter()
+            if with_drafts:
+                tries = [self.drafter.propose(s, roots[s]) for s in active]
+                if not self.cost.has(len(active)):
+                    self._calibrate(cache, len(active))
+                num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
+            else:
+                tries = [DraftTrie(roots[s]) for s in active]
+                num_nodes, kept = 1, [[0]] * len(active)
+            parents, tokens = pack_tries(tries, kept, num_nodes)
+            accept_len, accept_nodes, bonus, topk = self._verify_step(cache, parents, tokens)
+
+            self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active)))
+            if with_drafts:
+                self._learn_acceptance(tries, kept, accept_nodes)
+            cache.compact(accept_nodes, accept_len)
+
+            finished_rows = []
+            for row, seq in enumerate(active):
+                n = int(accept_len[row])
+                path = accept_nodes[row, 1 : n + 1].long()
+                chunk = tokens[row, path].tolist() + [int(bonus[row])]
+                chunk, done = self._limit(request, input_ids[seq], generated[seq], chunk)
+                generated[seq].extend(chunk)
+                roots[seq] = chunk[-1]
+                stats.new_tokens += len(chunk)
+                if request.streamer is not None:
+                    request.streamer.put(torch.tensor(chunk))
+                if done:
+                    finished_rows.append(row)
+                else:
+                    self.drafter.extend(seq, chunk)
+            stats.steps += 1
+            stats.sequence_steps += len(active)
+            stats.tree_nodes += num_nodes
+            if with_drafts:
+                self.cost.record(len(active), num_nodes, time.perf_counter() - step_started)
+                self.acceptance.next_step()
+            if finished_rows:
+                keep = [r for r in range(len(active)) if r not in finished_rows]
+                active = [active[r] for r in keep]
+                if active:
+                    cache.select(torch.tensor(keep, dtype=torch.int64))
+        if request.streamer is not None:
+            request.streamer.end()
+        stats.seconds = time.perf_counter() - started
+        return self._assemble(input_ids, generated, request.pad_token_id), stats
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int) -> TreeCache:
+        """Cache every prompt token but the last (the first step's root) as one causal chain."""
+        batch, length = input_ids.shape
+        runner = self.runner
+        first = next(runner.base.parameters())
+        cache = TreeCache(
+            runner.num_layers,
+            batch,
+            runner.num_kv_heads,
+            runner.head_dim,
+            max_len=length + max_new_tokens + max(self.max_nodes, 1) + 1,
+            dtype=first.dtype,
+            devices=runner.layer_devices(),
+        )
+        cache.kv_start = padding.to(torch.int32)
+        if length > 1:
+            prefill_len = length - 1
+            step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
+            positions = (torch.arange(prefill_len).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
+            cache.begin_step(prefill_len)
+            runner.forward(input_ids[:, :prefill_len], positions, cache, step)
+            cache.advance(prefill_len)
+        return cache
+
+    def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor):
+        """One tree forward and greedy verification. Returns accept_len, accept_nodes, bonus, top-k ids."""
+        depth, tree_mask = ops.build_tree(parents)
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
+        positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
+        cache.begin_step(tokens.shape[1])
+        hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
+        topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
+        accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
+        return accept_len, accept_nodes, bonus, topk
+
+    def _calibrate(self, cache: TreeCache, batch: int) -> None:
+        """Time a verify at a few tree sizes on the live cache (nothing is committed: the rows
+        written after the prefix are overwritten by the next real step)."""
+        sizes = [s for s in CALIBRATION_SIZES if s <= max(self.max_nodes, 1)]
+        for size in [sizes[0]] + sizes:  # the first size twice: the first call warms up
+            parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
+            tokens = torch.zeros(batch, size, dtype=torch.int64)
+            started = time.perf_counter()
+            self._verify_step(cache, parents, tokens)
+            self.cost.seconds.setdefault(batch, {})[size] = time.perf_counter() - started
+
+    def _learn_acceptance(self, tries: list[DraftTrie], kept: list[list[int]], accept_nodes: torch.Tensor) -> None:
+        """Each kept node whose parent was accepted is one trial of its key."""
+        for row, (trie, nodes) in enumerate(zip(tries, kept)):
+            accepted_rows = {int(i) for i in accept_nodes[row].tolist() if i >= 0}
+            for i, node in enumerate(nodes[1:], start=1):
+                parent_row = nodes.index(trie.parents[node])
+                if parent_row in accepted_rows:
+                    self.acceptance.update(trie.keys[node], i in accepted_rows)
+
+    @staticmethod
+    def _limit(request: DecodeRequest, prompt_row: torch.Tensor, generated: list[int], chunk: list[int]):
+        """Cut a chunk at max_new_tokens, the first EOS (kept) and the first stopping criterion hit."""
+        room = request.max_new_tokens - len(generated)
+        done = len(chunk) >= room
+        chunk = chunk[:room]
+        for i, token in enumerate(chunk):
+            if token in request.eos_token_ids:
+                chunk, done = chunk[: i + 1], True
+                break
+        if request.stopping_criteria:
+            for i in range(len(chunk)):
+                ids = torch.tensor([prompt_row.tolist() + generated + chunk[: i + 1]])
+                if any(bool(torch.as_tensor(c(ids, None)).any()) for c in request.stopping_criteria):
+                    return chunk[: i + 1], True
+        return chunk, done
+
+    @staticmethod
+    def _assemble(input_ids: torch.Tensor, generated: list[list[int]], pad_token_id: int) -> torch.Tensor:
+        """[B, L + longest generation], shorter generations padded with pad_token_id, as HF returns."""
+        longest = max(len(g) for g in generated)
+        out = torch.full((input_ids.shape[0], input_ids.shape[1] + longest), pad_token_id, dtype=torch.int64)
+        out[:, : input_ids.shape[1]] = input_ids
+        for b, tokens in enumerate(generated):
+            out[b, input_ids.shape[1] : input_ids.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        return out

@@ -1,0 +1,68 @@
+"""Drafters: where candidate tokens come from. One module per drafter behind `base.Drafter`."""
+
+from __future__ import annotations
+
+import inspect
+
+from .auto import AutoDrafter
+from .base import Drafter, DraftTrie, StepOutcome
+from .lookup import LookupDrafter
+from .none import NoDrafter
+from .recycling import RecyclingDrafter, RecyclingTable
+
+DRAFTERS = ("auto", "lookup", "recycling", None)
+LOOKUP_OPTIONS = tuple(inspect.signature(LookupDrafter).parameters)
+RECYCLING_OPTIONS = ("recycling_width", "template_nodes", "max_depth")
+
+
+def drafter_options(name: str | None) -> tuple[str, ...]:
+    """Option names a drafter accepts (passed to `treedec.patch(model, drafter=name, **options)`)."""
+    return {
+        None: (),
+        "lookup": LOOKUP_OPTIONS,
+        "recycling": RECYCLING_OPTIONS,
+        "auto": LOOKUP_OPTIONS + RECYCLING_OPTIONS,
+    }[name]
+
+
+def check_drafter_name(name) -> None:
+    if name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {name!r}; choose one of {', '.join(map(repr, DRAFTERS))}")
+
+
+def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict) -> Drafter:
+    """Build a drafter; `tables` is per-model storage so Token Recycling's table outlives the call."""
+    check_drafter_name(name)
+    if name is None:
+        return NoDrafter()
+    lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}
+    width = int(options.get("recycling_width", 8))
+    if name in ("recycling", "auto"):
+        if width < 1:
+            raise ValueError(f"recycling_width = {width} must be >= 1")
+        table = tables.get(("recycling", width))
+        if table is None:
+            table = tables[("recycling", width)] = RecyclingTable(vocab_size, width)
+        recycling = RecyclingDrafter(
+            table, int(options.get("template_nodes", 40)), int(options.get("max_depth", 6))
+        )
+        if name == "recycling":
+            return recycling
+        return AutoDrafter(LookupDrafter(**lookup_kwargs), recycling)
+    return LookupDrafter(**lookup_kwargs)
+
+
+__all__ = [
+    "DRAFTERS",
+    "AutoDrafter",
+    "DraftTrie",
+    "Drafter",
+    "LookupDrafter",
+    "NoDrafter",
+    "RecyclingDrafter",
+    "RecyclingTable",
+    "StepOutcome",
+    "check_drafter_name",
+    "drafter_options",
+    "make_drafter",
+]

@@ -1,0 +1,24 @@
+"""treedec.ops: one validated entry point per kernel.
+
+Each function checks its arguments once (dtype, device, shape, value ranges where cheap),
+picks a backend for the device (see `_backend`), and calls it. Callers never import a
+backend directly, so native kernels slot in here without changing them.
+"""
+
+from ._backend import available_backends, choose_backend, requested_backend
+from .attention import tree_attention
+from .compact import compact_kv
+from .lm_head import lm_head_topk
+from .tree import build_tree
+from .verify import verify_greedy
+
+__all__ = [
+    "available_backends",
+    "build_tree",
+    "choose_backend",
+    "compact_kv",
+    "lm_head_topk",
+    "requested_backend",
+    "tree_attention",
+    "verify_greedy",
+]

@@ -1,0 +1,58 @@
+import torch
+
+from .. import reference
+from ._backend import choose_backend
+from ._checks import check_same_device, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of T tree nodes over their prefix and their own ancestors.
+
+    Parameters
+    ----------
+    q : [B, Hq, T, D]
+    k, v : [B, Hkv, S, D]
+        The cache with the tree's keys/values already written at rows [prefix_len[b], prefix_len[b] + T).
+        Hq must be a multiple of Hkv (GQA).
+    prefix_len : int32 [B]
+    tree_mask : int32 [B, T, ceil(T/32)]
+        Packed ancestor mask from `build_tree`.
+    kv_start : int32 [B], optional
+        First visible cache row (left padding); 0 when omitted. Rows below it are never read.
+    scale : float, optional
+        Softmax scale; 1/sqrt(D) when omitted.
+
+    Returns
+    -------
+    [B, Hq, T, D] in q's dtype.
+    """
+    check_tensor("q", q, FLOAT_DTYPES, 4)
+    check_tensor("k", k, FLOAT_DTYPES, 4)
+    check_tensor("v", v, FLOAT_DTYPES, 4)
+    check_tensor("prefix_len", prefix_len, (torch.int32,), 1)
+    check_tensor("tree_mask", tree_mask, (torch.int32,), 3)
+    batch, q_heads, num_nodes, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [{batch}, Hkv, S, {head_dim}]")
+    if q_heads % k.shape[1]:
+        raise ValueError(f"q has {q_heads} heads, not a multiple of k's {k.shape[1]} (GQA groups)")
+    words = (num_nodes + 31) // 32
+    if tuple(tree_mask.shape) != (batch, num_nodes, words):
+        raise ValueError(f"tree_mask has shape {tuple(tree_mask.shape)}; expected {(batch, num_nodes, words)}")
+    if kv_start is not None:
+        check_tensor("kv_start", kv_start, (torch.int32,), 1)
+    check_same_device(q=q, k=k, v=v, prefix_len=prefix_len, tree_mask=tree_mask, kv_start=kv_start)
+    if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]:
+        raise ValueError(f"prefix_len + T must fit in the {k.shape[2]} cache rows of k and v")
+    choose_backend(q.device)
+    return reference.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale)

@@ -1,0 +1,36 @@
+import torch
+
+from .. import reference
+from ._backend import choose_backend
+from ._checks import check_same_device, check_tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the LM-head logits without the caller handling [N, V] logits.
+
+    Parameters
+    ----------
+    hidden : [N, H]
+    weight : [V, H]
+        The LM head's weight (same dtype as hidden).
+    k : int
+        1 <= k <= V. k == 1 is greedy's argmax (ties go to the smallest id).
+
+    Returns
+    -------
+    values : float32 [N, k], largest first
+    indices : int64 [N, k]
+    """
+    check_tensor("hidden", hidden, FLOAT_DTYPES, 2)
+    check_tensor("weight", weight, FLOAT_DTYPES, 2)
+    check_same_device(hidden=hidden, weight=weight)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden has width {hidden.shape[1]}; weight has {weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k = {k!r} must be an int in [1, {weight.shape[0]}]")
+    choose_backend(hidden.device)
+    return reference.lm_head_topk(hidden, weight, k)

@@ -1,0 +1,21 @@
+"""Pure-torch versions of every treedec kernel.
+
+Short and obvious on purpose: these are the oracles the native kernels are tested against,
+and the backend `TREEDEC_BACKEND=reference` runs everywhere. Shapes and semantics follow
+the data contracts in DESIGN.md; argument checking lives in `treedec.ops`, not here.
+"""
+
+from .attention import dense_tree_mask, tree_attention
+from .compact import compact_kv
+from .lm_head import lm_head_topk
+from .tree import build_tree
+from .verify import verify_greedy
+
+__all__ = [
+    "build_tree",
+    "compact_kv",
+    "dense_tree_mask",
+    "lm_head_topk",
+    "tree_attention",
+    "verify_greedy",
+]

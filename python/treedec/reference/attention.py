@@ -1,0 +1,58 @@
+"""Reference: tree attention as SDPA with a dense boolean mask."""
+
+import torch
+import torch.nn.functional as F
+
+from .tree import unpack_bits
+
+
+def dense_tree_mask(
+    prefix_len: torch.Tensor, tree_mask: torch.Tensor, kv_start: torch.Tensor | None, num_nodes: int, kv_len: int
+) -> torch.Tensor:
+    """bool [B, 1, T, kv_len]: query node i of sequence b may read cache row r.
+
+    r is visible iff r >= kv_start[b] and either r < prefix_len[b] (the prefix) or r is tree row
+    prefix_len[b] + j with bit j set in tree_mask[b, i]. A row that sees nothing (a left-padding
+    row during prefill, where kv_start > prefix_len) is opened to every row so it stays finite;
+    its output is never used.
+    """
+    device = tree_mask.device
+    batch = tree_mask.shape[0]
+    if kv_start is None:
+        kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
+    rows = torch.arange(kv_len, device=device)
+    prefix = prefix_len.long().view(batch, 1)
+    in_prefix = (rows >= kv_start.long().view(batch, 1)) & (rows < prefix)  # [B, S]
+    ancestors = unpack_bits(tree_mask, num_nodes)  # [B, T, T]
+    offset = rows.view(1, kv_len) - prefix  # [B, S]: tree node index of row r, if in range
+    in_tree = (offset >= 0) & (offset < num_nodes) & (rows >= kv_start.long().view(batch, 1))
+    node = offset.clamp(0, num_nodes - 1)
+    tree_visible = torch.gather(ancestors, 2, node.unsqueeze(1).expand(batch, num_nodes, kv_len))
+    mask = in_prefix.unsqueeze(1) | (in_tree.unsqueeze(1) & tree_visible)  # [B, T, S]
+    mask |= ~mask.any(-1, keepdim=True)
+    return mask.unsqueeze(1)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]. GQA when Hq is a multiple of Hkv.
+
+    `dense_mask` (from `dense_tree_mask`) may be passed in so a caller running many layers
+    builds it once per step; it must match the other arguments.
+    """
+    num_nodes = q.shape[2]
+    kv_len = int(prefix_len.max()) + num_nodes
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if dense_mask is None:
+        dense_mask = dense_tree_mask(prefix_len, tree_mask, kv_start, num_nodes, kv_len)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense_mask[..., :kv_len], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )

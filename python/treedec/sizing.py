@@ -1,0 +1,128 @@
+"""How big each step's tree is: measured acceptance against measured cost.
+
+`AcceptanceModel` keeps, per candidate key (see drafters.base), the rate at which a node of
+that kind was accepted given that its parent was. A node's chance of being on the accepted
+path is the product of the rates along its path; because siblings carry distinct tokens, at
+most one of them is accepted, so the expected tokens a tree emits is 1 + the sum of those
+path probabilities. `CostCurve` holds the measured step time of a T-node verify. `choose`
+picks the T (one of TREE_SIZES) with the most expected tokens per second for the whole batch,
+which is T = 1 (no drafts) when drafts are not paying for themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from .drafters.base import DraftTrie
+
+TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+
+
+class AcceptanceModel:
+    """Per-key conditional acceptance rate with a prior, forgetting old evidence step by step.
+
+    Forgetting lets a key that was priced out (never proposed again) drift back to its prior,
+    so the loop retries it now and then instead of freezing on one bad stretch.
+    """
+
+    def __init__(self, prior: float = 0.25, prior_weight: float = 2.0, decay: float = 0.995):
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.step = 0
+        self._counts: dict[Hashable, list[float]] = {}  # key -> [accepted, seen, step of last update]
+
+    def _decayed(self, key: Hashable) -> tuple[float, float]:
+        entry = self._counts.get(key)
+        if entry is None:
+            return 0.0, 0.0
+        fade = self.decay ** (self.step - entry[2])
+        return entry[0] * fade, entry[1] * fade
+
+    def rate(self, key: Hashable) -> float:
+        accepted, seen = self._decayed(key)
+        return (accepted + self.prior * self.prior_weight) / (seen + self.prior_weight)
+
+    def update(self, key: Hashable, accepted: bool) -> None:
+        acc, seen = self._decayed(key)
+        self._counts[key] = [acc + float(accepted), seen + 1.0, self.step]
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def snapshot(self) -> dict[str, float]:
+        return {repr(k): round(self.rate(k), 3) for k in sorted(self._counts, key=repr)}
+
+
+class CostCurve:
+    """Step seconds of a T-node verify, per batch size: calibrated once, then an EMA of real steps."""
+
+    def __init__(self, smoothing: float = 0.2):
+        self.smoothing = smoothing
+        self.seconds: dict[int, dict[int, float]] = {}  # batch size -> {T: seconds}
+
+    def has(self, batch_size: int) -> bool:
+        return batch_size in self.seconds
+
+    def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
+        curve = self.seconds.setdefault(batch_size, {})
+        old = curve.get(num_nodes)
+        curve[num_nodes] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def cost(self, batch_size: int, num_nodes: int) -> float:
+        """Interpolated (linearly between measured T, extrapolated from the last two) seconds."""
+        curve = self.seconds.get(batch_size)
+        if not curve:
+            return float(num_nodes)  # uncalibrated: proportional to work, only used before calibration
+        points = sorted(curve.items())
+        if num_nodes in curve:
+            return curve[num_nodes]
+        below = [p for p in points if p[0] < num_nodes]
+        above = [p for p in points if p[0] > num_nodes]
+        if below and above:
+            (t0, s0), (t1, s1) = below[-1], above[0]
+        elif len(points) >= 2:
+            (t0, s0), (t1, s1) = (points[-2], points[-1]) if below else (points[0], points[1])
+        else:
+            return points[0][1]
+        slope = max((s1 - s0) / (t1 - t0), 0.0)
+        return max(s0 + slope * (num_nodes - t0), points[0][1])
+
+    def as_dict(self) -> dict[int, dict[int, float]]:
+        return {b: dict(sorted(c.items())) for b, c in self.seconds.items()}
+
+
+def path_probabilities(trie: DraftTrie, acceptance: AcceptanceModel) -> list[float]:
+    """P(node on the accepted path) for every trie node, root = 1."""
+    probs = [1.0] * len(trie)
+    for i in range(1, len(trie)):
+        probs[i] = probs[trie.parents[i]] * acceptance.rate(trie.keys[i])
+    return probs
+
+
+def choose(
+    tries: list[DraftTrie], acceptance: AcceptanceModel, cost: CostCurve, max_nodes: int
+) -> tuple[int, list[list[int]], float]:
+    """Pick the tree size and nodes: returns (T, per-trie kept node indices with the root first
+    in topological order, expected tokens emitted per sequence)."""
+    ranked = []  # per trie: non-root nodes by descending path probability (parents before children)
+    gains = []  # per trie: gains[n] = expected accepted drafts when keeping the best n nodes
+    for trie in tries:
+        probs = path_probabilities(trie, acceptance)
+        order = sorted(range(1, len(trie)), key=lambda i: (-probs[i], i))
+        ranked.append(order)
+        running = [0.0]
+        for i in order:
+            running.append(running[-1] + probs[i])
+        gains.append(running)
+
+    batch = len(tries)
+    largest = max(len(t) for t in tries)
+    best_size, best_rate, best_tokens = 1, -1.0, 1.0
+    for size in TREE_SIZES:
+        if size > max_nodes or (size > largest and size != 1):
+            break
+        tokens = sum(1.0 + g[min(size - 1, len(g) - 1)] for g in gains)
+        rate = tokens / cost.cost(batch, size)
+        if rate > best_rate:
+            best_size, best_rate, best_tokens = size, rate, tokens / batch
+    kept = [[0] + sorted(order[: best_size - 1]) for order in ranked]
+    return best_size, kept, best_tokens

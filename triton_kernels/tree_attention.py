@@ -1,0 +1,317 @@
+"""Tree attention: flash-attention over the prefix, then the tree block under a packed mask.
+
+Contract (DESIGN.md, "Tree attention"): query node i of sequence b sees cache rows
+[kv_start[b], prefix_len[b]) and the tree rows prefix_len[b] + j whose bit j is set in
+tree_mask[b, i] (and which are >= kv_start[b]). A query row that sees nothing (left-padding rows
+during prefill) produces zeros.
+
+Layout of the work: one program per (block of BLOCK_M packed query rows, sequence b, kv head,
+kv split). The query heads of one GQA group are packed into the M dimension (row m is query
+head kv_head * group + m // T, node m % T), so each K/V tile is loaded once for the whole group,
+as FlashInfer and SGLang do for decode. Each program streams its part of the prefix in BLOCK_N
+tiles with an online softmax (base-2 exponentials, fp32 accumulators), then the T tree rows,
+reading the ancestor bits of each (query node, tree node) pair from the packed mask. No dense
+[T, S] mask is ever built.
+
+Split-KV: when there are too few programs to fill the GPU and the cache is long, the prefix of
+each sequence is cut into NUM_SPLITS equal chunks (computed in the kernel from prefix_len, so no
+host sync and graph-capturable); the last split also takes the tree block. Each split writes a
+normalised partial output and its log-sum-exp, and `_combine_kernel` merges them.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tree_attention_kernel(
+    q_ptr,  # [B, Hq, T, D]
+    k_ptr,  # [B, Hkv, S, D]
+    v_ptr,  # [B, Hkv, S, D]
+    out_ptr,  # [B, Hq, T, D] (NUM_SPLITS == 1)
+    part_o_ptr,  # fp32 [B, Hq, T, NUM_SPLITS, BLOCK_D] (NUM_SPLITS > 1)
+    part_lse_ptr,  # fp32 [B, Hq, T, NUM_SPLITS], base-2 log-sum-exp (NUM_SPLITS > 1)
+    prefix_len_ptr,  # int32 [B]
+    kv_start_ptr,  # int32 [B] (read only if HAS_KV_START)
+    tree_mask_ptr,  # int32 [B, T, W], little-endian bits
+    num_nodes,  # T
+    num_kv_heads,  # Hkv
+    group,  # Hq // Hkv
+    head_dim,  # D
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mb, stride_mt, stride_mw,
+    HAS_KV_START: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_head = (pid_bh % num_kv_heads).to(tl.int64)
+
+    # Packed query rows: m -> (query head kv_head * group + g, node i).
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = m < group * num_nodes
+    g = m // num_nodes
+    node = m - g * num_nodes
+    q_head = kv_head * group + g
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < head_dim
+
+    q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + node[:, None] * stride_qt + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    prefix = tl.load(prefix_len_ptr + b)
+    if HAS_KV_START:
+        start = tl.load(kv_start_ptr + b)
+    else:
+        start = prefix * 0
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+
+    # This split's share of the prefix [start, prefix).
+    if NUM_SPLITS == 1:
+        lo = start
+        hi = prefix
+        tree_end = num_nodes
+    else:
+        span = tl.maximum(prefix - start, 0)
+        chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * chunk
+        hi = tl.minimum(lo + chunk, prefix)
+        tree_end = tl.where(split == NUM_SPLITS - 1, num_nodes, 0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so a fully masked tile gives alpha = 1
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Prefix: every row in [lo, hi) is visible to every query row.
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_valid = cols < hi
+        kt = tl.load(
+            k_base + cols[None, :] * stride_ks + d[:, None] * stride_kd,
+            mask=col_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(col_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(
+            v_base + cols[:, None] * stride_vs + d[None, :] * stride_vd,
+            mask=col_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Tree block: tree node j sits at row prefix + j; visible iff bit j of tree_mask[b, node] is set.
+    mask_row = tree_mask_ptr + b * stride_mb + node[:, None] * stride_mt
+    for j0 in range(0, tree_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        rows = prefix + j
+        col_valid = (j < num_nodes) & (rows >= start)
+        kt = tl.load(
+            k_base + rows[None, :] * stride_ks + d[:, None] * stride_kd,
+            mask=col_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        words = tl.load(
+            mask_row + (j[None, :] >> 5) * stride_mw,
+            mask=row_valid[:, None] & col_valid[None, :],
+            other=0,
+        )  # [BLOCK_M, BLOCK_N] int32: the mask word holding bit j of row `node`
+        visible = ((words >> (j[None, :] & 31)) & 1) != 0
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(
+            v_base + rows[:, None] * stride_vs + d[None, :] * stride_vd,
+            mask=col_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw nothing has acc = 0: zeros
+    if NUM_SPLITS == 1:
+        o_ptrs = (
+            out_ptr + b * stride_ob + q_head[:, None] * stride_oh + node[:, None] * stride_ot + d[None, :] * stride_od
+        )
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        flat_row = (b * num_kv_heads * group + q_head) * num_nodes + node  # (b, h, i) -> row of [B*Hq*T]
+        part_row = flat_row * NUM_SPLITS + split
+        tl.store(part_o_ptr + part_row[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    part_o_ptr,  # fp32 [B*Hq*T, NUM_SPLITS, BLOCK_D]
+    part_lse_ptr,  # fp32 [B*Hq*T, NUM_SPLITS]
+    out_ptr,  # [B, Hq, T, D]
+    num_q_heads,
+    num_nodes,
+    head_dim,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b, h, i) flattened
+    node = row % num_nodes
+    head = (row // num_nodes) % num_q_heads
+    b = row // (num_nodes * num_q_heads)
+    sp = tl.arange(0, SPLITS_P2)
+    sp_valid = sp < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp, mask=sp_valid, other=float("-inf"))
+    top = tl.max(lse, 0)
+    empty = lse == float("-inf")
+    weight = tl.where(empty, 0.0, tl.exp2(tl.where(empty, 0.0, lse) - tl.where(empty, 0.0, top)))
+    part = tl.load(
+        part_o_ptr + (row * NUM_SPLITS + sp[:, None]) * BLOCK_D + d[None, :], mask=sp_valid[:, None], other=0.0
+    )
+    total = tl.sum(weight, 0)
+    out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    o_ptrs = out_ptr + b * stride_ob + head * stride_oh + node * stride_ot + d * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_splits(device: torch.device, programs: int, cache_len: int, block_n: int) -> int:
+    """Split the prefix only when the grid would not fill the GPU and the cache is long.
+
+    Uses static shapes only (cache capacity, not prefix_len), so the choice never syncs."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), cache_len // (4 * block_n), 32))
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    scale: float | None,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    batch, num_q_heads, num_nodes, head_dim = q.shape
+    num_kv_heads, cache_len = k.shape[1], k.shape[2]
+    assert k.shape == v.shape and k.shape[0] == batch and k.shape[3] == head_dim
+    assert num_q_heads % num_kv_heads == 0
+    assert tree_mask.shape == (batch, num_nodes, triton.cdiv(num_nodes, 32))
+    assert prefix_len.dtype == torch.int32 and tree_mask.dtype == torch.int32
+    assert kv_start is None or kv_start.dtype == torch.int32
+    group = num_q_heads // num_kv_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rows = group * num_nodes
+    if block_m is None:
+        block_m = 64 if rows > 32 else max(16, triton.next_power_of_2(rows))
+    if block_n is None:
+        wide = q.dtype == torch.float32 or block_d > 128
+        block_n = 32 if wide else 64
+    m_blocks = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = _choose_splits(q.device, m_blocks * batch * num_kv_heads, cache_len, block_n)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+
+    if num_splits > 1:
+        part_o = torch.empty(batch * num_q_heads * num_nodes, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch * num_q_heads * num_nodes, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    grid = (m_blocks, batch * num_kv_heads, num_splits)
+    _tree_attention_kernel[grid](
+        q, k, v, out, part_o, part_lse,
+        prefix_len, kv_start if kv_start is not None else prefix_len, tree_mask,
+        num_nodes, num_kv_heads, group, head_dim, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tree_mask.stride(),
+        HAS_KV_START=kv_start is not None,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=precision,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _combine_kernel[(batch * num_q_heads * num_nodes,)](
+            part_o, part_lse, out,
+            num_q_heads, num_nodes, head_dim,
+            *out.stride(),
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+    return out
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of T tree nodes over their prefix and their ancestors, in one pass.
+
+    Parameters
+    ----------
+    q : [B, Hq, T, D] fp32/fp16/bf16 (any strides)
+    k, v : [B, Hkv, S, D], same dtype; the tree's keys/values at rows [prefix_len[b], prefix_len[b] + T)
+    prefix_len : int32 [B]
+    tree_mask : int32 [B, T, ceil(T/32)], packed ancestor mask (little-endian bits)
+    kv_start : int32 [B] or None (0): first visible cache row (left padding)
+    scale : softmax scale, 1/sqrt(D) when None
+
+    Returns
+    -------
+    [B, Hq, T, D] in q's dtype; zeros for a query row that sees no row.
+    """
+    return _launch(q, k, v, prefix_len, tree_mask, kv_start, scale)

@@ -1,0 +1,221 @@
+"""LM-head projection fused with a streaming top-k: logits are never materialised as [N, V].
+
+Stage 1 (`_lm_head_topk_kernel`): one program per (block of BLOCK_R hidden rows, split of the
+vocabulary). It walks its split's BLOCK_V-wide vocabulary tiles in increasing order, computes each
+logit tile with tl.dot (fp32 accumulation over H in BLOCK_H steps), and merges the tile into a
+running top-k held in registers. Because tiles come in increasing index order and ties go to the
+smallest index, a tile whose best logit is below every row's current k-th value cannot change the
+result and is skipped without the merge. Each program writes its split's top-k to a small buffer.
+
+Stage 2 (`_merge_topk_kernel`): one program per hidden row merges the splits' candidates
+(num_splits * KP of them, in chunks) into the final top-k.
+
+Order: values descending; equal values in increasing index order (k=1 is argmax with the
+first-index rule, as HF greedy decoding uses). A NaN logit is ranked as +inf (argmax-like) and
+reported as +inf; it never crashes or produces an out-of-range index.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP: tl.constexpr):
+    """Top-K over the union of a running list ([R, KP], slots >= K unused) and candidates [R, C].
+
+    Returns the new running list, descending, ties by smallest index. Works row by row (axis 1)."""
+    slot = tl.arange(0, KP)[None, :]
+    cand_a = (slot < K) & (best_idx >= 0)
+    cand_b = key_valid
+    new_val = tl.full(best_val.shape, float("-inf"), tl.float32)
+    new_idx = tl.full(best_idx.shape, 2147483647, tl.int32)
+    for t in tl.static_range(K):
+        top_a = tl.max(tl.where(cand_a, best_val, float("-inf")), 1)
+        top_b = tl.max(tl.where(cand_b, key, float("-inf")), 1)
+        top = tl.maximum(top_a, top_b)
+        idx_a = tl.min(tl.where(cand_a & (best_val == top[:, None]), best_idx, 2147483647), 1)
+        idx_b = tl.min(tl.where(cand_b & (key == top[:, None]), key_idx, 2147483647), 1)
+        idx = tl.minimum(idx_a, idx_b)
+        new_val = tl.where(slot == t, top[:, None], new_val)
+        new_idx = tl.where(slot == t, idx[:, None], new_idx)
+        cand_a = cand_a & (best_idx != idx[:, None])
+        cand_b = cand_b & (key_idx != idx[:, None])
+    return new_val, new_idx
+
+
+@triton.jit
+def _lm_head_topk_kernel(
+    hidden_ptr,  # [N, H]
+    weight_ptr,  # [V, H]
+    part_val_ptr,  # fp32 [N, NUM_SPLITS, KP]
+    part_idx_ptr,  # int32 [N, NUM_SPLITS, KP]
+    num_rows,  # N
+    vocab,  # V
+    hidden_size,  # H
+    tiles_per_split,
+    stride_hn, stride_hh,
+    stride_wv, stride_wh,
+    NUM_SPLITS: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < num_rows
+    rows64 = rows.to(tl.int64)
+    hcols = tl.arange(0, BLOCK_H)
+    slot = tl.arange(0, KP)
+
+    best_val = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_R, KP], 2147483647, tl.int32)
+    num_tiles = tl.cdiv(vocab, BLOCK_V)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_valid = cols < vocab
+        acc = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
+        for h0 in range(0, hidden_size, BLOCK_H):
+            h = h0 + hcols
+            h_valid = h < hidden_size
+            x = tl.load(
+                hidden_ptr + rows64[:, None] * stride_hn + h[None, :] * stride_hh,
+                mask=row_valid[:, None] & h_valid[None, :],
+                other=0.0,
+            )  # [BLOCK_R, BLOCK_H]
+            wt = tl.load(
+                weight_ptr + cols.to(tl.int64)[None, :] * stride_wv + h[:, None] * stride_wh,
+                mask=col_valid[None, :] & h_valid[:, None],
+                other=0.0,
+            )  # [BLOCK_H, BLOCK_V]
+            acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+        key = tl.where(acc != acc, float("inf"), acc)  # NaN ranks as +inf
+        key_valid = row_valid[:, None] & col_valid[None, :]
+        key = tl.where(key_valid, key, float("-inf"))
+        # Skip the merge when no row's best logit here reaches its current k-th value: this tile's
+        # indices are larger than every index held, so an equal value would lose the tie anyway.
+        kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
+        improves = row_valid & (tl.max(key, 1) >= kth)
+        if tl.max(improves.to(tl.int32), 0) > 0:
+            best_val, best_idx = _merge_into(
+                best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
+            )
+    part = (rows64[:, None] * NUM_SPLITS + split) * KP + slot[None, :]
+    tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
+    tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
+
+
+@triton.jit
+def _merge_topk_kernel(
+    part_val_ptr,  # fp32 [N, E]
+    part_idx_ptr,  # int32 [N, E]
+    values_ptr,  # fp32 [N, K]
+    indices_ptr,  # int64 [N, K]
+    num_entries,  # E = NUM_SPLITS * KP
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, KP)[None, :]
+    best_val = tl.full([1, KP], float("-inf"), tl.float32)
+    best_idx = tl.full([1, KP], 2147483647, tl.int32)
+    for e0 in range(0, num_entries, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)[None, :]
+        valid = e < num_entries
+        val = tl.load(part_val_ptr + row * num_entries + e, mask=valid, other=float("-inf"))
+        idx = tl.load(part_idx_ptr + row * num_entries + e, mask=valid, other=2147483647)
+        best_val, best_idx = _merge_into(best_val, best_idx, val, idx, valid & (idx != 2147483647), K, KP)
+    tl.store(values_ptr + row * K + slot, best_val, mask=slot < K)
+    tl.store(indices_ptr + row * K + slot, best_idx.to(tl.int64), mask=slot < K)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    num_splits: int | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    assert weight.shape[1] == hidden_size and weight.dtype == hidden.dtype
+    assert 1 <= k <= min(vocab, 16)
+    values = torch.empty(num_rows, k, dtype=torch.float32, device=hidden.device)
+    indices = torch.empty(num_rows, k, dtype=torch.int64, device=hidden.device)
+    if num_rows == 0:
+        return values, indices
+
+    kp = triton.next_power_of_2(k)
+    block_r = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
+    if block_v is None:
+        block_v = 64 if (hidden.dtype == torch.float32 or block_r == 64) else 128
+    block_h = 64 if hidden_size >= 64 else max(16, triton.next_power_of_2(hidden_size))
+    row_blocks = triton.cdiv(num_rows, block_r)
+    num_tiles = triton.cdiv(vocab, block_v)
+    if num_splits is None:
+        if hidden.device.type == "cuda":
+            index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
+            num_splits = triton.cdiv(2 * _num_sms(index), row_blocks)
+        else:
+            num_splits = 4
+    num_splits = max(1, min(num_splits, num_tiles))
+    tiles_per_split = triton.cdiv(num_tiles, num_splits)
+    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
+
+    part_val = torch.empty(num_rows, num_splits, kp, dtype=torch.float32, device=hidden.device)
+    part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
+    _lm_head_topk_kernel[(row_blocks, num_splits)](
+        hidden, weight, part_val, part_idx,
+        num_rows, vocab, hidden_size, tiles_per_split,
+        *hidden.stride(), *weight.stride(),
+        NUM_SPLITS=num_splits,
+        K=k,
+        KP=kp,
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        num_warps=4,
+        num_stages=3,
+    )
+    entries = num_splits * kp
+    _merge_topk_kernel[(num_rows,)](
+        part_val, part_idx, values, indices, entries,
+        K=k,
+        KP=kp,
+        BLOCK_E=min(1024, max(16, triton.next_power_of_2(entries))),
+        num_warps=4,
+    )
+    return values, indices
+
+
+def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of hidden @ weight.T per row, without materialising the [N, V] logits.
+
+    Parameters
+    ----------
+    hidden : [N, H] fp32/fp16/bf16
+    weight : [V, H], same dtype (the LM head; any strides)
+    k : 1 <= k <= min(V, 16)
+
+    Returns
+    -------
+    values : float32 [N, k], descending (logits accumulated in fp32)
+    indices : int64 [N, k]; ties go to the smallest index (k=1 equals argmax)
+    """
+    return _launch(hidden, weight, k)

@@ -63,6 +63,7 @@ def _lm_head_topk_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast tiles before tl.dot (CPU interpreter: its 16-bit dot is wrong)
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -97,6 +98,9 @@ def _lm_head_topk_kernel(
                 mask=col_valid[None, :] & h_valid[:, None],
                 other=0.0,
             )  # [BLOCK_H, BLOCK_V]
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                wt = wt.to(tl.float32)
             acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
         key = tl.where(acc != acc, float("inf"), acc)  # NaN ranks as +inf
         key_valid = row_valid[:, None] & col_valid[None, :]
@@ -177,6 +181,7 @@ def _launch(
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
 
+    dot_fp32 = hidden.device.type == "cpu"  # only under TRITON_INTERPRET=1
     part_val = torch.empty(num_rows, num_splits, kp, dtype=torch.float32, device=hidden.device)
     part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
     _lm_head_topk_kernel[(row_blocks, num_splits)](
@@ -186,7 +191,8 @@ def _launch(
         NUM_SPLITS=num_splits,
         K=k,
         KP=kp,
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or dot_fp32 else "tf32",
+        DOT_FP32=dot_fp32,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         BLOCK_H=block_h,

@@ -53,6 +53,7 @@ def _tree_attention_kernel(
     HAS_KV_START: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast tiles before tl.dot (CPU interpreter: its 16-bit dot is wrong)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -74,6 +75,8 @@ def _tree_attention_kernel(
 
     q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + node[:, None] * stride_qt + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
 
     prefix = tl.load(prefix_len_ptr + b)
     if HAS_KV_START:
@@ -108,6 +111,8 @@ def _tree_attention_kernel(
             mask=col_valid[None, :] & d_valid[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(col_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -119,6 +124,8 @@ def _tree_attention_kernel(
             mask=col_valid[:, None] & d_valid[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
+        if DOT_FP32:
+            vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -133,6 +140,8 @@ def _tree_attention_kernel(
             mask=col_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         words = tl.load(
             mask_row + (j[None, :] >> 5) * stride_mw,
@@ -150,6 +159,8 @@ def _tree_attention_kernel(
             mask=col_valid[:, None] & d_valid[None, :],
             other=0.0,
         )
+        if DOT_FP32:
+            vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -254,7 +265,8 @@ def _launch(
     m_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = _choose_splits(q.device, m_blocks * batch * num_kv_heads, cache_len, block_n)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_fp32 = q.device.type == "cpu"  # only under TRITON_INTERPRET=1
+    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
 
     if num_splits > 1:
@@ -271,6 +283,7 @@ def _launch(
         HAS_KV_START=kv_start is not None,
         NUM_SPLITS=num_splits,
         DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

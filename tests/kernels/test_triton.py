@@ -1,0 +1,266 @@
+"""Triton kernels (triton_kernels/) against treedec.reference.
+
+On a machine without CUDA the kernels run on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1, set below before triton is imported), at small odd sizes because the
+interpreter is slow. With CUDA present the same cases run compiled on the GPU, and the
+`gpu`-marked tests add realistic sizes and 16-bit dtypes.
+"""
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # triton_kernels/ lives at the repo root
+
+from treedec import reference  # noqa: E402
+from treedec.reference.tree import unpack_bits  # noqa: E402
+from triton_kernels import lm_head_topk as lm_head_mod  # noqa: E402
+from triton_kernels import tree_attention as attention_mod  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_parents(batch: int, num_nodes: int, shape: str, gen: torch.Generator) -> torch.Tensor:
+    """int32 [B, T]: a chain (parent i-1), a star (all children of the root) or a random tree."""
+    parents = torch.empty(batch, num_nodes, dtype=torch.int32)
+    parents[:, 0] = -1
+    for i in range(1, num_nodes):
+        if shape == "chain":
+            parents[:, i] = i - 1
+        elif shape == "star":
+            parents[:, i] = 0
+        else:
+            parents[:, i] = torch.randint(0, i, (batch,), generator=gen, dtype=torch.int32)
+    return parents
+
+
+def attention_inputs(batch, num_nodes, q_heads, kv_heads, head_dim, shape, left_pad, seed, max_prefix=70,
+                     dtype=torch.float32, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    prefix_len = torch.randint(0, max_prefix + 1, (batch,), generator=gen, dtype=torch.int32)
+    prefix_len[0] = max_prefix  # the longest sequence sets the cache length
+    cache_len = max_prefix + num_nodes + 5
+    kv_start = None
+    if left_pad:
+        kv_start = (torch.rand(batch, generator=gen) * (prefix_len.float() + 1)).to(torch.int32)
+        if batch > 1:  # a prefill-style sequence whose pad reaches into the tree rows: some rows see nothing
+            prefix_len[-1] = 3
+            kv_start[-1] = 3 + min(num_nodes - 1, 4) + (num_nodes == 1)
+    parents = make_parents(batch, num_nodes, shape, gen)
+    _, tree_mask = reference.build_tree(parents)
+    q = torch.randn(batch, q_heads, num_nodes, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, cache_len, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, cache_len, head_dim, generator=gen).to(dtype)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(q), to(k), to(v), to(prefix_len), to(tree_mask), to(kv_start)
+
+
+def blind_rows(prefix_len, tree_mask, kv_start, num_nodes) -> torch.Tensor:
+    """bool [B, T]: query rows that see no cache row (the reference opens them to everything)."""
+    batch = prefix_len.shape[0]
+    start = torch.zeros_like(prefix_len) if kv_start is None else kv_start
+    nodes = torch.arange(num_nodes, device=prefix_len.device)
+    tree_rows_ok = (prefix_len.view(batch, 1) + nodes) >= start.view(batch, 1)  # [B, T] (by tree node j)
+    sees_tree = (unpack_bits(tree_mask, num_nodes) & tree_rows_ok.view(batch, 1, num_nodes)).any(-1)
+    return ~(prefix_len > start).view(batch, 1) & ~sees_tree
+
+
+def check_attention(out, q, k, v, prefix_len, tree_mask, kv_start, scale=None, atol=1e-5, rtol=1e-5):
+    expected = reference.tree_attention(q.float(), k.float(), v.float(), prefix_len, tree_mask, kv_start, scale)
+    blind = blind_rows(prefix_len, tree_mask, kv_start, q.shape[2])  # [B, T]
+    blind = blind.view(q.shape[0], 1, q.shape[2], 1).expand_as(out)
+    assert torch.isfinite(out).all()
+    assert (out[blind] == 0).all(), "a row that sees nothing must be zeros"
+    torch.testing.assert_close(out.float()[~blind], expected[~blind], atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# tree_attention
+
+ATTENTION_CASES = [
+    (batch, num_nodes, heads, shape)
+    for batch in (1, 3)
+    for num_nodes in (1, 2, 7, 33)
+    for heads in ((4, 2), (3, 3))
+    for shape in ("chain", "star", "random")
+]
+
+
+@pytest.mark.parametrize("batch,num_nodes,heads,shape", ATTENTION_CASES)
+def test_tree_attention_matches_reference(batch, num_nodes, heads, shape):
+    seed = zlib.crc32(repr((batch, num_nodes, heads, shape)).encode())
+    head_dim = 16 if (num_nodes + heads[0]) % 2 else 32
+    left_pad = (seed % 2 == 0) or batch == 3 and shape == "random"
+    inputs = attention_inputs(batch, num_nodes, *heads, head_dim, shape, left_pad, seed)
+    out = attention_mod.tree_attention(*inputs)
+    assert out.shape == inputs[0].shape and out.dtype == inputs[0].dtype
+    check_attention(out, *inputs)
+
+
+@pytest.mark.parametrize("num_nodes,heads,shape", [(64, (2, 1), "random"), (100, (3, 3), "chain"), (128, (4, 2), "star")])
+def test_tree_attention_large_trees(num_nodes, heads, shape):
+    inputs = attention_inputs(3, num_nodes, *heads, 16, shape, True, seed=num_nodes)
+    check_attention(attention_mod.tree_attention(*inputs), *inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tree_attention_16bit(dtype):
+    inputs = attention_inputs(3, 33, 4, 2, 32, "random", True, seed=21, dtype=dtype)
+    out = attention_mod.tree_attention(*inputs)
+    assert out.dtype == dtype
+    check_attention(out, *inputs, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3])
+@pytest.mark.parametrize("num_nodes", [2, 33])
+def test_tree_attention_split_kv(num_splits, num_nodes):
+    inputs = attention_inputs(3, num_nodes, 4, 2, 16, "random", True, seed=11 + num_nodes + num_splits)
+    out = attention_mod._launch(*inputs, scale=None, num_splits=num_splits)
+    check_attention(out, *inputs)
+
+
+def test_tree_attention_strided_q_scale_and_small_blocks():
+    q, k, v, prefix_len, tree_mask, kv_start = attention_inputs(3, 7, 4, 2, 16, "random", True, seed=5)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, T, D] view of a [B, T, Hq, D] buffer
+    assert not q_strided.is_contiguous()
+    out = attention_mod._launch(q_strided, k, v, prefix_len, tree_mask, kv_start, 0.3, block_m=16, block_n=16)
+    check_attention(out, q, k, v, prefix_len, tree_mask, kv_start, scale=0.3)
+
+
+def test_tree_attention_head_dim_not_power_of_two():
+    inputs = attention_inputs(1, 7, 3, 3, 24, "random", False, seed=3)
+    check_attention(attention_mod.tree_attention(*inputs), *inputs)
+
+
+def test_tree_attention_no_prefix():
+    q, k, v, prefix_len, tree_mask, kv_start = attention_inputs(3, 7, 4, 2, 16, "random", False, seed=8)
+    prefix_len = torch.zeros_like(prefix_len)
+    out = attention_mod.tree_attention(q, k, v, prefix_len, tree_mask, kv_start)
+    check_attention(out, q, k, v, prefix_len, tree_mask, kv_start)
+
+
+def test_tree_attention_ignores_garbage_outside_visible_rows():
+    """NaN in rows a query may not see (pad rows, other branches, unused cache) must not leak."""
+    q, k, v, prefix_len, tree_mask, kv_start = attention_inputs(3, 7, 4, 2, 16, "chain", True, seed=9)
+    tree_mask = reference.build_tree(make_parents(3, 7, "star", torch.Generator().manual_seed(0)))[1].to(DEVICE)
+    k2, v2 = k.clone(), v.clone()
+    for b in range(3):
+        start, prefix = int(kv_start[b]), int(prefix_len[b])
+        for cache in (k2, v2):
+            cache[b, :, : min(start, prefix)] = float("nan")
+            cache[b, :, prefix + 7:] = float("nan")
+    out = attention_mod.tree_attention(q, k2, v2, prefix_len, tree_mask, kv_start)
+    check_attention(out, q, k, v, prefix_len, tree_mask, kv_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head_topk
+
+
+@pytest.mark.parametrize("num_rows", [1, 5])
+@pytest.mark.parametrize("vocab", [300, 1000])
+@pytest.mark.parametrize("k", [1, 4])
+def test_lm_head_topk_matches_reference(num_rows, vocab, k):
+    gen = torch.Generator().manual_seed(num_rows * 7919 + vocab + k)
+    hidden_size = 40 if vocab == 300 else 64
+    hidden = torch.randn(num_rows, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen)
+    values, indices = lm_head_mod.lm_head_topk(hidden.to(DEVICE), weight.to(DEVICE), k)
+    expected_values, expected_indices = reference.lm_head_topk(hidden, weight, k)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64 and values.shape == (num_rows, k)
+    torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
+    assert torch.equal(indices.cpu(), expected_indices)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_lm_head_topk_ties_go_to_smallest_index(num_splits):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 32, generator=gen)
+    weight = torch.randn(500, 32, generator=gen)
+    best = int((hidden[0] @ weight.T).argmax())
+    weight[499] = weight[best]  # same logit, later tile and split
+    weight[best + 1 if best + 1 < 499 else 0] = weight[best]
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 1, num_splits=num_splits)
+    assert torch.equal(indices.cpu(), reference.lm_head_topk(hidden, weight, 1)[1])
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 3, num_splits=num_splits)
+    tied = sorted({best, 499, best + 1 if best + 1 < 499 else 0})
+    assert indices[0].tolist() == tied
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lm_head_topk_16bit(dtype):
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 48, generator=gen).to(dtype)
+    weight = torch.randn(700, 48, generator=gen).to(dtype)
+    values, indices = lm_head_mod.lm_head_topk(hidden.to(DEVICE), weight.to(DEVICE), 4)
+    logits = hidden.float() @ weight.float().T  # logits accumulated in fp32, as the kernel does
+    expected_values, expected_indices = torch.topk(logits, 4)
+    torch.testing.assert_close(values.cpu(), expected_values, atol=1e-3, rtol=1e-4)
+    assert torch.equal(indices.cpu(), expected_indices)
+
+
+def test_lm_head_topk_k16_and_nan_does_not_crash():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 33, generator=gen)
+    weight = torch.randn(400, 33, generator=gen)
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 16, num_splits=2)
+    expected_values, expected_indices = torch.topk(hidden @ weight.T, 16)
+    torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
+    assert torch.equal(indices.cpu(), expected_indices)
+    weight[123, 0] = float("nan")
+    values, indices = lm_head_mod.lm_head_topk(hidden.to(DEVICE), weight.to(DEVICE), 2)
+    assert ((indices >= 0) & (indices < 400)).all()
+    assert (indices[:, 0] == 123).all()  # NaN ranks first, as argmax does
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: realistic sizes, 16-bit dtypes, compiled kernels
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "batch,num_nodes,heads,head_dim,max_prefix",
+    [(1, 64, (32, 8), 128, 4096), (4, 100, (9, 3), 64, 700), (8, 1, (32, 8), 128, 2000), (2, 128, (8, 8), 128, 300)],
+)
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_tree_attention_gpu(dtype, batch, num_nodes, heads, head_dim, max_prefix, num_splits):
+    inputs = attention_inputs(batch, num_nodes, *heads, head_dim, "random", True, seed=batch + num_nodes,
+                              max_prefix=max_prefix, dtype=dtype, device="cuda")
+    out = attention_mod._launch(*inputs, scale=None, num_splits=num_splits)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    check_attention(out, *inputs, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_rows", [1, 8, 33])
+@pytest.mark.parametrize("k", [1, 8, 16])
+def test_lm_head_topk_gpu(dtype, num_rows, k):
+    gen = torch.Generator().manual_seed(num_rows + k)
+    hidden = torch.randn(num_rows, 576, generator=gen).to("cuda", dtype)
+    weight = (torch.randn(49152, 576, generator=gen) * 0.05).to("cuda", dtype)
+    values, indices = lm_head_mod.lm_head_topk(hidden, weight, k)
+    logits = hidden.float() @ weight.float().T  # fp32 logits of the same inputs
+    expected_values = torch.topk(logits, k).values
+    torch.testing.assert_close(values, expected_values, atol=1e-3, rtol=1e-3)
+    # indices up to near-ties: each chosen id's logit is its reported value
+    torch.testing.assert_close(logits.gather(1, indices), values, atol=1e-3, rtol=1e-3)
+    assert (indices.sort(1).values.diff(1) > 0).all() if k > 1 else True  # no repeats

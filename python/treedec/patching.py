@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from . import attention, compat, sizing
 from .decoding import DecodeRequest, ModelRunner, TreeDecoder
-from .drafters import check_drafter_name, drafter_options, make_drafter
+from .drafters import Drafter, check_drafter_name, drafter_options, make_drafter
 
 compat.check_transformers_version()
 
@@ -31,17 +32,27 @@ MODEL_KWARGS_HANDLED = ("attention_mask", "use_cache")
 
 
 @dataclass
+class LearnedState:
+    """What treedec learns about a model while decoding; kept across calls and re-patching."""
+
+    acceptance: sizing.AcceptanceModel = field(default_factory=sizing.AcceptanceModel)
+    cost: sizing.CostCurve = field(default_factory=sizing.CostCurve)
+    tables: dict = field(default_factory=dict)  # drafter tables (Token Recycling's successor table)
+
+
+_LEARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> LearnedState
+
+
+@dataclass
 class TreedecState:
     """Everything treedec keeps on a patched model (`model.treedec`)."""
 
-    drafter: str | None
+    drafter: str | Drafter | None
     options: dict
     original_attn_implementation: str
     original_generate: object
     runner: ModelRunner
-    acceptance: sizing.AcceptanceModel = field(default_factory=sizing.AcceptanceModel)
-    cost: sizing.CostCurve = field(default_factory=sizing.CostCurve)
-    tables: dict = field(default_factory=dict)  # drafter tables that persist across calls
+    learned: LearnedState
     last_stats: dict = field(default_factory=dict)
     warned: set = field(default_factory=set)
 
@@ -57,9 +68,15 @@ def _check_model(model) -> None:
         raise ValueError(f"{type(model).__name__} has no LM head; patch a *ForCausalLM model")
 
 
-def _check_options(drafter, options: dict) -> dict:
+def _allowed_options(drafter) -> set[str]:
+    if isinstance(drafter, Drafter):  # a ready drafter instance: only the loop's options apply
+        return set(LOOP_OPTIONS)
     check_drafter_name(drafter)
-    allowed = set(drafter_options(drafter)) | set(LOOP_OPTIONS)
+    return set(drafter_options(drafter)) | set(LOOP_OPTIONS)
+
+
+def _check_options(drafter, options: dict) -> dict:
+    allowed = _allowed_options(drafter)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
@@ -77,17 +94,24 @@ def patch(model, drafter: str | None = "auto", **options):
     options = _check_options(drafter, options)
     if hasattr(model, "treedec"):
         unpatch(model)
+    learned = _LEARNED.get(model) or LearnedState()
     # Building the drafter once here surfaces bad option values before anything changes.
-    tables: dict = {}
-    make_drafter(drafter, options, model.config.vocab_size, tables)
+    _drafter_for(drafter, options, model.config.vocab_size, learned)
     runner = ModelRunner(model, compat.cache_kwarg_name(getattr(model, model.base_model_prefix)))
 
     attention.register()
     original = model.config._attn_implementation
     model.set_attn_implementation(attention.ATTN_NAME)
-    model.treedec = TreedecState(drafter, options, original, model.generate, runner, tables=tables)
+    _LEARNED[model] = learned
+    model.treedec = TreedecState(drafter, options, original, model.generate, runner, learned)
     model.generate = types.MethodType(_generate, model)
     return model
+
+
+def _drafter_for(drafter, options: dict, vocab_size: int, learned: LearnedState) -> Drafter:
+    if isinstance(drafter, Drafter):
+        return drafter
+    return make_drafter(drafter, options, vocab_size, learned.tables)
 
 
 def unpatch(model):
@@ -108,8 +132,7 @@ class AutoModelForCausalLM:
     def from_pretrained(pretrained_model_name_or_path, *args, drafter: str | None = "auto", **kwargs):
         from transformers import AutoModelForCausalLM as HFAuto
 
-        check_drafter_name(drafter)
-        allowed = set(drafter_options(drafter)) | set(LOOP_OPTIONS)
+        allowed = _allowed_options(drafter)
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in allowed}
         _check_options(drafter, options)
         model = HFAuto.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -219,9 +242,9 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
     attention_mask = model_kwargs.get("attention_mask")
     _validate_ids(input_ids, attention_mask)
     request = _request(model, config, input_ids, attention_mask, stopping_criteria, streamer)
-    options = state.options
-    drafter = make_drafter(state.drafter, options, model.config.vocab_size, state.tables)
-    decoder = TreeDecoder(state.runner, drafter, state.acceptance, state.cost,
+    options, learned = state.options, state.learned
+    drafter = _drafter_for(state.drafter, options, model.config.vocab_size, learned)
+    decoder = TreeDecoder(state.runner, drafter, learned.acceptance, learned.cost,
                           options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES))
     output, stats = decoder.generate(request)
     state.last_stats = stats.as_dict()

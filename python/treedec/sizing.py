@@ -68,15 +68,17 @@ class CostCurve:
         curve[num_nodes] = seconds if old is None else old + self.smoothing * (seconds - old)
 
     def cost(self, batch_size: int, num_nodes: int) -> float:
-        """Interpolated (linearly between measured T, extrapolated from the last two) seconds."""
+        """Seconds of a `num_nodes` verify: the measured points made non-decreasing in T (one noisy
+        slow sample must not price a size out forever), interpolated linearly between them and
+        extrapolated from the last two."""
         curve = self.seconds.get(batch_size)
         if not curve:
             return float(num_nodes)  # uncalibrated: proportional to work, only used before calibration
-        points = sorted(curve.items())
-        if num_nodes in curve:
-            return curve[num_nodes]
-        below = [p for p in points if p[0] < num_nodes]
+        points = monotone(sorted(curve.items()))
+        below = [p for p in points if p[0] <= num_nodes]
         above = [p for p in points if p[0] > num_nodes]
+        if below and below[-1][0] == num_nodes:
+            return below[-1][1]
         if below and above:
             (t0, s0), (t1, s1) = below[-1], above[0]
         elif len(points) >= 2:
@@ -88,6 +90,21 @@ class CostCurve:
 
     def as_dict(self) -> dict[int, dict[int, float]]:
         return {b: dict(sorted(c.items())) for b, c in self.seconds.items()}
+
+
+def monotone(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Pool-adjacent-violators: the closest non-decreasing sequence of (T, seconds) values."""
+    blocks: list[list[float]] = []  # [sum, count, first index]
+    for i, (_, value) in enumerate(points):
+        blocks.append([value, 1.0, i])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, _ = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    values: list[float] = []
+    for total, count, _ in blocks:
+        values.extend([total / count] * int(count))
+    return [(t, v) for (t, _), v in zip(points, values)]
 
 
 def path_probabilities(trie: DraftTrie, acceptance: AcceptanceModel) -> list[float]:

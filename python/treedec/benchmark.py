@@ -1,0 +1,174 @@
+"""End-to-end speed of HF generate, HF prompt lookup and treedec drafters on the same prompts.
+
+Methods run back to back on each prompt (A B C A B C ...), so slow drifts of a shared machine
+hit every method alike; figures are sums over prompts, speedups are ratios of those sums.
+Every treedec output is compared token for token with HF greedy's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .patching import patch, unpatch
+from .prompts import Prompt
+
+HF_METHODS = {"hf": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}
+TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto"}
+ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
+
+
+@dataclass
+class Run:
+    method: str
+    category: str
+    question_id: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    steps: int
+    identical: bool
+    first_diff: int | None = None
+
+
+@dataclass
+class Report:
+    methods: list[str]
+    runs: list[Run] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def summary(self, category: str | None = None) -> dict[str, dict]:
+        rows = {}
+        for method in self.methods:
+            runs = [r for r in self.runs if r.method == method and (category is None or r.category == category)]
+            hf = [r for r in self.runs if r.method == "hf" and (category is None or r.category == category)]
+            seconds = sum(r.seconds for r in runs)
+            tokens = sum(r.new_tokens for r in runs)
+            steps = sum(r.steps for r in runs)
+            rows[method] = {
+                "prompts": len(runs),
+                "tokens_per_s": tokens / seconds if seconds else 0.0,
+                "speedup": sum(r.seconds for r in hf) / seconds if seconds and hf else float("nan"),
+                "tau": tokens / steps if steps else float("nan"),
+                "step_ms": 1000 * seconds / steps if steps else float("nan"),
+                "identical": sum(r.identical for r in runs),
+            }
+        return rows
+
+    def categories(self) -> list[str]:
+        seen: list[str] = []
+        for run in self.runs:
+            if run.category not in seen:
+                seen.append(run.category)
+        return seen
+
+    def table(self) -> str:
+        header = f"{'category':<15}" + "".join(f"{m:>22}" for m in self.methods)
+        sub = f"{'':<15}" + "".join(f"{'tok/s  x   tau  same':>22}" for _ in self.methods)
+        lines = [header, sub]
+        for category in self.categories() + [None]:
+            rows = self.summary(category)
+            cells = []
+            for m in self.methods:
+                r = rows[m]
+                tau = f"{r['tau']:.2f}" if m != "hf_pld" else "  - "
+                cells.append(f"{r['tokens_per_s']:6.1f} {r['speedup']:4.2f} {tau:>5} {r['identical']:>2}/{r['prompts']:<2}")
+            lines.append(f"{category or 'overall':<15}" + "".join(f"{c:>22}" for c in cells))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "meta": self.meta,
+            "methods": self.methods,
+            "summary": {c or "overall": self.summary(c) for c in self.categories() + [None]},
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def _encode(tokenizer, prompt: Prompt) -> dict:
+    messages = [{"role": "user", "content": prompt.text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_benchmark(
+    model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
+    progress: bool = True, warmup: bool = True,
+) -> Report:
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    methods = ["hf"] + [m for m in methods if m != "hf"]  # HF greedy is the reference for every other method
+    report = Report(methods, meta={
+        "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__,
+    })
+
+    def generate(method: str, inputs: dict, new_tokens: int):
+        if method in HF_METHODS:
+            if hasattr(model, "treedec"):
+                unpatch(model)
+            kwargs = HF_METHODS[method]
+        else:
+            patch(model, drafter=TREEDEC_METHODS[method])
+            kwargs = {}
+        started = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+        seconds = time.perf_counter() - started
+        steps = model.treedec.last_stats["steps"] if method in TREEDEC_METHODS else out.shape[1] - inputs["input_ids"].shape[1]
+        return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, steps
+
+    if warmup and prompts:
+        inputs = _encode(tokenizer, prompts[0])
+        for method in methods:
+            generate(method, inputs, 8)
+    for prompt in tqdm(prompts, desc="prompts", disable=not progress):
+        inputs = _encode(tokenizer, prompt)
+        reference = None
+        for method in methods:
+            tokens, seconds, steps = generate(method, inputs, max_new_tokens)
+            if method == "hf":
+                reference = tokens
+            diff = _first_diff(tokens, reference)
+            report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
+                                   len(tokens), seconds, steps, diff is None, diff))
+    if hasattr(model, "treedec"):
+        unpatch(model)
+    return report
+
+
+def plot_speedups(report: Report, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = report.categories() + [None]
+    methods = [m for m in report.methods if m != "hf"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(8, len(categories) * 0.9), 4))
+    for i, method in enumerate(methods):
+        values = [report.summary(c)[method]["speedup"] for c in categories]
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))])
+    ax.set_xticklabels([c or "overall" for c in categories], rotation=35, ha="right")
+    ax.set_ylabel("speedup over HF greedy")
+    ax.legend(ncol=len(methods), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def save_json(report: Report, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(report.to_json(), handle, indent=1)

@@ -1,0 +1,127 @@
+"""`treedec demo | info | bench e2e`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+
+def _load(dtype_name: str, threads: int):
+    from .models import load_default_model
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    print(f"loading the embedded SmolLM2-135M-Instruct ({dtype_name}, {threads} threads) ...", flush=True)
+    return load_default_model(dtype=dtype)
+
+
+def cmd_demo(args) -> int:
+    from .benchmark import ALL_METHODS, run_benchmark
+    from .prompts import BUILTIN_PROMPTS
+
+    model, tokenizer = _load(args.dtype, args.threads)
+    report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), list(ALL_METHODS), args.max_new_tokens)
+    print()
+    print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "
+          f"{args.dtype}, {args.threads} CPU threads")
+    print("x = speedup over HF generate; same = outputs identical to HF greedy\n")
+    print(report.table())
+    rows = report.summary()
+    lossless = all(r["identical"] == r["prompts"] for m, r in rows.items() if m != "hf_pld")
+    print("\nall treedec outputs identical to HF greedy:", "yes" if lossless else "NO")
+    return 0 if lossless else 1
+
+
+def cmd_info(args) -> int:
+    import transformers
+
+    from . import __version__, ops
+
+    print(f"treedec       {__version__}")
+    print(f"python        {platform.python_version()} ({platform.machine()})")
+    print(f"torch         {torch.__version__} (threads {torch.get_num_threads()})")
+    print(f"transformers  {transformers.__version__}")
+    try:
+        import triton
+
+        print(f"triton        {triton.__version__}")
+    except ImportError:
+        print("triton        not installed")
+    cuda = torch.cuda.is_available()
+    print(f"cuda          {torch.cuda.get_device_name(0) if cuda else 'not available'}")
+    print(f"TREEDEC_BACKEND={os.environ.get('TREEDEC_BACKEND', 'auto')}")
+    print("backends:     " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in ops.available_backends().items()))
+    print(f"cpu backend   {ops.choose_backend(torch.device('cpu'))} (what TREEDEC_BACKEND=auto runs on CPU tensors)")
+    return 0
+
+
+def cmd_bench_e2e(args) -> int:
+    from .benchmark import plot_speedups, run_benchmark, save_json
+    from .prompts import load_questions
+
+    prompts = load_questions(args.questions, args.limit_per_category)
+    if not prompts:
+        print(f"no questions in {args.questions}", file=sys.stderr)
+        return 2
+    model, tokenizer = _load(args.dtype, args.threads)
+    report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens)
+    report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
+    print()
+    print(f"Spec-Bench e2e: {len(prompts)} prompts, greedy, max_new_tokens={args.max_new_tokens}, "
+          f"{args.dtype}, {args.threads} threads")
+    print("x = speedup over HF generate (sum of times); same = outputs identical to HF greedy\n")
+    print(report.table())
+    if args.json:
+        save_json(report, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        try:
+            plot_speedups(report, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed; no plot (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .benchmark import ALL_METHODS
+
+    parser = argparse.ArgumentParser(prog="treedec", description="Lossless tree speculative decoding for HF models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, max_new_tokens):
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+        p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+
+    demo = sub.add_parser("demo", help="built-in prompts on the embedded model: HF vs treedec drafters")
+    common(demo, 96)
+    demo.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="versions and available kernel backends")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    e2e = bench_sub.add_parser("e2e", help="end-to-end decoding speed on Spec-Bench questions")
+    e2e.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    e2e.add_argument("--limit-per-category", type=int, default=None)
+    e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    e2e.add_argument("--json", help="write per-prompt results and the summary here")
+    e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
+    common(e2e, 128)
+    e2e.set_defaults(func=cmd_bench_e2e)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

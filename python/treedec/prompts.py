@@ -1,0 +1,59 @@
+"""Prompts for the demo and the end-to-end benchmark: built-in ones and Spec-Bench JSONL files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# MT-bench's categories first, then Spec-Bench's task categories (the order tables are printed in).
+CATEGORY_ORDER = (
+    "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
+    "translation", "summarization", "qa", "math_reasoning", "rag",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    category: str
+    text: str
+    question_id: str = ""
+
+
+BUILTIN_PROMPTS = (
+    Prompt("writing", "Write a short, upbeat paragraph inviting neighbours to a community garden day."),
+    Prompt("coding", "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring."),
+    Prompt("math", "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed? "
+                   "Explain step by step."),
+    Prompt("extraction", "Extract every person and city from this text as a JSON list of objects with keys "
+                         "'name' and 'city': Maria flew from Lisbon to Oslo to meet Tom, who lives in Oslo. "
+                         "Later, Tom and Maria visited Anna in Berlin."),
+    Prompt("summarization", "Summarize in two sentences: The city council met on Tuesday to discuss the new bike "
+                            "lanes. Supporters said the lanes would make cycling safer and reduce traffic. "
+                            "Opponents worried about losing parking spaces for local shops. After a long debate, "
+                            "the council approved a six-month trial on two main streets."),
+    Prompt("qa", "What is the boiling point of water at sea level in Celsius and in Fahrenheit?"),
+)
+
+
+def load_questions(path: str | Path, limit_per_category: int | None = None) -> list[Prompt]:
+    """Spec-Bench question.jsonl: one object per line with `category` and `turns` (first turn used)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"questions file {path} does not exist")
+    prompts: list[Prompt] = []
+    taken: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            category, text = record["category"], record["turns"][0]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as error:
+            raise ValueError(f"{path}:{number} is not a Spec-Bench question ({error})") from None
+        if limit_per_category is not None and taken.get(category, 0) >= limit_per_category:
+            continue
+        taken[category] = taken.get(category, 0) + 1
+        prompts.append(Prompt(category, text, str(record.get("question_id", number))))
+    order = {c: i for i, c in enumerate(CATEGORY_ORDER)}
+    return sorted(prompts, key=lambda p: order.get(p.category, len(order)))

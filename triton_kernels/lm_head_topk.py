@@ -164,7 +164,7 @@ def _launch(
     if num_rows == 0:
         return values, indices
 
-    kp = triton.next_power_of_2(k)
+    kp = max(2, triton.next_power_of_2(k))  # slots >= k stay unused
     block_r = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
     if block_v is None:
         block_v = 64 if (hidden.dtype == torch.float32 or block_r == 64) else 128

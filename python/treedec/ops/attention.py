@@ -1,6 +1,6 @@
 import torch
 
-from .. import reference
+from . import _library
 from ._backend import choose_backend
 from ._checks import check_same_device, check_tensor
 
@@ -54,5 +54,7 @@ def tree_attention(
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len, tree_mask=tree_mask, kv_start=kv_start)
     if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]:
         raise ValueError(f"prefix_len + T must fit in the {k.shape[2]} cache rows of k and v")
-    choose_backend(q.device)
-    return reference.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale)
+    backend = choose_backend(q.device, "tree_attention")
+    if _library.compiling():
+        return torch.ops.treedec.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale, backend)
+    return _library.implementation("tree_attention", backend)(q, k, v, prefix_len, tree_mask, kv_start, scale)

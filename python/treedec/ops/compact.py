@@ -1,6 +1,6 @@
 import torch
 
-from .. import reference
+from . import _library
 from ._backend import choose_backend
 from ._checks import check_same_device, check_tensor
 
@@ -42,5 +42,8 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
     valid = accept_nodes >= 0
     if bool(((accept_nodes < j) & valid).any()) or bool((accept_nodes >= num_nodes).any()):
         raise ValueError(f"accept_nodes must satisfy j <= accept_nodes[b, j] < {num_nodes} (a root path)")
-    choose_backend(accept_nodes.device)
-    reference.compact_kv(list(caches), prefix_len, accept_nodes)
+    backend = choose_backend(accept_nodes.device, "compact_kv")
+    if _library.compiling():
+        torch.ops.treedec.compact_kv(list(caches), prefix_len, accept_nodes, backend)
+        return
+    _library.implementation("compact_kv", backend)(list(caches), prefix_len, accept_nodes)

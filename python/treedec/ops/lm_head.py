@@ -1,6 +1,6 @@
 import torch
 
-from .. import reference
+from . import _library
 from ._backend import choose_backend
 from ._checks import check_same_device, check_tensor
 
@@ -32,5 +32,7 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
     if not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
         raise ValueError(f"k = {k!r} must be an int in [1, {weight.shape[0]}]")
-    choose_backend(hidden.device)
-    return reference.lm_head_topk(hidden, weight, k)
+    backend = choose_backend(hidden.device, "lm_head_topk")
+    if _library.compiling():
+        return torch.ops.treedec.lm_head_topk(hidden, weight, k, backend)
+    return _library.implementation("lm_head_topk", backend)(hidden, weight, k)

@@ -1,6 +1,6 @@
 import torch
 
-from .. import reference
+from . import _library
 from ._backend import choose_backend
 from ._checks import check_parents, check_tensor
 
@@ -22,5 +22,7 @@ def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_tensor("parents", parents, (torch.int32,), 2)
     check_parents(parents)
-    choose_backend(parents.device)
-    return reference.build_tree(parents)
+    backend = choose_backend(parents.device, "build_tree")
+    if _library.compiling():
+        return torch.ops.treedec.build_tree(parents, backend)
+    return _library.implementation("build_tree", backend)(parents)

@@ -1,6 +1,6 @@
 import torch
 
-from .. import reference
+from . import _library
 from ._backend import choose_backend
 from ._checks import check_parents, check_same_device, check_shape, check_tensor
 
@@ -36,5 +36,7 @@ def verify_greedy(
     check_shape("target", target, parents.shape)
     check_same_device(parents=parents, tokens=tokens, target=target)
     check_parents(parents)
-    choose_backend(parents.device)
-    return reference.verify_greedy(parents, tokens, target)
+    backend = choose_backend(parents.device, "verify_greedy")
+    if _library.compiling():
+        return torch.ops.treedec.verify_greedy(parents, tokens, target, backend)
+    return _library.implementation("verify_greedy", backend)(parents, tokens, target)

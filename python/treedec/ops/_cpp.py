@@ -1,0 +1,99 @@
+"""Calls into treedec._C (C++ CPU kernels) for already validated CPU tensors.
+
+Outputs are allocated here and every element is written by the kernel. Thread count follows
+torch.get_num_threads() unless TREEDEC_CPU_THREADS is set; TREEDEC_CPU_ISA (auto, scalar, avx2,
+avx512, avx512bf16) pins lm_head_topk's instruction set, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _native, reference
+
+LM_HEAD_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def num_threads() -> int:
+    value = os.environ.get("TREEDEC_CPU_THREADS", "")
+    return max(1, int(value)) if value else torch.get_num_threads()
+
+
+def _malformed(parents: torch.Tensor, flat: int) -> ValueError:
+    b, i = divmod(flat, parents.shape[1])
+    return ValueError(f"parents[{b}, {i}] = {int(parents[b, i])} is not a valid parent (kernel check)")
+
+
+def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    module = _native.require_cpp()
+    parents = parents.contiguous()
+    batch, num_nodes = parents.shape
+    depth = torch.empty(batch, num_nodes, dtype=torch.int32)
+    tree_mask = torch.empty(batch, num_nodes, (num_nodes + 31) // 32, dtype=torch.int32)
+    bad = module.build_tree(parents.data_ptr(), depth.data_ptr(), tree_mask.data_ptr(), batch, num_nodes, 1)
+    if bad >= 0:
+        raise _malformed(parents, bad)
+    return depth, tree_mask
+
+
+def verify_greedy(
+    parents: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    module = _native.require_cpp()
+    parents, tokens, target = parents.contiguous(), tokens.contiguous(), target.contiguous()
+    batch, num_nodes = parents.shape
+    accept_len = torch.empty(batch, dtype=torch.int32)
+    accept_nodes = torch.empty(batch, num_nodes, dtype=torch.int32)
+    bonus = torch.empty(batch, dtype=torch.int64)
+    bad = module.verify_greedy(
+        parents.data_ptr(), tokens.data_ptr(), target.data_ptr(),
+        accept_len.data_ptr(), accept_nodes.data_ptr(), bonus.data_ptr(), batch, num_nodes, 1,
+    )  # fmt: skip
+    if bad >= 0:
+        raise _malformed(parents, bad)
+    return accept_len, accept_nodes, bonus
+
+
+def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
+    """All tensors whose rows (last dim) are contiguous go to the kernel in one call; any others
+    (rare: a transposed view) take the reference path."""
+    module = _native.require_cpp()
+    prefix_len, accept_nodes = prefix_len.contiguous(), accept_nodes.contiguous()
+    batch, num_nodes = accept_nodes.shape
+    meta: list[int] = []
+    strided: list[torch.Tensor] = []
+    for cache in caches:
+        shape, stride = cache.shape, cache.stride()
+        if stride[3] != 1 and shape[3] > 1:
+            strided.append(cache)
+            continue
+        size = cache.element_size()
+        meta += (cache.data_ptr(), shape[1], shape[3] * size, stride[0] * size, stride[1] * size, stride[2] * size)
+    if meta:
+        module.compact_kv(
+            meta, prefix_len.data_ptr(), accept_nodes.data_ptr(), batch, caches[0].shape[2], num_nodes, num_threads()
+        )
+    if strided:
+        reference.compact_kv(strided, prefix_len, accept_nodes)
+
+
+def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 and bf16 run the kernel; other dtypes (fp16) take the reference."""
+    if hidden.dtype not in LM_HEAD_DTYPES:
+        return reference.lm_head_topk(hidden, weight, k)
+    module = _native.require_cpp()
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    rows, width = hidden.shape
+    values = torch.empty(rows, k, dtype=torch.float32)
+    indices = torch.empty(rows, k, dtype=torch.int64)
+    module.lm_head_topk(
+        hidden.data_ptr(), weight.data_ptr(), values.data_ptr(), indices.data_ptr(),
+        rows, weight.shape[0], width, hidden.stride(0), weight.stride(0), k,
+        hidden.dtype == torch.bfloat16, os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(),
+    )  # fmt: skip
+    return values, indices

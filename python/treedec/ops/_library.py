@@ -1,0 +1,120 @@
+"""treedec's ops as torch.library custom ops (namespace "treedec"), so torch.compile and CUDA graph
+capture see each one as a single opaque call.
+
+Each custom op takes the backend name chosen by the public wrapper (which validated the
+arguments), runs it, and has a fake implementation that only produces output metadata. The
+public functions in `treedec.ops` call these ops while torch.compile traces them and the
+backend directly in eager mode (same code, without the dispatcher's per-call overhead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _cpp, _cuda, _triton
+
+_IMPLEMENTATIONS = {
+    "build_tree": {"reference": reference.build_tree, "cpp": _cpp.build_tree, "cuda": _cuda.build_tree},
+    "verify_greedy": {"reference": reference.verify_greedy, "cpp": _cpp.verify_greedy, "cuda": _cuda.verify_greedy},
+    "compact_kv": {"reference": reference.compact_kv, "cpp": _cpp.compact_kv, "cuda": _cuda.compact_kv},
+    "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
+    "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
+}
+
+
+def implementation(op: str, backend: str):
+    """The function that runs `op` on `backend` (the reference when the backend has none)."""
+    table = _IMPLEMENTATIONS[op]
+    return table.get(backend, table["reference"])
+
+
+# -- build_tree ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::build_tree", mutates_args=())
+def build_tree_op(parents: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("build_tree", backend)(parents)
+
+
+@build_tree_op.register_fake
+def _(parents, backend):
+    batch, num_nodes = parents.shape
+    return (
+        parents.new_empty(batch, num_nodes, dtype=torch.int32),
+        parents.new_empty(batch, num_nodes, (num_nodes + 31) // 32, dtype=torch.int32),
+    )
+
+
+# -- verify_greedy ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::verify_greedy", mutates_args=())
+def verify_greedy_op(
+    parents: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return implementation("verify_greedy", backend)(parents, tokens, target)
+
+
+@verify_greedy_op.register_fake
+def _(parents, tokens, target, backend):
+    batch, num_nodes = parents.shape
+    return (
+        parents.new_empty(batch, dtype=torch.int32),
+        parents.new_empty(batch, num_nodes, dtype=torch.int32),
+        parents.new_empty(batch, dtype=torch.int64),
+    )
+
+
+# -- compact_kv ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::compact_kv", mutates_args=("caches",))
+def compact_kv_op(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor, backend: str) -> None:
+    implementation("compact_kv", backend)(list(caches), prefix_len, accept_nodes)
+
+
+@compact_kv_op.register_fake
+def _(caches, prefix_len, accept_nodes, backend):
+    return None
+
+
+# -- tree_attention -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::tree_attention", mutates_args=())
+def tree_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    scale: float | None,
+    backend: str,
+) -> torch.Tensor:
+    return implementation("tree_attention", backend)(q, k, v, prefix_len, tree_mask, kv_start, scale)
+
+
+@tree_attention_op.register_fake
+def _(q, k, v, prefix_len, tree_mask, kv_start, scale, backend):
+    return torch.empty_like(q)
+
+
+# -- lm_head_topk -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::lm_head_topk", mutates_args=())
+def lm_head_topk_op(hidden: torch.Tensor, weight: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("lm_head_topk", backend)(hidden, weight, k)
+
+
+@lm_head_topk_op.register_fake
+def _(hidden, weight, k, backend):
+    rows = hidden.shape[0]
+    return hidden.new_empty(rows, k, dtype=torch.float32), hidden.new_empty(rows, k, dtype=torch.int64)
+
+
+def compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    return torch.compiler.is_compiling()

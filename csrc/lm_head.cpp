@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -206,17 +207,23 @@ TD_AVX512 inline __m128 hsum4x512(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// Lane sums of the accumulators, 4 at a time (a missing 4th, 3rd.. vector is zero). Every lane
+// is reduced in the same order whatever its neighbours, so a weight row gets bit-identical
+// logits wherever it falls in a tile (equal rows tie exactly and the smaller id wins).
 template <int NR, int VR>
 TD_AVX512 inline void store_sums(__m512 (&acc)[NR][VR], float* out, int out_ld) {
+  const __m512 zero = _mm512_setzero_ps();
   for (int n = 0; n < NR; ++n) {
-    if constexpr (VR % 4 == 0) {
-      for (int v = 0; v < VR; v += 4)
-        _mm_storeu_ps(out + n * out_ld + v, hsum4x512(acc[n][v], acc[n][v + 1], acc[n][v + 2], acc[n][v + 3]));
-    } else {
-      // The same reduction order as a full tile, so a weight row gets bit-identical logits
-      // wherever it falls (equal rows tie exactly and the smaller id wins).
-      const __m512 zero = _mm512_setzero_ps();
-      for (int v = 0; v < VR; ++v) out[n * out_ld + v] = _mm_cvtss_f32(hsum4x512(acc[n][v], zero, zero, zero));
+    for (int v = 0; v < VR; v += 4) {
+      const __m128 sums = hsum4x512(acc[n][v], v + 1 < VR ? acc[n][v + 1] : zero, v + 2 < VR ? acc[n][v + 2] : zero,
+                                    v + 3 < VR ? acc[n][v + 3] : zero);
+      if (v + 4 <= VR) {
+        _mm_storeu_ps(out + n * out_ld + v, sums);
+      } else {
+        alignas(16) float lanes[4];
+        _mm_store_ps(lanes, sums);
+        for (int u = 0; v + u < VR; ++u) out[n * out_ld + v + u] = lanes[u];
+      }
     }
   }
 }
@@ -374,8 +381,8 @@ template <class HT, class WT>
 void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* values, int64_t* indices, int64_t N,
          int64_t V, int64_t H, int64_t k, Plan<HT, WT> plan, bool round_bf16, int num_threads) {
   if (num_threads < 1) num_threads = 1;
-  // Threads split V; each needs a good number of tiles to be worth waking.
-  const int64_t max_useful = std::max<int64_t>(1, V / 1024);
+  // Each thread needs a few chunks of V to be worth waking.
+  const int64_t max_useful = std::max<int64_t>(1, V / 2048);
   if (num_threads > max_useful) num_threads = static_cast<int>(max_useful);
   std::vector<float> part_values(static_cast<size_t>(num_threads * N * k));
   std::vector<int64_t> part_indices(static_cast<size_t>(num_threads * N * k));
@@ -384,18 +391,17 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
   // Prefetch this many tiles ahead: about 4 KiB of each weight stream in flight.
   const int64_t prefetch_rows = VR * std::max<int64_t>(1, 4096 / std::max<int64_t>(1, VR * H * (int64_t)sizeof(WT)) + 1);
 
+  // Threads take chunks of V dynamically: on a shared or SMT machine one slow thread must not
+  // leave the other idle at the end, as a static split would.
+  const int64_t chunk = 512;
+  const int64_t num_chunks = (V + chunk - 1) / chunk;
 #pragma omp parallel num_threads(num_threads)
   {
 #ifdef _OPENMP
     const int tid = omp_get_thread_num();
-    const int nt = omp_get_num_threads();
 #else
-    const int tid = 0, nt = 1;
+    const int tid = 0;
 #endif
-    // Slice boundaries on multiples of 64 rows (whole tiles).
-    const int64_t per = ((V + nt - 1) / nt + 63) / 64 * 64;
-    const int64_t v_lo = std::min<int64_t>(V, tid * per);
-    const int64_t v_hi = std::min<int64_t>(V, v_lo + per);
     std::vector<TopK> lists(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) {
       const int64_t slot = (static_cast<int64_t>(tid) * N + n) * k;
@@ -403,13 +409,17 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
                       -std::numeric_limits<float>::infinity()};
     }
     alignas(64) float out[kMaxNR * kMaxVR];
-    for (int64_t v0 = v_lo; v0 < v_hi; v0 += VR) {
-      const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
-      const WT* prefetch = v0 + prefetch_rows + VR <= v_hi ? weight + (v0 + prefetch_rows) * ldw : nullptr;
-      for (int64_t n0 = 0; n0 < N; n0 += plan.nr_max) {
-        const int nr = static_cast<int>(std::min<int64_t>(plan.nr_max, N - n0));
-        plan.tile(hidden + n0 * ldh, ldh, weight + v0 * ldw, ldw, H, nr, vr, n0 == 0 ? prefetch : nullptr, out);
-        for (int n = 0; n < nr; ++n) offer_row(lists[n0 + n], out + n * VR, vr, v0, round_bf16);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t v_hi = std::min<int64_t>(V, (c + 1) * chunk);
+      for (int64_t v0 = c * chunk; v0 < v_hi; v0 += VR) {
+        const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
+        const WT* prefetch = v0 + prefetch_rows + VR <= V ? weight + (v0 + prefetch_rows) * ldw : nullptr;
+        for (int64_t n0 = 0; n0 < N; n0 += plan.nr_max) {
+          const int nr = static_cast<int>(std::min<int64_t>(plan.nr_max, N - n0));
+          plan.tile(hidden + n0 * ldh, ldh, weight + v0 * ldw, ldw, H, nr, vr, n0 == 0 ? prefetch : nullptr, out);
+          for (int n = 0; n < nr; ++n) offer_row(lists[n0 + n], out + n * VR, vr, v0, round_bf16);
+        }
       }
     }
     for (int64_t n = 0; n < N; ++n) part_counts[static_cast<size_t>(tid * N + n)] = lists[n].count;
@@ -447,6 +457,12 @@ std::vector<float> hidden_to_f32(const void* hidden, int64_t N, int64_t H, int64
 template <class WT>
 Plan<float, WT> plan_f32(Isa isa, int64_t N) {
   if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) {
+    if (const char* tile = std::getenv("TREEDEC_LMHEAD_TILE")) {  // experiments: "NRxVR"
+      const int nr = std::atoi(tile), vr = std::atoi(std::strchr(tile, 'x') ? std::strchr(tile, 'x') + 1 : "4");
+      if (vr == 8) return {tile_avx512<8, WT>, std::min(nr, 2), 8};
+      if (vr == 6) return {tile_avx512<6, WT>, std::min(nr, 4), 6};
+      return {tile_avx512<4, WT>, std::min(nr, 6), 4};
+    }
     if (N <= 2) return {tile_avx512<8, WT>, 2, 8};
     return {tile_avx512<4, WT>, 6, 4};
   }
@@ -455,6 +471,12 @@ Plan<float, WT> plan_f32(Isa isa, int64_t N) {
 }
 
 Plan<uint16_t, uint16_t> plan_bf16dp(int64_t N) {
+  if (const char* tile = std::getenv("TREEDEC_LMHEAD_TILE")) {  // experiments: "NRxVR"
+    const int nr = std::atoi(tile), vr = std::atoi(std::strchr(tile, 'x') ? std::strchr(tile, 'x') + 1 : "4");
+    if (vr == 8) return {tile_bf16dp<8>, std::min(nr, 2), 8};
+    if (vr == 6) return {tile_bf16dp<6>, std::min(nr, 4), 6};
+    return {tile_bf16dp<4>, std::min(nr, 6), 4};
+  }
   if (N <= 2) return {tile_bf16dp<8>, 2, 8};
   return {tile_bf16dp<4>, 6, 4};
 }

@@ -7,8 +7,9 @@ namespace treedec {
 
 namespace {
 
-// Below this many bytes to move, an OpenMP region costs more than it saves.
-constexpr int64_t kParallelBytes = 1 << 20;
+// Below this many bytes to move, one thread copies faster than an OpenMP region starts and
+// joins (a decode step moves a few MB at most; on a shared machine a join can cost a time slice).
+constexpr int64_t kParallelBytes = 16 << 20;
 
 }  // namespace
 

@@ -25,13 +25,15 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
     batch, num_nodes = accept_nodes.shape
     if prefix_len.shape[0] != batch:
         raise ValueError(f"prefix_len has {prefix_len.shape[0]} entries; accept_nodes has {batch} rows")
+    device = accept_nodes.device
     for layer, cache in enumerate(caches):
         if not isinstance(cache, torch.Tensor) or cache.dim() != 4 or cache.shape[0] != batch:
             shape = tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache).__name__
             raise ValueError(f"caches[{layer}] has shape {shape}; expected [{batch}, H, S, D]")
         if cache.shape[2] != caches[0].shape[2]:
             raise ValueError(f"caches[{layer}] has {cache.shape[2]} rows; caches[0] has {caches[0].shape[2]}")
-        check_same_device(cache=cache, prefix_len=prefix_len, accept_nodes=accept_nodes)
+        if cache.device != device or prefix_len.device != device:  # the full check only to word the error
+            check_same_device(cache=cache, prefix_len=prefix_len, accept_nodes=accept_nodes)
     capacity = caches[0].shape[2]
     if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > capacity:
         raise ValueError(

@@ -1,0 +1,393 @@
+"""Kernel microbenchmarks: every treedec op x every backend available here, with peers.
+
+    python bench/kernels.py [--quick] [--device cpu|cuda] [--out CSV] [--fresh] [--plot]
+
+Each shape times its methods interleaved (A B C A B C ...) after a warm-up, and records the median
+and the 20th/80th percentiles in microseconds, plus GB/s against the bytes the op must move at
+least (its inputs read once and outputs written once; for compaction, the moved rows read and
+written). Rows are appended to one CSV (schema: kernel, backend, device, shape, median_us, p20_us,
+p80_us, gbps). Peers run in the same process and the same loop:
+
+- tree_attention: the reference (dense mask built per call, then SDPA) and PyTorch SDPA with a
+  prebuilt dense boolean mask (``sdpa_dense_mask``, what Medusa and EAGLE run);
+- compact_kv: the reference and per-layer torch indexing (``torch_index_per_layer``: one gather/
+  scatter per cache tensor, all sequences at once);
+- lm_head_topk: ``torch.topk(hidden @ weight.T)`` at torch's thread count (``torch_matmul_topk``)
+  and, on CPU, at one thread (``torch_matmul_topk_1thread``);
+- build_tree / verify_greedy: the reference. Native kernels appear twice: the backend alone
+  (``cpp``) and behind the public, validating ``treedec.ops`` function (``cpp+ops``).
+
+On a shared 2-core CPU the numbers are noisy: read ratios between methods of one shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from treedec import ops, reference
+from treedec.ops import _backend, _library
+
+ROOT = Path(__file__).resolve().parent
+FIELDS = ["kernel", "backend", "device", "shape", "median_us", "p20_us", "p80_us", "gbps"]
+
+# (name, query heads, kv heads, head dim, layers)
+MODELS = {
+    "smollm2-135m": (9, 3, 64, 30),
+    "llama3-8b": (32, 8, 128, 32),
+    "llama-70b": (64, 8, 128, 80),
+}
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        """Seconds one call of fn takes."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(methods: dict, timer: Timer, repeats: int, budget_s: float) -> dict[str, list[float]]:
+    """Interleaved timings of every method; stops early once budget_s has passed (at least 3 rounds)."""
+    for fn in methods.values():  # warm-up (and first-call costs: allocation, JIT, page faults)
+        fn()
+        fn()
+    times = {name: [] for name in methods}
+    started = time.perf_counter()
+    for round_index in range(repeats):
+        for name, fn in methods.items():
+            times[name].append(timer(fn))
+        if round_index >= 2 and time.perf_counter() - started > budget_s:
+            break
+    return times
+
+
+# -- workloads ----------------------------------------------------------------------------------
+
+
+def random_parents(batch: int, num_nodes: int, generator: torch.Generator, device) -> torch.Tensor:
+    index = torch.arange(num_nodes).clamp(min=1).to(torch.float64)
+    parents = (torch.rand(batch, num_nodes, generator=generator, dtype=torch.float64) * index).long()
+    parents[:, 0] = -1
+    return parents.to(torch.int32).to(device)
+
+
+def native_backends(device: torch.device, op: str) -> list[str]:
+    found = []
+    for backend in ("cpp", "cuda", "triton"):
+        if backend == "triton" and device.type == "cpu":
+            continue  # the interpreter's timings mean nothing
+        if _backend.available_backends()[backend] and _backend.runs_on(backend, device) and _backend.implements(backend, op):
+            found.append(backend)
+    return found
+
+
+def forced(backend: str, fn):
+    """fn run with TREEDEC_BACKEND=backend (for the public ops path)."""
+
+    def call():
+        previous = os.environ.get("TREEDEC_BACKEND")
+        os.environ["TREEDEC_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["TREEDEC_BACKEND"]
+            else:
+                os.environ["TREEDEC_BACKEND"] = previous
+
+    return call
+
+
+def bench_build_tree(device, quick):
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 8) if quick else (1, 8, 64):
+        for num_nodes in (8, 64) if quick else (8, 32, 64, 128):
+            parents = random_parents(batch, num_nodes, generator, device)
+            words = (num_nodes + 31) // 32
+            moved = batch * num_nodes * (4 + 4 + 4 * words)
+            methods = {"reference": lambda: reference.build_tree(parents)}
+            for backend in native_backends(device, "build_tree"):
+                run = _library.implementation("build_tree", backend)
+                methods[backend] = lambda run=run: run(parents)
+                methods[f"{backend}+ops"] = forced(backend, lambda: ops.build_tree(parents))
+            yield "build_tree", f"B={batch},T={num_nodes}", moved, methods
+
+
+def bench_verify_greedy(device, quick):
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 8) if quick else (1, 8, 64):
+        for num_nodes in (8, 64) if quick else (8, 32, 64, 128):
+            parents = random_parents(batch, num_nodes, generator, device)
+            target = torch.randint(0, 4, (batch, num_nodes), generator=generator).to(device)
+            parent_target = target.gather(1, parents.long().clamp(min=0))
+            keep = torch.rand(batch, num_nodes, generator=generator).to(device) < 0.7
+            tokens = torch.where(keep, parent_target, torch.full_like(parent_target, 7))
+            moved = batch * num_nodes * (4 + 8 + 8 + 4) + batch * (4 + 8)
+            methods = {"reference": lambda: reference.verify_greedy(parents, tokens, target)}
+            for backend in native_backends(device, "verify_greedy"):
+                run = _library.implementation("verify_greedy", backend)
+                methods[backend] = lambda run=run: run(parents, tokens, target)
+                methods[f"{backend}+ops"] = forced(backend, lambda: ops.verify_greedy(parents, tokens, target))
+            yield "verify_greedy", f"B={batch},T={num_nodes}", moved, methods
+
+
+def torch_index_per_layer(caches, prefix_len, accept_nodes):
+    """The peer: per cache tensor, one advanced-indexing gather and scatter over all sequences."""
+    valid = accept_nodes >= 0
+    batch_index, position = valid.nonzero(as_tuple=True)
+    base = prefix_len.long()[batch_index]
+    src = base + accept_nodes.long()[batch_index, position]
+    dst = base + position
+    for cache in caches:
+        cache[batch_index, :, dst] = cache[batch_index, :, src]
+
+
+def bench_compact_kv(device, quick):
+    generator = torch.Generator().manual_seed(2)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    models = ["smollm2-135m"] if quick else list(MODELS)
+    for model in models:
+        _, kv_heads, head_dim, layers = MODELS[model]
+        for batch in (1, 2, 4, 8):
+            if model == "llama-70b" and batch > 4 and device.type == "cpu":
+                continue
+            num_nodes, prefix, accepted = 64, 512, 8
+            capacity = prefix + num_nodes
+            caches = [
+                torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)
+            ]
+            prefix_len = torch.randint(prefix // 2, prefix + 1, (batch,), generator=generator, dtype=torch.int32)
+            rows = []
+            for _ in range(batch):
+                chosen = torch.randperm(num_nodes - 1, generator=generator)[:accepted].sort().values + 1
+                row = torch.full((num_nodes,), -1, dtype=torch.int32)
+                row[0] = 0
+                row[1 : accepted + 1] = chosen.to(torch.int32)
+                rows.append(row)
+            accept_nodes = torch.stack(rows).to(device)
+            prefix_len = prefix_len.to(device)
+            moved_rows = int(((accept_nodes >= 0) & (accept_nodes != torch.arange(num_nodes, device=device))).sum())
+            moved = 2 * moved_rows * kv_heads * head_dim * caches[0].element_size() * len(caches)
+            methods = {
+                "reference": lambda: reference.compact_kv(caches, prefix_len, accept_nodes),
+                "torch_index_per_layer": lambda: torch_index_per_layer(caches, prefix_len, accept_nodes),
+            }
+            for backend in native_backends(device, "compact_kv"):
+                run = _library.implementation("compact_kv", backend)
+                methods[backend] = lambda run=run: run(caches, prefix_len, accept_nodes)
+                methods[f"{backend}+ops"] = forced(backend, lambda: ops.compact_kv(caches, prefix_len, accept_nodes))
+            shape = f"{model},layers={layers},B={batch},Hkv={kv_heads},D={head_dim},T={num_nodes},accept={accepted},{str(dtype)[6:]}"
+            yield "compact_kv", shape, moved, methods
+
+
+def bench_lm_head_topk(device, quick):
+    generator = torch.Generator().manual_seed(3)
+    vocab, width = 49152, 576
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.bfloat16, torch.float32)
+    for dtype in dtypes:
+        weight = (torch.randn(vocab, width, generator=generator) / width**0.5).to(dtype).to(device)
+        for rows in (1, 8, 16, 32):
+            for k in (1, 8) if not quick else (1,) if rows in (8, 16) else (1, 8):
+                hidden = torch.randn(rows, width, generator=generator).to(dtype).to(device)
+                moved = weight.numel() * weight.element_size() + hidden.numel() * hidden.element_size() + rows * k * 12
+                methods = {"torch_matmul_topk": lambda: torch.topk((hidden @ weight.T).float(), k)}
+                if device.type == "cpu" and torch.get_num_threads() > 1:
+
+                    def one_thread():
+                        threads = torch.get_num_threads()
+                        torch.set_num_threads(1)
+                        try:
+                            torch.topk((hidden @ weight.T).float(), k)
+                        finally:
+                            torch.set_num_threads(threads)
+
+                    methods["torch_matmul_topk_1thread"] = one_thread
+                for backend in native_backends(device, "lm_head_topk"):
+                    run = _library.implementation("lm_head_topk", backend)
+                    methods[backend] = lambda run=run: run(hidden, weight, k)
+                shape = f"N={rows},V={vocab},H={width},k={k},{str(dtype)[6:]}"
+                yield "lm_head_topk", shape, moved, methods
+
+
+def bench_tree_attention(device, quick):
+    generator = torch.Generator().manual_seed(4)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cpu":
+        grid = [("smollm2-135m", b, t, p) for b in (1, 4) for t in (8, 64) for p in (128, 1024)]
+        if not quick:
+            grid += [("smollm2-135m", 1, 64, 8192), ("llama3-8b", 1, 64, 1024), ("llama-70b", 1, 64, 1024)]
+    else:
+        grid = [(m, b, t, p) for m in MODELS for b in (1, 8) for t in (8, 64, 128) for p in (128, 1024, 4096, 8192)]
+        grid += [(m, 64, 64, 1024) for m in MODELS]
+    for model, batch, num_nodes, prefix in grid:
+        q_heads, kv_heads, head_dim, _ = MODELS[model]
+        capacity = prefix + num_nodes
+        q = torch.randn(batch, q_heads, num_nodes, head_dim, dtype=dtype, device=device)
+        k = torch.randn(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        v = torch.randn_like(k)
+        prefix_len = torch.full((batch,), prefix, dtype=torch.int32)
+        prefix_len[1::2] = prefix - prefix // 4  # ragged
+        prefix_len = prefix_len.to(device)
+        parents = random_parents(batch, num_nodes, generator, device)
+        _, tree_mask = reference.build_tree(parents)
+        dense = reference.dense_tree_mask(prefix_len, tree_mask, None, num_nodes, capacity)
+        gqa = q_heads != kv_heads
+        element = q.element_size()
+        kv_rows = int(prefix_len.sum()) + batch * num_nodes
+        moved = 2 * kv_rows * kv_heads * head_dim * element + 2 * q.numel() * element + tree_mask.numel() * 4
+        methods = {
+            "reference": lambda: reference.tree_attention(q, k, v, prefix_len, tree_mask),
+            "sdpa_dense_mask": lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=dense, enable_gqa=gqa
+            ),
+        }
+        for backend in native_backends(device, "tree_attention"):
+            run = _library.implementation("tree_attention", backend)
+            methods[backend] = lambda run=run: run(q, k, v, prefix_len, tree_mask, None, None)
+        shape = f"{model},B={batch},Hq={q_heads},Hkv={kv_heads},D={head_dim},T={num_nodes},prefix={prefix},{str(dtype)[6:]}"
+        yield "tree_attention", shape, moved, methods
+
+
+BENCHES = {
+    "build_tree": bench_build_tree,
+    "verify_greedy": bench_verify_greedy,
+    "compact_kv": bench_compact_kv,
+    "lm_head_topk": bench_lm_head_topk,
+    "tree_attention": bench_tree_attention,
+}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(",", " ")
+    threads = torch.get_num_threads()
+    return f"cpu({os.cpu_count()} cores,{threads} threads)"
+
+
+def append_rows(path: Path, rows: list[dict], fresh: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = fresh or not path.exists()
+    with path.open("w" if fresh else "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib, or the 'bench' extra); skipping the plot")
+        return
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    kernels = sorted({row["kernel"] for row in rows})
+    figure, axes = plt.subplots(len(kernels), 1, figsize=(14, 4.5 * len(kernels)), squeeze=False)
+    for axis, kernel in zip(axes[:, 0], kernels):
+        subset = [row for row in rows if row["kernel"] == kernel]
+        shapes = list(dict.fromkeys(row["shape"] for row in subset))
+        backends = list(dict.fromkeys(row["backend"] for row in subset))
+        width = 0.8 / len(backends)
+        for index, backend in enumerate(backends):
+            latest = {row["shape"]: row for row in subset if row["backend"] == backend}  # last run wins
+            xs = [i + index * width for i, s in enumerate(shapes) if s in latest]
+            ys = [float(latest[s]["median_us"]) for s in shapes if s in latest]
+            axis.bar(xs, ys, width=width, label=backend)
+        axis.set_yscale("log")
+        axis.set_title(f"{kernel} (median us, lower is better)")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+        axis.set_xticklabels(shapes, rotation=30, ha="right", fontsize=6)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    out = path.with_suffix(".png")
+    figure.savefig(out, dpi=110)
+    print(f"plot written to {out}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes (CPU-affordable)")
+    parser.add_argument("--kernels", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 25 CPU, 100 GPU)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per shape before stopping early")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    parser.add_argument("--out", type=Path, default=None, help="CSV to append to (default bench/results/kernels_<device>.csv)")
+    parser.add_argument("--fresh", action="store_true", help="overwrite the CSV instead of appending")
+    parser.add_argument("--plot", action="store_true", help="also plot the CSV (matplotlib) next to it as .png")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (25 if device.type == "cpu" else 100)
+    budget = args.budget or (4.0 if device.type == "cpu" else 2.0)
+    out = args.out or ROOT / "results" / f"kernels_{device.type}.csv"
+    timer = Timer(device)
+    label = device_label(device)
+    print(f"# device: {label}; backends: {_backend.available_backends()}; torch {torch.__version__}")
+    rows = []
+    for name in args.kernels.split(","):
+        for kernel, shape, moved, methods in BENCHES[name](device, args.quick):
+            times = measure(methods, timer, repeats, budget)
+            line = []
+            for backend, values in times.items():
+                median = statistics.median(values)
+                row = {
+                    "kernel": kernel,
+                    "backend": backend,
+                    "device": label,
+                    "shape": shape,
+                    "median_us": round(median * 1e6, 2),
+                    "p20_us": round(percentile(values, 0.2) * 1e6, 2),
+                    "p80_us": round(percentile(values, 0.8) * 1e6, 2),
+                    "gbps": round(moved / median / 1e9, 3),
+                }
+                rows.append(row)
+                line.append(f"{backend}={row['median_us']:.1f}us")
+            print(f"{kernel:15s} {shape:80s} " + "  ".join(line), flush=True)
+    append_rows(out, rows, args.fresh)
+    print(f"{len(rows)} rows {'written' if args.fresh else 'appended'} to {out}")
+    if args.plot:
+        plot(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

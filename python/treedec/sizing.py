@@ -16,6 +16,9 @@ from collections.abc import Hashable
 from .drafters.base import DraftTrie
 
 TREE_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+# A larger tree must beat the best smaller one by this factor in expected tokens per second:
+# timings are noisy, and a tie should go to the cheaper, plainer step.
+SIZE_MARGIN = 1.03
 
 
 class AcceptanceModel:
@@ -53,19 +56,25 @@ class AcceptanceModel:
 
 
 class CostCurve:
-    """Step seconds of a T-node verify, per batch size: calibrated once, then an EMA of real steps."""
+    """Step seconds of a T-node verify, per batch size: calibrated once, then the median of the
+    latest real steps at each T. A sample over 3x the curve's current estimate (a GC pause, a
+    busy neighbour) is dropped, so one outlier cannot price a size out."""
 
-    def __init__(self, smoothing: float = 0.2):
-        self.smoothing = smoothing
-        self.seconds: dict[int, dict[int, float]] = {}  # batch size -> {T: seconds}
+    def __init__(self, window: int = 9, outlier_factor: float = 3.0):
+        self.window, self.outlier_factor = window, outlier_factor
+        self.samples: dict[int, dict[int, list[float]]] = {}  # batch size -> {T: recent seconds}
+        self.seconds: dict[int, dict[int, float]] = {}  # batch size -> {T: median of samples}
 
     def has(self, batch_size: int) -> bool:
         return batch_size in self.seconds
 
     def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
-        curve = self.seconds.setdefault(batch_size, {})
-        old = curve.get(num_nodes)
-        curve[num_nodes] = seconds if old is None else old + self.smoothing * (seconds - old)
+        if self.has(batch_size) and seconds > self.outlier_factor * self.cost(batch_size, num_nodes):
+            return
+        recent = self.samples.setdefault(batch_size, {}).setdefault(num_nodes, [])
+        recent.append(seconds)
+        del recent[: -self.window]
+        self.seconds.setdefault(batch_size, {})[num_nodes] = sorted(recent)[len(recent) // 2]
 
     def cost(self, batch_size: int, num_nodes: int) -> float:
         """Seconds of a `num_nodes` verify: the measured points made non-decreasing in T (one noisy
@@ -139,7 +148,7 @@ def choose(
             break
         tokens = sum(1.0 + g[min(size - 1, len(g) - 1)] for g in gains)
         rate = tokens / cost.cost(batch, size)
-        if rate > best_rate:
+        if rate > best_rate * SIZE_MARGIN:
             best_size, best_rate, best_tokens = size, rate, tokens / batch
     kept = [[0] + sorted(order[: best_size - 1]) for order in ranked]
     return best_size, kept, best_tokens

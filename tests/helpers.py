@@ -1,0 +1,52 @@
+"""Shared test helpers: random trees and an oracle drafter."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from treedec.drafters.base import Drafter, DraftTrie
+
+
+def random_parents(num_nodes: int, rng: random.Random) -> list[int]:
+    return [-1] + [rng.randrange(i) for i in range(1, num_nodes)]
+
+
+def chain(num_nodes: int) -> list[int]:
+    return list(range(-1, num_nodes - 1))
+
+
+def star(num_nodes: int) -> list[int]:
+    return [-1] + [0] * (num_nodes - 1)
+
+
+def batch_parents(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+class OracleDrafter(Drafter):
+    """Proposes the known continuation of each sequence as a chain, plus a wrong sibling at every
+    depth: every step accepts a long chunk, so EOS and length limits land inside accepted paths."""
+
+    name = "oracle"
+
+    def __init__(self, continuations: list[list[int]], depth: int = 8, vocab_size: int = 96):
+        self.continuations, self.depth, self.vocab_size = continuations, depth, vocab_size
+        self.emitted: list[int] = []
+
+    def start(self, histories):
+        self.emitted = [0] * len(histories)
+
+    def extend(self, seq, new_tokens):
+        self.emitted[seq] += len(new_tokens)
+
+    def propose(self, seq: int, root_token: int) -> DraftTrie:
+        trie = DraftTrie(root_token)
+        future = self.continuations[seq][self.emitted[seq] :][: self.depth]  # the root's child comes next
+        node = 0
+        for depth, token in enumerate(future, start=1):
+            wrong = (token + 1) % self.vocab_size
+            trie.child(node, wrong, ("oracle-wrong", depth))
+            node = trie.child(node, token, ("oracle", depth))
+        return trie

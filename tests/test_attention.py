@@ -1,0 +1,94 @@
+"""Tree attention: every node's output equals plain causal attention over its own root path."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import batch_parents, random_parents
+from treedec.models import tiny_llama
+from treedec.ops import build_tree, tree_attention
+from treedec.tree import Tree
+
+
+def root_path(parents, node):
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+@pytest.mark.parametrize("num_nodes, q_heads, kv_heads", [(1, 2, 2), (7, 4, 2), (33, 3, 1)])
+def test_branch_decomposition(num_nodes, q_heads, kv_heads):
+    rng = random.Random(num_nodes)
+    batch, dim, rows = 3, 16, 80
+    prefix_len = torch.tensor([5, 20, 0], dtype=torch.int32)
+    kv_start = torch.tensor([2, 0, 0], dtype=torch.int32)
+    parents = [random_parents(num_nodes, rng) for _ in range(batch)]
+    _, mask = build_tree(batch_parents(parents))
+    q = torch.randn(batch, q_heads, num_nodes, dim)
+    k = torch.randn(batch, kv_heads, rows, dim)
+    v = torch.randn(batch, kv_heads, rows, dim)
+    out = tree_attention(q, k, v, prefix_len, mask, kv_start)
+    group = q_heads // kv_heads
+    for b in range(batch):
+        p = int(prefix_len[b])
+        for i in range(num_nodes):
+            visible = list(range(int(kv_start[b]), p)) + [p + j for j in root_path(parents[b], i)]
+            keys = k[b, :, visible].repeat_interleave(group, 0)  # [Hq, n, D]
+            values = v[b, :, visible].repeat_interleave(group, 0)
+            expected = F.scaled_dot_product_attention(q[b, :, i : i + 1], keys, values)
+            torch.testing.assert_close(out[b, :, i], expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise():
+    q, kv = torch.randn(1, 3, 2, 8), torch.randn(1, 2, 10, 8)
+    _, mask = build_tree(batch_parents([[-1, 0]]))
+    with pytest.raises(ValueError, match="multiple"):
+        tree_attention(q, kv, kv, torch.tensor([0], dtype=torch.int32), mask)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="fit in"):
+        tree_attention(q, kv, kv, torch.tensor([9], dtype=torch.int32), mask)
+    with pytest.raises(ValueError, match="tree_mask has shape"):
+        tree_attention(q, kv, kv, torch.tensor([0], dtype=torch.int32), mask[:, :1])
+
+
+def test_model_tree_forward_matches_plain_forward_per_path():
+    """The whole model: logits of tree node i equal HF's logits for prompt + root path of i."""
+    from treedec.attention import TreeStep, register
+    from treedec.cache import TreeCache
+    from treedec.compat import cache_kwarg_name
+
+    model = tiny_llama(seed=3)
+    register()
+    prompt = torch.randint(3, 96, (1, 9))
+    parents = [-1, 0, 0, 1, 1, 2, 4]
+    tokens = [int(prompt[0, -1]), 5, 6, 7, 8, 9, 10]
+    tree = Tree.from_parents(parents, tokens)
+    config = model.config
+    cache = TreeCache(config.num_hidden_layers, 1, config.num_key_value_heads, config.hidden_size // 4, 32,
+                      torch.float32, torch.device("cpu"))
+    base = model.model
+    kwarg = cache_kwarg_name(base)
+    model.set_attn_implementation("treedec")
+    with torch.no_grad():
+        prefill = prompt[:, :-1]
+        _, chain_mask = build_tree(batch_parents([list(range(-1, prefill.shape[1] - 1))]))
+        cache.begin_step(prefill.shape[1])
+        base(input_ids=prefill, position_ids=torch.arange(prefill.shape[1]).view(1, -1),
+             attention_mask=chain_mask.unsqueeze(1), use_cache=True,
+             treedec_step=TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_mask), **{kwarg: cache})
+        cache.advance(prefill.shape[1])
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree.tree_mask)
+        cache.begin_step(len(parents))
+        hidden = base(input_ids=tree.tokens, position_ids=tree.positions(cache.prefix_len), use_cache=True,
+                      attention_mask=tree.tree_mask.unsqueeze(1), treedec_step=step, **{kwarg: cache})
+        tree_logits = model.lm_head(hidden.last_hidden_state)[0]
+        model.set_attn_implementation("sdpa")
+        for i in range(len(parents)):
+            path = [tokens[n] for n in root_path(parents, i)][1:]
+            ids = torch.cat([prompt, torch.tensor([path], dtype=torch.int64)], dim=1)
+            expected = model(ids).logits[0, -1]
+            torch.testing.assert_close(tree_logits[i], expected, atol=1e-4, rtol=1e-4)

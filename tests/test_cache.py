@@ -1,0 +1,53 @@
+"""TreeCache against transformers' own DynamicCache on the same inputs."""
+
+import torch
+from transformers import DynamicCache
+
+from treedec.cache import TreeCache
+
+
+def make_cache(batch=2, layers=2, rows=24):
+    return TreeCache(layers, batch, 2, 4, rows, torch.float32, torch.device("cpu"))
+
+
+def test_uniform_updates_match_dynamic_cache():
+    ours, theirs = make_cache(), DynamicCache()
+    for length in (5, 1, 3):
+        cache_len = int(ours.prefix_len[0])
+        for layer in range(2):
+            k, v = torch.randn(2, 2, length, 4), torch.randn(2, 2, length, 4)
+            ours.begin_step(length) if layer == 0 else None
+            keys, values = ours.update(k, v, layer)
+            ref_keys, ref_values = theirs.update(k, v, layer)
+            n = cache_len + length
+            assert torch.equal(keys[:, :, :n], ref_keys) and torch.equal(values[:, :, :n], ref_values)
+        ours.advance(length)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 9
+
+
+def test_ragged_rows_and_compaction():
+    cache = make_cache(batch=2, layers=1)
+    cache.prefix_len = torch.tensor([3, 7], dtype=torch.int32)
+    cache.begin_step(4)
+    k = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).view(2, 2, 4, 4)
+    keys, _ = cache.update(k, -k, 0)
+    assert torch.equal(keys[0, :, 3:7], k[0]) and torch.equal(keys[1, :, 7:11], k[1])
+    accept_nodes = torch.tensor([[0, 2, -1, -1], [0, 1, 3, -1]], dtype=torch.int32)
+    cache.compact(accept_nodes, torch.tensor([1, 2], dtype=torch.int32))
+    assert cache.prefix_len.tolist() == [5, 10]
+    assert torch.equal(cache.keys[0][0, :, 4], k[0, :, 2])
+    assert torch.equal(cache.keys[0][1, :, 8:10], k[1, :, [1, 3]])
+    cache.select(torch.tensor([1]))
+    assert cache.batch_size == 1 and cache.prefix_len.tolist() == [10]
+    assert torch.equal(cache.values[0][0, :, 9], -k[1, :, 3])
+
+
+def test_overflow_raises():
+    cache = make_cache(rows=8)
+    cache.advance(6)
+    try:
+        cache.begin_step(4)
+    except ValueError as error:
+        assert "exceeds the cache's 8 rows" in str(error)
+    else:
+        raise AssertionError("a step past the cache's capacity must raise")

@@ -1,0 +1,180 @@
+"""Lossless end to end on tiny random Llamas: treedec's output equals unpatched HF greedy."""
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import treedec
+from helpers import OracleDrafter
+from treedec.models import tiny_llama
+
+DRAFTERS = [None, "lookup", "recycling", "auto"]
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0):
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), length, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p) :] = torch.tensor(p)
+        mask[b, length - len(p) :] = 1
+    return ids, mask
+
+
+def repetitive_prompt(seed: int, length: int) -> list[int]:
+    """Prompts with repeats, so lookup finds matches and trees get accepted paths."""
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(3, 96, (6,), generator=g).tolist()
+    return (motif * (length // 6 + 1))[:length]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_batch_of_one(seed, drafter):
+    model = tiny_llama(seed=seed)
+    ids = torch.tensor([repetitive_prompt(seed, 14)])
+    expected = model.generate(ids, max_new_tokens=40, do_sample=False)
+    treedec.patch(model, drafter=drafter)
+    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    assert torch.equal(out, expected)
+    stats, new = model.treedec.last_stats, out.shape[1] - ids.shape[1]
+    assert stats["new_tokens"] == new and stats["steps"] <= new and stats["tau"] == new / stats["steps"]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_batch_of_three_with_different_prompt_lengths(seed, drafter):
+    model = tiny_llama(seed=seed)
+    ids, mask = left_padded([repetitive_prompt(seed, 5), repetitive_prompt(seed + 1, 17), [7]])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter=drafter)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("drafter", ["auto", None])
+def test_batch_of_four_equals_each_alone(drafter):
+    model = treedec.patch(tiny_llama(seed=4), drafter=drafter)
+    prompts = [repetitive_prompt(s, n) for s, n in [(1, 4), (2, 11), (3, 8), (4, 20)]]
+    ids, mask = left_padded(prompts)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False)
+        assert batch[b, ids.shape[1] :].tolist() == alone[0, len(prompt) :].tolist()
+
+
+def greedy_continuation(model, ids, mask, new):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    return out[:, ids.shape[1] :].tolist()
+
+
+def test_eos_inside_an_accepted_path_stops_each_sequence_at_its_own_eos():
+    model = tiny_llama(seed=5)
+    ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 13), repetitive_prompt(7, 6)])
+    continuations = greedy_continuation(model, ids, mask, 40)
+    eos = continuations[1][6]  # a token that appears mid-chunk for sequence 1, maybe elsewhere too
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)
+    oracle = OracleDrafter(continuations, depth=10)
+    treedec.patch(model, drafter=oracle)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert model.treedec.last_stats["tau"] > 3  # the oracle's chunks really were long
+    # The list form of eos_token_id works too.
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=[eos, 95],
+                         pad_token_id=0)
+    assert torch.equal(got, model.treedec.original_generate(ids, attention_mask=mask, max_new_tokens=40,
+                                                            do_sample=False, eos_token_id=[eos, 95], pad_token_id=0))
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 7])
+def test_max_new_tokens_smaller_than_an_accepted_chunk(max_new_tokens):
+    model = tiny_llama(seed=6)
+    ids = torch.tensor([repetitive_prompt(8, 10)])
+    continuations = greedy_continuation(model, ids, None, 30)
+    expected = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    treedec.patch(model, drafter=OracleDrafter(continuations, depth=12))
+    got = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    assert torch.equal(got, expected) and got.shape[1] == 10 + max_new_tokens
+
+
+def test_streamer_chunks_concatenate_to_the_output():
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_llama(seed=7)
+    ids = torch.tensor([repetitive_prompt(9, 12)])
+    continuations = greedy_continuation(model, ids, None, 30)
+    treedec.patch(model, drafter=OracleDrafter(continuations, depth=6))
+    streamer = Collect()
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, streamer=streamer)
+    assert streamer.puts[0] == ids[0].tolist() and streamer.ended
+    assert sum(streamer.puts[1:], []) == out[0, 12:].tolist()
+    assert max(len(chunk) for chunk in streamer.puts[1:]) > 1  # chunks, not single tokens
+
+
+def test_stopping_criteria_are_honoured_per_token():
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    model = tiny_llama(seed=8)
+    ids = torch.tensor([repetitive_prompt(10, 12)])
+    continuations = greedy_continuation(model, ids, None, 30)
+    stop = StoppingCriteriaList([StopAfterToken(continuations[0][9])])
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False, stopping_criteria=stop)
+    treedec.patch(model, drafter=OracleDrafter(continuations, depth=12))
+    assert torch.equal(model.generate(ids, max_new_tokens=30, do_sample=False, stopping_criteria=stop), expected)
+
+
+def test_max_length_default_is_honoured_like_hf():
+    model = tiny_llama(seed=9)
+    ids = torch.tensor([repetitive_prompt(11, 8)])
+    expected = model.generate(ids, max_length=15, do_sample=False)
+    treedec.patch(model, drafter="auto")
+    assert torch.equal(model.generate(ids, max_length=15, do_sample=False), expected)
+
+
+def test_tree_size_follows_acceptance():
+    """A drafter whose guesses are always wrong is priced out: the loop ends up decoding plainly.
+
+    The tiny model's step time hardly depends on T (it is all overhead), so the test gives the
+    loop the cost curve of a real model (a 16-node verify at 1.5x a 1-node step) and freezes it.
+    """
+    from treedec.drafters.base import Drafter, DraftTrie
+    from treedec.sizing import CostCurve
+
+    class AlwaysWrong(Drafter):
+        name = "wrong"
+
+        def propose(self, seq, root_token):
+            trie = DraftTrie(root_token)
+            for rank in range(4):
+                trie.child(0, 95 - rank, ("wrong", rank))
+            return trie
+
+    model = treedec.patch(tiny_llama(seed=10), drafter=AlwaysWrong())
+    cost = CostCurve()
+    for size, seconds in {1: 1.0, 2: 1.05, 4: 1.1, 8: 1.25, 16: 1.5, 32: 2.0}.items():
+        cost.record(1, size, seconds)
+    cost.record = lambda *args: None
+    model.treedec.learned.cost = cost
+    ids = torch.tensor([repetitive_prompt(12, 8)])
+    model.generate(ids, max_new_tokens=40, do_sample=False)
+    first = model.treedec.last_stats["mean_tree_nodes"]
+    assert first > 1.5  # drafts were tried at first ...
+    for _ in range(2):
+        model.generate(ids, max_new_tokens=40, do_sample=False)
+    # ... then priced out, but for a rare exploratory step as old evidence fades.
+    assert model.treedec.last_stats["mean_tree_nodes"] < min(first, 1.5)
+    assert all(rate < 0.1 for rate in model.treedec.learned.acceptance.snapshot().values())

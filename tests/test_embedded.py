@@ -1,0 +1,79 @@
+"""Lossless on the real embedded model (SmolLM2-135M-Instruct) over Spec-Bench prompts.
+
+Marked slow: loading takes seconds once the dequantized weights are cached (~20 s the first
+time). `make test` runs these (TREEDEC_SLOW=1).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import treedec
+from treedec.prompts import load_questions
+
+QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "dev.jsonl"
+MAX_NEW_TOKENS = 48
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    if not QUESTIONS.exists():
+        pytest.fail(f"Spec-Bench prompts not found at {QUESTIONS}")
+    torch.set_num_threads(2)
+    model, tokenizer = treedec.load_default_model()
+    prompts = load_questions(QUESTIONS, limit_per_category=1)  # 13 prompts, one per category
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        for p in prompts
+    ]
+    references = [model.generate(**e, max_new_tokens=MAX_NEW_TOKENS, do_sample=False) for e in encoded]
+    return model, tokenizer, prompts, encoded, references
+
+
+def logit_gap_at_first_difference(model, prompt_ids, got, expected):
+    """Where outputs differ: how far apart HF's top-2 logits were there (a near-tie is fp noise)."""
+    n = prompt_ids.shape[1]
+    diff = next(i for i in range(min(got.shape[1], expected.shape[1])) if got[0, i] != expected[0, i])
+    with torch.no_grad():
+        logits = model(expected[:, :diff]).logits[0, -1]
+    top2 = logits.topk(2).values
+    return f"first difference at generated token {diff - n}; HF's top-2 logit gap there {float(top2[0] - top2[1]):.2e}"
+
+
+@pytest.mark.parametrize("drafter", [None, "lookup", "recycling", "auto"])
+def test_greedy_equals_hf_on_spec_bench(embedded, drafter):
+    model, _, prompts, encoded, references = embedded
+    treedec.patch(model, drafter=drafter)
+    try:
+        for prompt, inputs, expected in zip(prompts, encoded, references):
+            got = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            if not torch.equal(got, expected):
+                treedec.unpatch(model)
+                gap = logit_gap_at_first_difference(model, inputs["input_ids"], got, expected)
+                pytest.fail(f"{drafter} differs from HF greedy on a {prompt.category} prompt: {gap}")
+    finally:
+        if hasattr(model, "treedec"):
+            treedec.unpatch(model)
+
+
+def test_batch_of_four_equals_each_alone(embedded):
+    model, tokenizer, prompts, encoded, references = embedded
+    chosen = [0, 2, 4, 8]  # writing, reasoning, coding, translation: different lengths
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    treedec.patch(model, drafter="auto")
+    try:
+        out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        for row, i in enumerate(chosen):
+            alone = model.generate(**encoded[i], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            prompt_len = encoded[i]["input_ids"].shape[1]
+            generated = alone[0, prompt_len:].tolist()
+            assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated
+            assert generated == references[i][0, prompt_len:].tolist()
+    finally:
+        treedec.unpatch(model)

@@ -1,0 +1,126 @@
+"""patch / unpatch / from_pretrained, fallbacks, and every bad-input error."""
+
+import warnings
+
+import pytest
+import torch
+
+import treedec
+from treedec.models import tiny_llama
+
+
+def prompt(n=10, seed=0):
+    return torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_unpatch_restores_behaviour_exactly():
+    model = tiny_llama(seed=1)
+    ids = prompt()
+    original_generate = model.generate
+    before = model.generate(ids, max_new_tokens=12, do_sample=False)
+    logits_before = model(ids).logits
+    impl = model.config._attn_implementation
+
+    treedec.patch(model, drafter="auto")
+    assert model.config._attn_implementation == "treedec" and hasattr(model, "treedec")
+    # A plain forward on a patched model behaves like sdpa.
+    torch.testing.assert_close(model(ids).logits, logits_before, atol=1e-5, rtol=1e-5)
+
+    treedec.unpatch(model)
+    assert model.config._attn_implementation == impl and not hasattr(model, "treedec")
+    assert model.generate.__func__ is original_generate.__func__ and "generate" not in model.__dict__
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), before)
+    with pytest.raises(ValueError, match="not patched"):
+        treedec.unpatch(model)
+
+
+def test_repatching_switches_drafter_and_keeps_learned_state():
+    model = treedec.patch(tiny_llama(seed=2), drafter="recycling")
+    model.generate(prompt(), max_new_tokens=10, do_sample=False)
+    learned = model.treedec.learned
+    treedec.patch(model, drafter="lookup", max_ngram=3)
+    assert model.treedec.drafter == "lookup" and model.treedec.learned is learned
+
+
+def test_padded_batch_forward_on_patched_model_matches_sdpa():
+    model = tiny_llama(seed=3)
+    ids = torch.randint(3, 96, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    expected = model(ids, attention_mask=mask).logits
+    treedec.patch(model)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits[:, 2:], expected[:, 2:], atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_patches_at_load_time(tmp_path):
+    tiny_llama(seed=4).save_pretrained(tmp_path)
+    model = treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="lookup", max_ngram=2)
+    assert model.treedec.drafter == "lookup" and model.treedec.options == {"max_ngram": 2}
+    reference = tiny_llama(seed=4)
+    ids = prompt(seed=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=15, do_sample=False),
+                       reference.generate(ids, max_new_tokens=15, do_sample=False))
+
+
+def test_unsupported_model_type_is_refused_and_model_untouched():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        treedec.patch(model)
+    assert model.config._attn_implementation == impl and not hasattr(model, "treedec")
+
+
+@pytest.mark.parametrize(
+    "drafter, options, message",
+    [
+        ("medusa-ish", {}, "unknown drafter"),
+        ("lookup", {"max_tree_nodes": 0}, "max_tree_nodes"),
+        ("lookup", {"recycling_width": 4}, "unknown option"),
+        ("lookup", {"min_ngram": 3, "max_ngram": 2}, "min_ngram <= max_ngram"),
+        (None, {"max_ngram": 3}, "unknown option"),
+    ],
+)
+def test_bad_drafter_or_option_leaves_model_unpatched(drafter, options, message):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        treedec.patch(model, drafter=drafter, **options)
+    assert not hasattr(model, "treedec") and model.config._attn_implementation == "sdpa"
+
+
+def test_bad_inputs_raise_before_any_work():
+    model = treedec.patch(tiny_llama())
+    ids = prompt()
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, attention_mask=torch.tensor([[1] * 8 + [0, 0]]), max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.generate(ids.float(), max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(ids, max_new_tokens=600, do_sample=False)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 96\)"):
+        model.generate(ids + 200, max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match="no real tokens"):
+        model.generate(ids, attention_mask=torch.zeros(1, 10, dtype=torch.int64), max_new_tokens=5, do_sample=False)
+    assert model.treedec.last_stats == {}
+
+
+def test_unsupported_generate_modes_fall_back_with_one_warning():
+    model = tiny_llama(seed=5)
+    ids = prompt(seed=5)
+    torch.manual_seed(0)
+    expected = model.generate(ids, max_new_tokens=8, do_sample=True)
+    treedec.patch(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        got = model.generate(ids, max_new_tokens=8, do_sample=True)
+        torch.manual_seed(0)
+        model.generate(ids, max_new_tokens=8, do_sample=True)
+    assert torch.equal(got, expected)
+    messages = [str(w.message) for w in caught if "treedec" in str(w.message)]
+    assert len(messages) == 1 and "do_sample=True" in messages[0]
+    with pytest.warns(UserWarning, match="beam search"):
+        beams = model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
+    assert beams.shape == (1, 16)
+    with pytest.warns(UserWarning, match="repetition_penalty"):
+        model.generate(ids, max_new_tokens=6, do_sample=False, repetition_penalty=1.3)

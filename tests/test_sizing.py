@@ -1,0 +1,83 @@
+"""Tree sizing: acceptance estimates, the cost curve, and the choice between them."""
+
+import pytest
+
+from treedec.drafters.base import DraftTrie
+from treedec.sizing import AcceptanceModel, CostCurve, choose, monotone, path_probabilities
+
+
+def curve(points: dict[int, float], batch: int = 1) -> CostCurve:
+    cost = CostCurve()
+    for size, seconds in points.items():
+        cost.record(batch, size, seconds)
+    return cost
+
+
+def chain_trie(length: int, key="k") -> DraftTrie:
+    trie = DraftTrie(0)
+    node = 0
+    for depth in range(1, length + 1):
+        node = trie.child(node, depth, (key, depth))
+    return trie
+
+
+def trained(rate: float, keys, trials: int = 400) -> AcceptanceModel:
+    model = AcceptanceModel()
+    for i in range(trials):
+        for key in keys:
+            model.update(key, (i % 100) < rate * 100)
+    return model
+
+
+def test_monotone_pools_violators():
+    assert monotone([(1, 1.0), (2, 3.0), (4, 1.0), (8, 4.0)]) == [(1, 1.0), (2, 2.0), (4, 2.0), (8, 4.0)]
+
+
+def test_cost_interpolates_and_drops_outliers():
+    cost = curve({1: 1.0, 4: 1.3, 16: 2.5})
+    assert cost.cost(1, 2) == pytest.approx(1.1)
+    assert cost.cost(1, 32) == pytest.approx(4.1)  # extrapolated from the last two points
+    cost.record(1, 4, 50.0)  # a GC pause: ignored
+    assert cost.cost(1, 4) == pytest.approx(1.3)
+
+
+def test_acceptance_converges_and_forgets_toward_prior():
+    model = trained(0.8, ["a"])
+    assert model.rate("a") == pytest.approx(0.8, abs=0.05)
+    for _ in range(2000):
+        model.next_step()
+    assert abs(model.rate("a") - model.prior) < 0.1
+
+
+def test_path_probability_is_product_along_the_path():
+    model = trained(0.5, [("k", 1), ("k", 2)])
+    probs = path_probabilities(chain_trie(2), model)
+    assert probs[1] == pytest.approx(model.rate(("k", 1)))
+    assert probs[2] == pytest.approx(probs[1] * model.rate(("k", 2)))
+
+
+def test_choose_no_drafts_when_they_do_not_pay():
+    keys = [("k", d) for d in range(1, 9)]
+    cost = curve({1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5, 16: 2.0, 32: 3.0})
+    size, kept, expected = choose([chain_trie(8)], trained(0.02, keys), cost, max_nodes=32)
+    assert size == 1 and kept == [[0]] and expected == pytest.approx(1.0)
+
+
+def test_choose_grows_the_tree_when_acceptance_is_high():
+    keys = [("k", d) for d in range(1, 9)]
+    cost = curve({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.2, 16: 2.0, 32: 3.0})
+    size, kept, expected = choose([chain_trie(8)], trained(0.95, keys), cost, max_nodes=32)
+    assert size == 8 and kept == [list(range(8))] and expected > 5
+
+
+def test_choose_keeps_best_nodes_and_their_parents():
+    trie = DraftTrie(0)
+    good = trie.child(0, 1, "good")
+    trie.child(0, 2, "bad")
+    trie.child(good, 3, "good")
+    model = AcceptanceModel()
+    for _ in range(200):
+        model.update("good", True)
+        model.update("bad", False)
+    size, kept, _ = choose([trie], model, curve({1: 1.0, 3: 1.0, 4: 1.5}), max_nodes=8)
+    assert size == 3 and kept == [[0, 1, 3]]

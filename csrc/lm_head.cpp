@@ -388,9 +388,16 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
   std::vector<int64_t> part_indices(static_cast<size_t>(num_threads * N * k));
   std::vector<int64_t> part_counts(static_cast<size_t>(num_threads * N), 0);
   const int VR = plan.vr;
-  // Prefetch this many tiles ahead: about 4 KiB of each weight stream in flight.
-  const int64_t prefetch_rows = VR * std::max<int64_t>(1, 4096 / std::max<int64_t>(1, VR * H * (int64_t)sizeof(WT)) + 1);
+  // Prefetch about this many bytes of weight ahead of the tile being multiplied (whole tiles).
+  const char* distance_env = std::getenv("TREEDEC_LMHEAD_PREFETCH");  // tuning experiments
+  const int64_t distance = distance_env ? std::atoll(distance_env) : 16384;
+  const int64_t tile_bytes = std::max<int64_t>(1, VR * H * static_cast<int64_t>(sizeof(WT)));
+  const int64_t prefetch_rows = VR * std::max<int64_t>(1, (distance + tile_bytes - 1) / tile_bytes);
 
+  // Hidden rows in balanced groups of at most nr_max (N = 8 as 4 + 4, not 6 + 2): a short group
+  // has too few independent accumulators to hide the multiply-add latency.
+  const int64_t groups = (N + plan.nr_max - 1) / plan.nr_max;
+  const int64_t rows_per_group = N / groups, rows_extra = N % groups;
   // Threads take chunks of V dynamically: on a shared or SMT machine one slow thread must not
   // leave the other idle at the end, as a static split would.
   const int64_t chunk = 512;
@@ -415,10 +422,11 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
       for (int64_t v0 = c * chunk; v0 < v_hi; v0 += VR) {
         const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
         const WT* prefetch = v0 + prefetch_rows + VR <= V ? weight + (v0 + prefetch_rows) * ldw : nullptr;
-        for (int64_t n0 = 0; n0 < N; n0 += plan.nr_max) {
-          const int nr = static_cast<int>(std::min<int64_t>(plan.nr_max, N - n0));
-          plan.tile(hidden + n0 * ldh, ldh, weight + v0 * ldw, ldw, H, nr, vr, n0 == 0 ? prefetch : nullptr, out);
+        for (int64_t g = 0, n0 = 0; g < groups; ++g) {
+          const int nr = static_cast<int>(rows_per_group + (g < rows_extra ? 1 : 0));
+          plan.tile(hidden + n0 * ldh, ldh, weight + v0 * ldw, ldw, H, nr, vr, g == 0 ? prefetch : nullptr, out);
           for (int n = 0; n < nr; ++n) offer_row(lists[n0 + n], out + n * VR, vr, v0, round_bf16);
+          n0 += nr;
         }
       }
     }

@@ -4,7 +4,8 @@ Outputs are allocated here and every element is written by the kernel. Thread co
 torch.get_num_threads() unless TREEDEC_CPU_THREADS is set; TREEDEC_CPU_ISA (auto, scalar, avx2,
 avx512, avx512bf16) pins lm_head_topk's instruction set, for tests and benchmarks, and
 TREEDEC_LMHEAD_TILE ("6x4": hidden rows x weight rows per register tile, AVX-512 paths) overrides
-its tile shape for tuning experiments.
+its tile shape and TREEDEC_LMHEAD_PREFETCH (bytes ahead, default 16384) its software prefetch
+distance, for tuning experiments.
 """
 
 from __future__ import annotations

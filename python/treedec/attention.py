@@ -57,7 +57,7 @@ class TreeStep:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""
         step = self.on(q.device)
-        if ops.choose_backend(q.device) == "reference":
+        if ops.choose_backend(q.device, "tree_attention") == "reference":
             return reference.tree_attention(
                 q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, dense_mask=step.dense_mask()
             )

@@ -40,6 +40,7 @@ def cmd_info(args) -> int:
     import transformers
 
     from . import __version__, ops
+    from .ops._backend import OPS
 
     print(f"treedec       {__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -55,7 +56,10 @@ def cmd_info(args) -> int:
     print(f"cuda          {torch.cuda.get_device_name(0) if cuda else 'not available'}")
     print(f"TREEDEC_BACKEND={os.environ.get('TREEDEC_BACKEND', 'auto')}")
     print("backends:     " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in ops.available_backends().items()))
-    print(f"cpu backend   {ops.choose_backend(torch.device('cpu'))} (what TREEDEC_BACKEND=auto runs on CPU tensors)")
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    for device in devices:
+        chosen = ", ".join(f"{op} {ops.choose_backend(torch.device(device), op)}" for op in OPS)
+        print(f"{device} ops:".ljust(14) + chosen)
     return 0
 
 

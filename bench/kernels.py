@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: every treedec op x every backend available here, with peers.
 
-    python bench/kernels.py [--quick] [--device cpu|cuda] [--out CSV] [--fresh] [--plot]
+    python bench/kernels.py [--quick] [--device cpu|cuda] [--threads N] [--out CSV] [--fresh] [--plot]
+    python bench/kernels.py --plot-only [--out CSV]
 
 Each shape times its methods interleaved (A B C A B C ...) after a warm-up, and records the median
 and the 20th/80th percentiles in microseconds, plus GB/s against the bytes the op must move at
@@ -322,10 +323,15 @@ def plot(path: Path) -> None:
     for axis, kernel in zip(axes[:, 0], kernels):
         subset = [row for row in rows if row["kernel"] == kernel]
         shapes = list(dict.fromkeys(row["shape"] for row in subset))
-        backends = list(dict.fromkeys(row["backend"] for row in subset))
+        several_devices = len({row["device"] for row in subset}) > 1
+
+        def series_of(row):
+            return f"{row['backend']} [{row['device']}]" if several_devices else row["backend"]
+
+        backends = list(dict.fromkeys(series_of(row) for row in subset))
         width = 0.8 / len(backends)
         for index, backend in enumerate(backends):
-            latest = {row["shape"]: row for row in subset if row["backend"] == backend}  # last run wins
+            latest = {row["shape"]: row for row in subset if series_of(row) == backend}  # last run wins
             xs = [i + index * width for i, s in enumerate(shapes) if s in latest]
             ys = [float(latest[s]["median_us"]) for s in shapes if s in latest]
             axis.bar(xs, ys, width=width, label=backend)
@@ -351,6 +357,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="CSV to append to (default bench/results/kernels_<device>.csv)")
     parser.add_argument("--fresh", action="store_true", help="overwrite the CSV instead of appending")
     parser.add_argument("--plot", action="store_true", help="also plot the CSV (matplotlib) next to it as .png")
+    parser.add_argument("--plot-only", action="store_true", help="plot the existing CSV without benchmarking")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -359,6 +366,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (25 if device.type == "cpu" else 100)
     budget = args.budget or (4.0 if device.type == "cpu" else 2.0)
     out = args.out or ROOT / "results" / f"kernels_{device.type}.csv"
+    if args.plot_only:
+        plot(out)
+        return 0
     timer = Timer(device)
     label = device_label(device)
     print(f"# device: {label}; backends: {_backend.available_backends()}; torch {torch.__version__}")

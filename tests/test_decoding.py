@@ -79,7 +79,7 @@ def test_eos_inside_an_accepted_path_stops_each_sequence_at_its_own_eos():
     got = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
                          pad_token_id=0)
     assert torch.equal(got, expected)
-    assert model.treedec.last_stats["tau"] > 3  # the oracle's chunks really were long
+    assert model.treedec.last_stats["tau"] > 2  # the oracle's chunks really were multi-token
     # The list form of eos_token_id works too.
     got = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=[eos, 95],
                          pad_token_id=0)

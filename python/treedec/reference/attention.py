@@ -53,6 +53,7 @@ def tree_attention(
     k, v = k[:, :, :kv_len], v[:, :, :kv_len]
     if dense_mask is None:
         dense_mask = dense_tree_mask(prefix_len, tree_mask, kv_start, num_nodes, kv_len)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense_mask[..., :kv_len], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    dense_mask = dense_mask[..., :kv_len]
+    # Nothing masked (one node, no padding: a plain decode step): SDPA's unmasked kernel is faster.
+    attn_mask = None if bool(dense_mask.all()) else dense_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -40,6 +40,9 @@ def test_repatching_switches_drafter_and_keeps_learned_state():
     learned = model.treedec.learned
     treedec.patch(model, drafter="lookup", max_ngram=3)
     assert model.treedec.drafter == "lookup" and model.treedec.learned is learned
+    with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
+        treedec.patch(model, drafter="lookup", min_ngram=5)
+    assert model.treedec.drafter == "lookup" and model.treedec.options == {"max_ngram": 3}  # untouched
 
 
 def test_padded_batch_forward_on_patched_model_matches_sdpa():

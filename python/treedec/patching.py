@@ -92,12 +92,12 @@ def patch(model, drafter: str | None = "auto", **options):
     """Patch `model` in place for tree decoding and return it. See README for drafters and options."""
     _check_model(model)
     options = _check_options(drafter, options)
-    if hasattr(model, "treedec"):
-        unpatch(model)
     learned = _LEARNED.get(model) or LearnedState()
     # Building the drafter once here surfaces bad option values before anything changes.
     _drafter_for(drafter, options, model.config.vocab_size, learned)
     runner = ModelRunner(model, compat.cache_kwarg_name(getattr(model, model.base_model_prefix)))
+    if hasattr(model, "treedec"):  # re-patching: start from the original model
+        unpatch(model)
 
     attention.register()
     original = model.config._attn_implementation

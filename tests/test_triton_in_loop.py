@@ -1,0 +1,39 @@
+"""The decode loop with the Triton kernels (tree attention, LM-head top-k) under the interpreter.
+
+TRITON_INTERPRET=1 must be set before Triton's kernels are first imported; treedec imports them
+lazily, on first use, so setting it at the top of this module is early enough.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import treedec  # noqa: E402
+from test_decoding import left_padded, repetitive_prompt  # noqa: E402
+from treedec import ops  # noqa: E402
+from treedec.models import tiny_llama  # noqa: E402
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    if ops.choose_backend(torch.device("cpu"), "tree_attention") != "triton":
+        pytest.skip("Triton kernels are not available in this install")
+    yield
+
+
+@pytest.mark.parametrize("drafter", ["auto", None])
+def test_lossless_with_triton_attention_and_lm_head(triton_backend, drafter):
+    model = tiny_llama(seed=11)
+    ids, mask = left_padded([repetitive_prompt(13, 7), repetitive_prompt(14, 15), [9, 4]])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter=drafter)
+    assert ops.choose_backend(torch.device("cpu"), "lm_head_topk") == "triton"
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, expected)

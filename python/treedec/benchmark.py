@@ -32,7 +32,8 @@ class Run:
     seconds: float
     steps: int
     identical: bool
-    first_diff: int | None = None
+    first_diff: int | None = None  # first generated position that differs from HF greedy
+    logit_gap: float | None = None  # HF's top-2 logit gap there: a near-tie means fp rounding, not a bug
 
 
 @dataclass
@@ -101,6 +102,16 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+@torch.inference_mode()
+def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
+    """HF's top-2 logit gap after prompt + common prefix, computed by the unpatched model."""
+    if hasattr(model, "treedec"):
+        unpatch(model)
+    ids = torch.cat([prompt_ids, torch.tensor([common], dtype=prompt_ids.dtype)], dim=1)
+    top2 = model(ids).logits[0, -1].float().topk(2).values
+    return float(top2[0] - top2[1])
+
+
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
     progress: bool = True, warmup: bool = True,
@@ -140,8 +151,14 @@ def run_benchmark(
             if method == "hf":
                 reference = tokens
             diff = _first_diff(tokens, reference)
+            gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
             report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
-                                   len(tokens), seconds, steps, diff is None, diff))
+                                   len(tokens), seconds, steps, diff is None, diff, gap))
+        if progress:
+            mine = report.runs[-len(methods):]
+            hf_seconds = mine[0].seconds
+            cells = "  ".join(f"{r.method} x{hf_seconds / r.seconds:.2f}{'' if r.identical else ' DIFF'}" for r in mine[1:])
+            tqdm.write(f"{prompt.category:<15} {mine[0].prompt_tokens:>5} tok prompt  {cells}")
     if hasattr(model, "treedec"):
         unpatch(model)
     return report

@@ -79,6 +79,10 @@ def cmd_bench_e2e(args) -> int:
           f"{args.dtype}, {args.threads} threads")
     print("x = speedup over HF generate (sum of times); same = outputs identical to HF greedy\n")
     print(report.table())
+    differing = [r for r in report.runs if not r.identical]
+    for run in differing:
+        print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
+              f"token {run.first_diff}, where HF's top-2 logit gap is {run.logit_gap:.3g}")
     if args.json:
         save_json(report, args.json)
         print(f"\nwrote {args.json}")

@@ -25,6 +25,20 @@ def batch_parents(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
+def make_parents(batch: int, num_nodes: int, shape: str, generator: torch.Generator) -> torch.Tensor:
+    """int32 [B, T]: chain (i-1), star (0) or random (uniform in [0, i)); each row its own tree."""
+    index = torch.arange(num_nodes)
+    if shape == "chain":
+        parents = (index - 1).expand(batch, -1).clone()
+    elif shape == "star":
+        parents = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    else:
+        upper = index.clamp(min=1).expand(batch, -1).to(torch.float64)
+        parents = (torch.rand(batch, num_nodes, generator=generator, dtype=torch.float64) * upper).long()
+    parents[:, 0] = -1
+    return parents.to(torch.int32).contiguous()
+
+
 class OracleDrafter(Drafter):
     """Proposes the known continuation of each sequence as a chain, plus a wrong sibling at every
     depth: every step accepts a long chunk, so EOS and length limits land inside accepted paths."""

@@ -9,6 +9,7 @@ import torch
 
 from treedec import _native, ops, reference
 from treedec.ops import _cpp
+from helpers import make_parents  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_native.cpp() is None, reason="treedec._C is not built")
 
@@ -22,20 +23,6 @@ def cpp_backend(monkeypatch):
 
 
 # -- trees --------------------------------------------------------------------------------------
-
-
-def make_parents(batch: int, num_nodes: int, shape: str, generator: torch.Generator) -> torch.Tensor:
-    """int32 [B, T]: chain (i-1), star (0) or random (uniform in [0, i)); each row its own tree."""
-    index = torch.arange(num_nodes)
-    if shape == "chain":
-        parents = (index - 1).expand(batch, -1).clone()
-    elif shape == "star":
-        parents = torch.zeros(batch, num_nodes, dtype=torch.int64)
-    else:
-        upper = index.clamp(min=1).expand(batch, -1).to(torch.float64)
-        parents = (torch.rand(batch, num_nodes, generator=generator, dtype=torch.float64) * upper).long()
-    parents[:, 0] = -1
-    return parents.to(torch.int32).contiguous()
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from treedec import reference
+from helpers import make_parents  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -25,19 +26,6 @@ SHAPES = ("chain", "star", "random")
 
 def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
-
-
-def make_parents(batch: int, num_nodes: int, shape: str, gen: torch.Generator) -> torch.Tensor:
-    parents = torch.empty(batch, num_nodes, dtype=torch.int32)
-    parents[:, 0] = -1
-    for i in range(1, num_nodes):
-        if shape == "chain":
-            parents[:, i] = i - 1
-        elif shape == "star":
-            parents[:, i] = 0
-        else:
-            parents[:, i] = torch.randint(0, i, (batch,), generator=gen, dtype=torch.int32)
-    return parents
 
 
 def cuda_build_tree(parents: torch.Tensor):

@@ -28,6 +28,7 @@ from treedec import reference  # noqa: E402
 from treedec.reference.tree import unpack_bits  # noqa: E402
 from triton_kernels import lm_head_topk as lm_head_mod  # noqa: E402
 from triton_kernels import tree_attention as attention_mod  # noqa: E402
+from helpers import make_parents  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -35,20 +36,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def make_parents(batch: int, num_nodes: int, shape: str, gen: torch.Generator) -> torch.Tensor:
-    """int32 [B, T]: a chain (parent i-1), a star (all children of the root) or a random tree."""
-    parents = torch.empty(batch, num_nodes, dtype=torch.int32)
-    parents[:, 0] = -1
-    for i in range(1, num_nodes):
-        if shape == "chain":
-            parents[:, i] = i - 1
-        elif shape == "star":
-            parents[:, i] = 0
-        else:
-            parents[:, i] = torch.randint(0, i, (batch,), generator=gen, dtype=torch.int32)
-    return parents
 
 
 def attention_inputs(batch, num_nodes, q_heads, kv_heads, head_dim, shape, left_pad, seed, max_prefix=70,

@@ -159,11 +159,11 @@ class TreeDecoder:
         self.drafter.start(prompts)
         with_drafts = self.max_nodes > 1 and self.drafter.name != "none"
         while active:
+            if with_drafts and not self.cost.has(len(active)):
+                self._calibrate(cache, len(active))  # once per batch size; kept out of the step's time
             step_started = time.perf_counter()
             if with_drafts:
                 tries = [self.drafter.propose(s, roots[s]) for s in active]
-                if not self.cost.has(len(active)):
-                    self._calibrate(cache, len(active))
                 num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
             else:
                 tries = [DraftTrie(roots[s]) for s in active]

@@ -29,7 +29,8 @@ class TreeStep:
     prefix_len: torch.Tensor
     kv_start: torch.Tensor
     tree_mask: torch.Tensor
-    _per_device: dict = field(default_factory=dict, repr=False)
+    _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
+    _dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_nodes(self) -> int:
@@ -47,12 +48,12 @@ class TreeStep:
 
     def dense_mask(self) -> torch.Tensor:
         """bool [B, 1, T, max(prefix_len) + T] for the reference path; built once per step and device."""
-        if "dense" not in self._per_device:
+        if self._dense is None:
             kv_len = int(self.prefix_len.max()) + self.num_nodes
-            self._per_device["dense"] = reference.dense_tree_mask(
+            self._dense = reference.dense_tree_mask(
                 self.prefix_len, self.tree_mask, self.kv_start, self.num_nodes, kv_len
             )
-        return self._per_device["dense"]
+        return self._dense
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""

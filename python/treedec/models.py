@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,7 +55,10 @@ def load_default_model(dtype: torch.dtype = torch.float32, progress: bool = True
             model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, saved) if not saved.exists() else None
+        if saved.exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, saved)
     tokenizer = AutoTokenizer.from_pretrained(saved)
     model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
     model.eval()

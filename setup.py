@@ -2,7 +2,7 @@
 
 - `treedec._C`: the C++ CPU kernels in csrc/*.cpp, always built (-O3, OpenMP). Vector code picks
   its instruction set at run time, so no -march flag is needed and the build runs on any x86-64.
-- `treedec._cuda`: every csrc/cuda/*.cu compiled by nvcc (sm_80, sm_90a) and linked with
+- `treedec._cuda`: every csrc/cuda/*.cu compiled by nvcc (sm_80, sm_90a; TREEDEC_CUDA_ARCHS) and linked with
   csrc/cuda/bindings.cpp, only when TREEDEC_BUILD_CUDA=1, or when nvcc is found and a CUDA GPU is
   usable. Otherwise it is skipped with a one-line message. TREEDEC_BUILD_CUDA=0 never builds it.
 """
@@ -14,10 +14,11 @@ import subprocess
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_ARCHS = ("80", "90a")
+# TREEDEC_CUDA_ARCHS="90a" (comma-separated) builds for fewer cards, e.g. only the one at hand.
+CUDA_ARCHS = tuple(a.strip() for a in os.environ.get("TREEDEC_CUDA_ARCHS", "80,90a").split(",") if a.strip())
 
 
 def rel(*parts: str) -> str:
@@ -128,4 +129,11 @@ if build_cuda:
 else:
     print(f"treedec: skipping the CUDA extension treedec._cuda ({why_not})", file=sys.stderr)
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+# The Triton kernels live in the top-level triton_kernels/ (kernel engineers read them there) and
+# install as the private package `treedec_triton` (PyPI's `triton_kernels` is another project).
+setup(
+    packages=[*find_packages("python"), "treedec_triton"],
+    package_dir={"": "python", "treedec_triton": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExt},
+)

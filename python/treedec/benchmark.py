@@ -95,6 +95,15 @@ def _encode(tokenizer, prompt: Prompt) -> dict:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _first_diff(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -107,22 +116,26 @@ def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
     """HF's top-2 logit gap after prompt + common prefix, computed by the unpatched model."""
     if hasattr(model, "treedec"):
         unpatch(model)
-    ids = torch.cat([prompt_ids, torch.tensor([common], dtype=prompt_ids.dtype)], dim=1)
-    top2 = model(ids).logits[0, -1].float().topk(2).values
-    return float(top2[0] - top2[1])
+    ids = torch.cat([prompt_ids, torch.tensor([common], dtype=prompt_ids.dtype, device=prompt_ids.device)], dim=1)
+    with torch.no_grad():
+        top2 = model(ids).logits[0, -1].float().topk(2).values
+        return float(top2[0] - top2[1])
 
 
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
     progress: bool = True, warmup: bool = True,
 ) -> Report:
+    """Time HF and treedec generation per prompt on the model's own device (CUDA work is
+    synchronised before each clock read, so the figures are wall-clock)."""
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     methods = ["hf"] + [m for m in methods if m != "hf"]  # HF greedy is the reference for every other method
+    device = next(model.parameters()).device
     report = Report(methods, meta={
         "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
-        "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__,
+        "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__, "device": _device_name(device),
     })
 
     def generate(method: str, inputs: dict, new_tokens: int):
@@ -133,18 +146,20 @@ def run_benchmark(
         else:
             patch(model, drafter=TREEDEC_METHODS[method])
             kwargs = {}
+        _synchronize(device)
         started = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+        _synchronize(device)
         seconds = time.perf_counter() - started
         steps = model.treedec.last_stats["steps"] if method in TREEDEC_METHODS else out.shape[1] - inputs["input_ids"].shape[1]
         return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, steps
 
     if warmup and prompts:
-        inputs = _encode(tokenizer, prompts[0])
+        inputs = _encode(tokenizer, prompts[0]).to(device)
         for method in methods:
             generate(method, inputs, 8)
     for prompt in tqdm(prompts, desc="prompts", disable=not progress):
-        inputs = _encode(tokenizer, prompt)
+        inputs = _encode(tokenizer, prompt).to(device)
         reference = None
         for method in methods:
             tokens, seconds, steps = generate(method, inputs, max_new_tokens)

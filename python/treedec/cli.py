@@ -10,24 +10,33 @@ import sys
 import torch
 
 
-def _load(dtype_name: str, threads: int):
+def _load(dtype_name: str, threads: int, device: str = "cpu"):
     from .models import load_default_model
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is available here")
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    print(f"loading the embedded SmolLM2-135M-Instruct ({dtype_name}, {threads} threads) ...", flush=True)
-    return load_default_model(dtype=dtype)
+    print(f"loading the embedded SmolLM2-135M-Instruct ({dtype_name}, {device}, {threads} threads) ...", flush=True)
+    model, tokenizer = load_default_model(dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def _where(args) -> str:
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(args.device))
+    return f"{args.threads} CPU threads"
 
 
 def cmd_demo(args) -> int:
     from .benchmark import ALL_METHODS, run_benchmark
     from .prompts import BUILTIN_PROMPTS
 
-    model, tokenizer = _load(args.dtype, args.threads)
+    model, tokenizer = _load(args.dtype, args.threads, args.device)
     report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), list(ALL_METHODS), args.max_new_tokens)
     print()
     print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "
-          f"{args.dtype}, {args.threads} CPU threads")
+          f"{args.dtype}, {_where(args)}")
     print("x = speedup over HF generate; same = outputs identical to HF greedy\n")
     print(report.table())
     rows = report.summary()
@@ -71,12 +80,12 @@ def cmd_bench_e2e(args) -> int:
     if not prompts:
         print(f"no questions in {args.questions}", file=sys.stderr)
         return 2
-    model, tokenizer = _load(args.dtype, args.threads)
+    model, tokenizer = _load(args.dtype, args.threads, args.device)
     report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens)
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
     print()
     print(f"Spec-Bench e2e: {len(prompts)} prompts, greedy, max_new_tokens={args.max_new_tokens}, "
-          f"{args.dtype}, {args.threads} threads")
+          f"{args.dtype}, {_where(args)}")
     print("x = speedup over HF generate (sum of times); same = outputs identical to HF greedy\n")
     print(report.table())
     differing = [r for r in report.runs if not r.identical]
@@ -105,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
 
     demo = sub.add_parser("demo", help="built-in prompts on the embedded model: HF vs treedec drafters")
     common(demo, 96)

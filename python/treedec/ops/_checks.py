@@ -1,6 +1,17 @@
-"""Argument checks shared by the ops: one place for the wording of every error."""
+"""Argument checks shared by the ops: one place for the wording of every error.
+
+Type, dtype and shape checks read only metadata and always run. Checks of tensor *values* (tree
+structure, row ranges) read device memory back to the host, which a CUDA stream under graph
+capture forbids; they are skipped while the current stream captures. Run a step eagerly first (as
+every capture's warm-up does) to validate its inputs.
+"""
 
 import torch
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_tensor(name: str, x, dtypes: tuple[torch.dtype, ...], ndim: int) -> None:
@@ -30,6 +41,8 @@ def check_parents(parents: torch.Tensor) -> None:
     batch, num_nodes = parents.shape
     if num_nodes == 0:
         raise ValueError("parents has 0 nodes; a tree holds at least its root")
+    if capturing():
+        return
     root = parents[:, 0]
     bad = (root != -1).nonzero()
     if bad.numel():

@@ -2,7 +2,7 @@ import torch
 
 from . import _library
 from ._backend import choose_backend
-from ._checks import check_same_device, check_tensor
+from ._checks import capturing, check_same_device, check_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,7 +52,7 @@ def tree_attention(
     if kv_start is not None:
         check_tensor("kv_start", kv_start, (torch.int32,), 1)
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len, tree_mask=tree_mask, kv_start=kv_start)
-    if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]:
+    if not capturing() and (int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]):
         raise ValueError(f"prefix_len + T must fit in the {k.shape[2]} cache rows of k and v")
     backend = choose_backend(q.device, "tree_attention")
     if _library.compiling():

@@ -2,7 +2,7 @@ import torch
 
 from . import _library
 from ._backend import choose_backend
-from ._checks import check_same_device, check_tensor
+from ._checks import capturing, check_same_device, check_tensor
 
 
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
@@ -35,6 +35,18 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
         if cache.device != device or prefix_len.device != device:  # the full check only to word the error
             check_same_device(cache=cache, prefix_len=prefix_len, accept_nodes=accept_nodes)
     capacity = caches[0].shape[2]
+    if not capturing():
+        _check_rows(prefix_len, accept_nodes, capacity)
+    backend = choose_backend(accept_nodes.device, "compact_kv")
+    if _library.compiling():
+        torch.ops.treedec.compact_kv(list(caches), prefix_len, accept_nodes, backend)
+        return
+    _library.implementation("compact_kv", backend)(list(caches), prefix_len, accept_nodes)
+
+
+def _check_rows(prefix_len: torch.Tensor, accept_nodes: torch.Tensor, capacity: int) -> None:
+    """Value checks (they read device memory): the tree fits and accept_nodes is a root path."""
+    num_nodes = accept_nodes.shape[1]
     if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > capacity:
         raise ValueError(
             f"prefix_len must lie in [0, {capacity - num_nodes}] so T={num_nodes} tree rows fit in "
@@ -44,8 +56,3 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
     valid = accept_nodes >= 0
     if bool(((accept_nodes < j) & valid).any()) or bool((accept_nodes >= num_nodes).any()):
         raise ValueError(f"accept_nodes must satisfy j <= accept_nodes[b, j] < {num_nodes} (a root path)")
-    backend = choose_backend(accept_nodes.device, "compact_kv")
-    if _library.compiling():
-        torch.ops.treedec.compact_kv(list(caches), prefix_len, accept_nodes, backend)
-        return
-    _library.implementation("compact_kv", backend)(list(caches), prefix_len, accept_nodes)

@@ -1,0 +1,148 @@
+"""The engine on a CUDA device: lossless decoding with the native kernels in the loop, and one full
+verify step (tree build, forward with Triton tree attention, LM-head top-k, verification, KV
+compaction) captured in a CUDA graph and replayed. Skipped where no CUDA device is present."""
+
+import pytest
+import torch
+
+import treedec
+from helpers import make_parents
+from test_decoding import left_padded, repetitive_prompt
+from treedec import compat, ops
+from treedec.attention import TreeStep
+from treedec.cache import TreeCache
+from treedec.decoding import ModelRunner, chain_tree_mask
+from treedec.models import tiny_llama
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+def native_backends_or_skip() -> None:
+    """The point of these tests is the kernels: skip, naming what is missing, if they are not built."""
+    cuda = torch.device("cuda")
+    missing = [op for op, want in (("verify_greedy", "cuda"), ("compact_kv", "cuda"), ("tree_attention", "triton"),
+                                   ("lm_head_topk", "triton")) if ops.choose_backend(cuda, op) != want]
+    if missing:
+        pytest.skip(f"no native CUDA kernel for {', '.join(missing)} in this install")
+
+
+@pytest.mark.parametrize("drafter", ["auto", "lookup", None])
+def test_lossless_batch_on_gpu(drafter):
+    native_backends_or_skip()
+    model = tiny_llama(seed=5).cuda()
+    ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 23), [11, 4]])
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    treedec.patch(model, drafter=drafter)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    assert got.device == ids.device
+    assert torch.equal(got, expected)
+    assert model.treedec.last_stats["new_tokens"] == 3 * 40
+
+
+def test_eos_inside_accepted_path_on_gpu():
+    native_backends_or_skip()
+    model = tiny_llama(seed=2).cuda()
+    ids = torch.tensor([repetitive_prompt(2, 18)], device="cuda")
+    free = model.generate(ids, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = free[12]  # a token the model emits mid-run: generation must stop right after it
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    treedec.patch(model, drafter="auto")
+    got = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+class VerifyStep:
+    """One decode step on static CUDA tensors (every sequence at the same prefix length, so the cache
+    writes are slices and nothing reads back to the host)."""
+
+    def __init__(self, model, batch: int, num_nodes: int, prompt_len: int):
+        self.runner = ModelRunner(model, compat.cache_kwarg_name(model.model))
+        config = model.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.cache = TreeCache(config.num_hidden_layers, batch, config.num_key_value_heads, head_dim,
+                               max_len=prompt_len + num_nodes + 4, dtype=torch.float32, devices=torch.device("cuda"))
+        prompt = torch.randint(3, config.vocab_size, (batch, prompt_len), device="cuda")
+        prefill = TreeStep(self.cache.prefix_len.cuda(), self.cache.kv_start.cuda(),
+                           chain_tree_mask(batch, prompt_len).cuda())
+        self.cache.begin_step(prompt_len)
+        with torch.no_grad():
+            self.runner.forward(prompt, torch.arange(prompt_len, device="cuda").expand(batch, -1), self.cache, prefill)
+        self.cache.advance(prompt_len)
+        self.cache.begin_step(num_nodes)  # every replay writes the same rows after the prompt
+        self.prefix_len = self.cache.prefix_len.cuda()
+        self.kv_start = self.cache.kv_start.cuda()
+        self.parents = torch.zeros(batch, num_nodes, dtype=torch.int32, device="cuda")
+        self.tokens = torch.zeros(batch, num_nodes, dtype=torch.int64, device="cuda")
+
+    def set_inputs(self, parents: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.parents.copy_(parents)
+        self.tokens.copy_(tokens)
+
+    def run(self):
+        depth, tree_mask = ops.build_tree(self.parents)
+        step = TreeStep(self.prefix_len, self.kv_start, tree_mask)
+        positions = (self.prefix_len - self.kv_start).long().view(-1, 1) + depth.long()
+        hidden = self.runner.forward(self.tokens.clamp(min=0), positions, self.cache, step)
+        batch, num_nodes, width = hidden.shape
+        _, ids = ops.lm_head_topk(hidden.reshape(-1, width), self.runner.lm_head.weight, 1)
+        target = ids.view(batch, num_nodes)
+        accept_len, accept_nodes, bonus = ops.verify_greedy(self.parents, self.tokens, target)
+        ops.compact_kv([*self.cache.keys, *self.cache.values], self.prefix_len, accept_nodes)
+        return target, accept_len, accept_nodes, bonus
+
+    def cache_rows(self) -> list[torch.Tensor]:
+        return [t.clone() for t in (*self.cache.keys, *self.cache.values)]
+
+
+def draft_inputs(verify: VerifyStep, seed: int):
+    """A random tree whose first few chain nodes copy the model's own argmax, so some get accepted."""
+    batch, num_nodes = verify.parents.shape
+    gen = torch.Generator().manual_seed(seed)
+    parents = make_parents(batch, num_nodes, "random", gen)
+    tokens = torch.randint(3, 96, (batch, num_nodes), generator=gen)
+    tokens[torch.rand(batch, num_nodes, generator=gen) < 0.1] = -1
+    tokens[:, 0] = 5
+    return parents, tokens
+
+
+def test_verify_step_captures_and_replays_in_a_cuda_graph():
+    native_backends_or_skip()
+    torch.manual_seed(0)
+    model = treedec.patch(tiny_llama(seed=9).cuda(), drafter=None)  # "treedec" attention
+    verify = VerifyStep(model, batch=3, num_nodes=33, prompt_len=17)
+
+    # Warm up on a side stream (Triton compiles, compaction's pointer array is built), as capture requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for seed in range(2):
+            verify.set_inputs(*draft_inputs(verify, seed))
+            verify.run()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = verify.run()
+
+    for seed in (10, 11, 12):
+        parents, tokens = draft_inputs(verify, seed)
+        verify.set_inputs(parents, tokens)
+        with torch.no_grad():
+            root_argmax = verify.run()[0][:, 0].cpu()
+        tokens[:, 1], parents[:, 1] = root_argmax, 0  # node 1 is now right: at least one acceptance
+        verify.set_inputs(parents, tokens)
+        with torch.no_grad():
+            eager = verify.run()
+        eager_cache = verify.cache_rows()
+
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, got, want in zip(("target", "accept_len", "accept_nodes", "bonus"), static_out, eager):
+            assert torch.equal(got, want), name
+        assert (static_out[1] >= 1).all()
+        for got, want in zip(verify.cache_rows(), eager_cache):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,11 @@ p80_us, gbps). Peers run in the same process and the same loop:
 - build_tree / verify_greedy: the reference. Native kernels appear twice: the backend alone
   (``cpp``) and behind the public, validating ``treedec.ops`` function (``cpp+ops``).
 
+On CUDA each method is replayed from a CUDA graph where it can be captured (device time per call,
+launch overhead excluded; see `Timer`); the references and the ``+ops`` paths are timed eagerly,
+so their figures include the host's launch path. ``copy`` (a large device-to-device copy) gives the
+memory system's ceiling for reading the GB/s column.
+
 On a shared 2-core CPU the numbers are noisy: read ratios between methods of one shape.
 """
 
@@ -52,21 +57,69 @@ MODELS = {
 
 
 class Timer:
+    """Seconds per call of a method.
+
+    CPU: a host clock around one call. CUDA: a single call between two events mostly measures the
+    host's launch path, not the kernel (a few-microsecond kernel hides behind tens of microseconds
+    of Python), so each method is first captured GRAPH_CALLS times into a CUDA graph and one replay
+    is timed with events, divided by GRAPH_CALLS: the device time per call. Methods that cannot be
+    captured, the torch references (they read results back to the host), and the ``+ops``
+    paths, whose point is the public functions' eager overhead, are timed eagerly: GRAPH_CALLS
+    calls back to back between events. `how` records which; `reset` forgets the graphs of a shape.
+    """
+
+    GRAPH_CALLS = 20
+
     def __init__(self, device: torch.device):
         self.device = device
+        self.graphs: dict = {}  # method -> its CUDA graph, or None when timed eagerly
+        self.how: dict = {}  # method -> "graph" | "eager"
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.how.clear()
+
+    def prepare(self, fn, capture: bool = True) -> None:
+        """Capture fn (CUDA only); after a failed capture fn is timed eagerly."""
+        if self.device.type != "cuda" or fn in self.graphs:
+            return
+        if not capture:
+            self.graphs[fn], self.how[fn] = None, "eager"
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # warm-up on a side stream, as capture requires
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                for _ in range(self.GRAPH_CALLS):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            self.graphs[fn], self.how[fn] = graph, "graph"
+        except Exception:  # a host sync or a host-memory copy inside fn: not capturable
+            torch.cuda.synchronize()
+            self.graphs[fn], self.how[fn] = None, "eager"
 
     def __call__(self, fn) -> float:
-        """Seconds one call of fn takes."""
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        if self.device.type != "cuda":
+            begin = time.perf_counter()
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
+            return time.perf_counter() - begin
+        self.prepare(fn)
+        graph = self.graphs[fn]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if graph is not None:
+            graph.replay()
+        else:
+            for _ in range(self.GRAPH_CALLS):
+                fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / self.GRAPH_CALLS
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,9 +131,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(methods: dict, timer: Timer, repeats: int, budget_s: float) -> dict[str, list[float]]:
     """Interleaved timings of every method; stops early once budget_s has passed (at least 3 rounds)."""
-    for fn in methods.values():  # warm-up (and first-call costs: allocation, JIT, page faults)
+    timer.reset()
+    for name, fn in methods.items():  # warm-up (and first-call costs: allocation, JIT, page faults)
         fn()
         fn()
+        # The references read back to the host (a failed capture is best not provoked) and the
+        # +ops paths are about eager overhead: both are timed eagerly.
+        timer.prepare(fn, capture=not (name == "reference" or name.endswith("+ops")))
     times = {name: [] for name in methods}
     started = time.perf_counter()
     for round_index in range(repeats):
@@ -402,7 +459,8 @@ def main(argv=None) -> int:
                     "gbps": round(moved / median / 1e9, 3),
                 }
                 rows.append(row)
-                line.append(f"{backend}={row['median_us']:.1f}us")
+                how = timer.how.get(methods[backend])
+                line.append(f"{backend}={row['median_us']:.1f}us" + (f"({how})" if how == "eager" else ""))
             append_rows(out, rows)  # shape by shape: a run cut short keeps what it measured
             total += len(rows)
             print(f"{kernel:15s} {shape:80s} " + "  ".join(line), flush=True)

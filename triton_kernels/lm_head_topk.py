@@ -47,19 +47,21 @@ def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP
     return new_val, new_idx
 
 
-@triton.jit
+# Row and split counts change with every tree size: not specialising on their values (== 1,
+# divisible by 16) keeps one compiled kernel per (dtype, K, BLOCK_R) instead of several.
+@triton.jit(do_not_specialize=["num_rows", "tiles_per_split", "num_splits"])
 def _lm_head_topk_kernel(
     hidden_ptr,  # [N, H]
     weight_ptr,  # [V, H]
-    part_val_ptr,  # fp32 [N, NUM_SPLITS, KP]
-    part_idx_ptr,  # int32 [N, NUM_SPLITS, KP]
+    part_val_ptr,  # fp32 [N, num_splits, KP]
+    part_idx_ptr,  # int32 [N, num_splits, KP]
     num_rows,  # N
     vocab,  # V
     hidden_size,  # H
     tiles_per_split,
+    num_splits,  # runtime (the grid's axis 1): a new row count never recompiles the kernel
     stride_hn, stride_hh,
     stride_wv, stride_wh,
-    NUM_SPLITS: tl.constexpr,
     K: tl.constexpr,
     KP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -113,18 +115,18 @@ def _lm_head_topk_kernel(
             best_val, best_idx = _merge_into(
                 best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
             )
-    part = (rows64[:, None] * NUM_SPLITS + split) * KP + slot[None, :]
+    part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_entries"])
 def _merge_topk_kernel(
     part_val_ptr,  # fp32 [N, E]
     part_idx_ptr,  # int32 [N, E]
     values_ptr,  # fp32 [N, K]
     indices_ptr,  # int64 [N, K]
-    num_entries,  # E = NUM_SPLITS * KP
+    num_entries,  # E = num_splits * KP
     K: tl.constexpr,
     KP: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -186,9 +188,8 @@ def _launch(
     part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
     _lm_head_topk_kernel[(row_blocks, num_splits)](
         hidden, weight, part_val, part_idx,
-        num_rows, vocab, hidden_size, tiles_per_split,
+        num_rows, vocab, hidden_size, tiles_per_split, num_splits,
         *hidden.stride(), *weight.stride(),
-        NUM_SPLITS=num_splits,
         K=k,
         KP=kp,
         DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or dot_fp32 else "tf32",
@@ -204,7 +205,7 @@ def _launch(
         part_val, part_idx, values, indices, entries,
         K=k,
         KP=kp,
-        BLOCK_E=min(1024, max(16, triton.next_power_of_2(entries))),
+        BLOCK_E=256,  # fixed: one compiled merge per K, whatever the number of splits
         num_warps=4,
     )
     return values, indices

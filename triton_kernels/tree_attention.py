@@ -14,7 +14,7 @@ reading the ancestor bits of each (query node, tree node) pair from the packed m
 [T, S] mask is ever built.
 
 Split-KV: when there are too few programs to fill the GPU and the cache is long, the prefix of
-each sequence is cut into NUM_SPLITS equal chunks (computed in the kernel from prefix_len, so no
+each sequence is cut into num_splits equal chunks (computed in the kernel from prefix_len, so no
 host sync and graph-capturable); the last split also takes the tree block. Each split writes a
 normalised partial output and its log-sum-exp, and `_combine_kernel` merges them.
 """
@@ -29,14 +29,16 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The tree size and split count change from step to step: not specialising on their values keeps
+# the number of compiled variants to the constexpr combinations.
+@triton.jit(do_not_specialize=["num_nodes", "num_splits"])
 def _tree_attention_kernel(
     q_ptr,  # [B, Hq, T, D]
     k_ptr,  # [B, Hkv, S, D]
     v_ptr,  # [B, Hkv, S, D]
-    out_ptr,  # [B, Hq, T, D] (NUM_SPLITS == 1)
-    part_o_ptr,  # fp32 [B, Hq, T, NUM_SPLITS, BLOCK_D] (NUM_SPLITS > 1)
-    part_lse_ptr,  # fp32 [B, Hq, T, NUM_SPLITS], base-2 log-sum-exp (NUM_SPLITS > 1)
+    out_ptr,  # [B, Hq, T, D] (not SPLIT_KV)
+    part_o_ptr,  # fp32 [B, Hq, T, num_splits, BLOCK_D] (SPLIT_KV)
+    part_lse_ptr,  # fp32 [B, Hq, T, num_splits], base-2 log-sum-exp (SPLIT_KV)
     prefix_len_ptr,  # int32 [B]
     kv_start_ptr,  # int32 [B] (read only if HAS_KV_START)
     tree_mask_ptr,  # int32 [B, T, W], little-endian bits
@@ -45,13 +47,14 @@ def _tree_attention_kernel(
     group,  # Hq // Hkv
     head_dim,  # D
     qk_scale,  # softmax scale * log2(e)
+    num_splits,  # programs along axis 2, each over a share of the prefix (runtime: no recompile per value)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_mb, stride_mt, stride_mw,
     HAS_KV_START: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast tiles before tl.dot (CPU interpreter: its 16-bit dot is wrong)
     BLOCK_M: tl.constexpr,
@@ -87,16 +90,16 @@ def _tree_attention_kernel(
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
 
     # This split's share of the prefix [start, prefix).
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         lo = start
         hi = prefix
         tree_end = num_nodes
     else:
         span = tl.maximum(prefix - start, 0)
-        chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, prefix)
-        tree_end = tl.where(split == NUM_SPLITS - 1, num_nodes, 0)
+        tree_end = tl.where(split == num_splits - 1, num_nodes, 0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite, so a fully masked tile gives alpha = 1
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,29 +169,29 @@ def _tree_attention_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw nothing has acc = 0: zeros
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         o_ptrs = (
             out_ptr + b * stride_ob + q_head[:, None] * stride_oh + node[:, None] * stride_ot + d[None, :] * stride_od
         )
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
     else:
         flat_row = (b * num_kv_heads * group + q_head) * num_nodes + node  # (b, h, i) -> row of [B*Hq*T]
-        part_row = flat_row * NUM_SPLITS + split
+        part_row = flat_row * num_splits + split
         tl.store(part_o_ptr + part_row[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_nodes", "num_splits"])
 def _combine_kernel(
-    part_o_ptr,  # fp32 [B*Hq*T, NUM_SPLITS, BLOCK_D]
-    part_lse_ptr,  # fp32 [B*Hq*T, NUM_SPLITS]
+    part_o_ptr,  # fp32 [B*Hq*T, num_splits, BLOCK_D]
+    part_lse_ptr,  # fp32 [B*Hq*T, num_splits]
     out_ptr,  # [B, Hq, T, D]
     num_q_heads,
     num_nodes,
     head_dim,
+    num_splits,
     stride_ob, stride_oh, stride_ot, stride_od,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -197,14 +200,14 @@ def _combine_kernel(
     head = (row // num_nodes) % num_q_heads
     b = row // (num_nodes * num_q_heads)
     sp = tl.arange(0, SPLITS_P2)
-    sp_valid = sp < NUM_SPLITS
+    sp_valid = sp < num_splits
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + sp, mask=sp_valid, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + row * num_splits + sp, mask=sp_valid, other=float("-inf"))
     top = tl.max(lse, 0)
     empty = lse == float("-inf")
     weight = tl.where(empty, 0.0, tl.exp2(tl.where(empty, 0.0, lse) - tl.where(empty, 0.0, top)))
     part = tl.load(
-        part_o_ptr + (row * NUM_SPLITS + sp[:, None]) * BLOCK_D + d[None, :], mask=sp_valid[:, None], other=0.0
+        part_o_ptr + (row * num_splits + sp[:, None]) * BLOCK_D + d[None, :], mask=sp_valid[:, None], other=0.0
     )
     total = tl.sum(weight, 0)
     out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
@@ -278,10 +281,10 @@ def _launch(
     _tree_attention_kernel[grid](
         q, k, v, out, part_o, part_lse,
         prefix_len, kv_start if kv_start is not None else prefix_len, tree_mask,
-        num_nodes, num_kv_heads, group, head_dim, scale * LOG2E,
+        num_nodes, num_kv_heads, group, head_dim, scale * LOG2E, num_splits,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tree_mask.stride(),
         HAS_KV_START=kv_start is not None,
-        NUM_SPLITS=num_splits,
+        SPLIT_KV=num_splits > 1,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
         BLOCK_M=block_m,
@@ -293,9 +296,8 @@ def _launch(
     if num_splits > 1:
         _combine_kernel[(batch * num_q_heads * num_nodes,)](
             part_o, part_lse, out,
-            num_q_heads, num_nodes, head_dim,
+            num_q_heads, num_nodes, head_dim, num_splits,
             *out.stride(),
-            NUM_SPLITS=num_splits,
             SPLITS_P2=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
             num_warps=1 if block_d <= 64 else 2,

@@ -278,12 +278,12 @@ AOT_SCRIPT = textwrap.dedent(
         types = dict(q_ptr="*" + dtype, k_ptr="*" + dtype, v_ptr="*" + dtype, out_ptr="*" + dtype,
                      part_o_ptr="*fp32", part_lse_ptr="*fp32", prefix_len_ptr="*i32", kv_start_ptr="*i32",
                      tree_mask_ptr="*i32", qk_scale="fp32")
-        build(ta._tree_attention_kernel, types, dict(HAS_KV_START=True, NUM_SPLITS=splits, DOT_PRECISION="tf32",
+        build(ta._tree_attention_kernel, types, dict(HAS_KV_START=True, SPLIT_KV=splits > 1, DOT_PRECISION="tf32",
               DOT_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), num_warps=4, num_stages=2)
     build(ta._combine_kernel, dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16"),
-          dict(NUM_SPLITS=5, SPLITS_P2=8, BLOCK_D=128), num_warps=2)
+          dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
     build(lm._lm_head_topk_kernel, dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32",
-          part_idx_ptr="*i32"), dict(NUM_SPLITS=8, K=16, KP=16, DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16,
+          part_idx_ptr="*i32"), dict(K=16, KP=16, DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16,
           BLOCK_V=128, BLOCK_H=64), num_warps=4, num_stages=3)
     build(lm._merge_topk_kernel, dict(part_val_ptr="*fp32", part_idx_ptr="*i32", values_ptr="*fp32",
           indices_ptr="*i64"), dict(K=1, KP=2, BLOCK_E=512), num_warps=4)

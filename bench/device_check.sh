@@ -19,6 +19,8 @@
 # checked against its sha256 before use.
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (from the repository root)
+# With the device tool: a first call carrying .devcarry1 (model part 00) with STAGES="env build test",
+# then at once (the machine stays held for 30 s) a second carrying .devcarry with STAGES="bench e2e".
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -70,6 +72,12 @@ if [ -n "$WHEELS" ]; then
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
+# The model's parts come in separate calls; the machine keeps /tmp between calls while it is held,
+# so every call first stashes what it carries there.
+mkdir -p /tmp/treedec_parts
+cp .devcarry*/SmolLM2-135M-Instruct.Q4_1.gguf.part* /tmp/treedec_parts/ 2>/dev/null
+echo "model parts held: $(ls /tmp/treedec_parts | tr '\n' ' ')" >>"$SUMMARY"
+
 if wanted env; then
   {
     echo "== env $(date -u)"
@@ -101,7 +109,9 @@ if wanted build; then
 fi
 
 if wanted test; then
-  stage test 200 "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests || STATUS=1
+  # The engine's GPU tests first (lossless decoding, CUDA-graph capture), then the kernels' own.
+  stage test 240 "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider --durations=15 \
+    tests/test_gpu.py tests/kernels || STATUS=1
 fi
 
 if wanted bench; then
@@ -115,8 +125,8 @@ if wanted e2e; then
   GGUF=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
   mkdir -p "$MODEL_DIR"
   if [ ! -f "$GGUF" ]; then
-    # parts in name order (part00, part01, ...), from whichever carried folder holds each
-    PARTS=$(ls .devcarry*/SmolLM2-135M-Instruct.Q4_1.gguf.part* 2>/dev/null | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2)
+    # parts in name order (part00, part01, ...), from this call's carried folders or an earlier call's
+    PARTS=$(ls /tmp/treedec_parts/*.part* 2>/dev/null | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2)
     [ -n "$PARTS" ] && cat $PARTS >"$GGUF"
   fi
   if [ -f .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256 ] \

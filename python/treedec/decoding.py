@@ -20,6 +20,7 @@ from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
 from .reference.tree import pack_bits
+from .sampling import Sampler
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -35,6 +36,7 @@ class DecodeRequest:
     pad_token_id: int
     stopping_criteria: list = field(default_factory=list)
     streamer: object | None = None
+    sampler: Sampler | None = None  # None: greedy
 
 
 @dataclass
@@ -101,6 +103,10 @@ class ModelRunner:
         _, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
         return ids.view(batch, num_nodes, k).cpu()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype (sampling needs them all)."""
+        return self.lm_head(hidden.to(self.lm_head.weight.device))
+
 
 def chain_tree_mask(batch: int, num_nodes: int) -> torch.Tensor:
     """Packed ancestor mask of a chain (a causal block) without walking the tree: int32 [B, T, W]."""
@@ -134,11 +140,15 @@ class TreeDecoder:
     ):
         self.runner, self.drafter = runner, drafter
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
+        self.sampler: Sampler | None = None  # set per call from the request
 
     # -- one call ----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
         started = time.perf_counter()
+        self.sampler = request.sampler
+        if self.sampler is not None:
+            self.sampler.start(request.input_ids.shape[0], request.max_new_tokens)
         stats = DecodeStats(sequences=request.input_ids.shape[0])
         input_ids = request.input_ids.cpu()
         batch, length = input_ids.shape
@@ -169,7 +179,8 @@ class TreeDecoder:
                 tries = [DraftTrie(roots[s]) for s in active]
                 num_nodes, kept = 1, [[0]] * len(active)
             parents, tokens = pack_tries(tries, kept, num_nodes)
-            accept_len, accept_nodes, bonus, topk = self._verify_step(cache, parents, tokens)
+            emitted = [len(generated[s]) for s in active]
+            accept_len, accept_nodes, bonus, topk = self._verify_step(cache, parents, tokens, active, emitted)
 
             self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active)))
             if with_drafts:
@@ -232,16 +243,31 @@ class TreeDecoder:
             cache.advance(prefill_len)
         return cache
 
-    def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor):
-        """One tree forward and greedy verification. Returns accept_len, accept_nodes, bonus, top-k ids."""
+    def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
+                     sequences: list[int] | None = None, emitted: list[int] | None = None):
+        """One tree forward and verification (greedy, or by sampling when the call samples).
+        `sequences` (the rows' sequence ids) and `emitted` (tokens each has generated) place every
+        node at its output position, whose uniform a sampling step uses.
+        Returns accept_len, accept_nodes, bonus (on the CPU) and the top-k ids the drafter observes."""
         depth, tree_mask = ops.build_tree(parents)
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
         cache.begin_step(tokens.shape[1])
         hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
-        topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
-        accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
-        return accept_len, accept_nodes, bonus, topk
+        if self.sampler is None:
+            topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
+            accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
+            return accept_len, accept_nodes, bonus, topk
+        logits = self.runner.logits(hidden)
+        probs = self.sampler.probs(logits)
+        topk = logits.topk(max(self.drafter.topk, 1), dim=-1).indices.cpu()
+        device = probs.device
+        batch = tokens.shape[0]
+        sequences = list(range(batch)) if sequences is None else sequences
+        emitted = [0] * batch if emitted is None else emitted
+        uniforms = self.sampler.node_uniforms(sequences, emitted, depth).to(device)
+        accept_len, accept_nodes, bonus = ops.verify_sample(parents.to(device), tokens.to(device), probs, uniforms)
+        return accept_len.cpu(), accept_nodes.cpu(), bonus.cpu(), topk
 
     def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
         """Time a verify at a few tree sizes on the live cache, best of `repeats` (nothing is

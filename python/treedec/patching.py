@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import attention, compat, sizing
+from . import attention, compat, sampling, sizing
 from .decoding import DecodeRequest, ModelRunner, TreeDecoder
 from .drafters import Drafter, check_drafter_name, drafter_options, make_drafter
 
@@ -37,6 +37,10 @@ class LearnedState:
 
     acceptance: sizing.AcceptanceModel = field(default_factory=sizing.AcceptanceModel)
     cost: sizing.CostCurve = field(default_factory=sizing.CostCurve)
+    # Sampling accepts a draft with the target's probability, not when it is the argmax, and its
+    # step also computes full logits: it learns its own acceptance rates and step costs.
+    sample_acceptance: sizing.AcceptanceModel = field(default_factory=sizing.AcceptanceModel)
+    sample_cost: sizing.CostCurve = field(default_factory=sizing.CostCurve)
     tables: dict = field(default_factory=dict)  # drafter tables (Token Recycling's successor table)
 
 
@@ -142,8 +146,8 @@ class AutoModelForCausalLM:
 # -- generate ----------------------------------------------------------------------------------
 def _fallback_reason(config, model_config, kwargs: dict, extra: dict, batch: int, total_len: int) -> str | None:
     """Why this call cannot go through treedec, or None."""
-    if config.do_sample:
-        return "do_sample=True (sampling through trees is not supported yet)"
+    if config.do_sample and sampling.unsupported_reason(config):
+        return sampling.unsupported_reason(config)
     if (config.num_beams or 1) > 1:
         return "beam search (num_beams > 1)"
     if (config.num_return_sequences or 1) > 1:
@@ -244,8 +248,11 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
     request = _request(model, config, input_ids, attention_mask, stopping_criteria, streamer)
     options, learned = state.options, state.learned
     drafter = _drafter_for(state.drafter, options, model.config.vocab_size, learned)
-    decoder = TreeDecoder(state.runner, drafter, learned.acceptance, learned.cost,
-                          options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES))
+    if request.sampler is not None:
+        acceptance, cost = learned.sample_acceptance, learned.sample_cost
+    else:
+        acceptance, cost = learned.acceptance, learned.cost
+    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES))
     output, stats = decoder.generate(request)
     state.last_stats = stats.as_dict()
     return output.to(input_ids.device)
@@ -282,4 +289,5 @@ def _request(model, config, input_ids, attention_mask, stopping_criteria, stream
         pad_token_id=int(pad),
         stopping_criteria=list(stopping_criteria or []),
         streamer=streamer,
+        sampler=sampling.Sampler(sampling.build_warpers(config)) if config.do_sample else None,
     )

@@ -9,8 +9,9 @@ from ._backend import available_backends, choose_backend, requested_backend
 from .attention import tree_attention
 from .compact import compact_kv
 from .lm_head import lm_head_topk
+from .sample import sample_tokens
 from .tree import build_tree
-from .verify import verify_greedy
+from .verify import verify_greedy, verify_sample
 
 __all__ = [
     "available_backends",
@@ -19,6 +20,8 @@ __all__ = [
     "compact_kv",
     "lm_head_topk",
     "requested_backend",
+    "sample_tokens",
     "tree_attention",
     "verify_greedy",
+    "verify_sample",
 ]

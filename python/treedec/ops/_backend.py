@@ -22,7 +22,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
-OPS = ("build_tree", "verify_greedy", "compact_kv", "tree_attention", "lm_head_topk")
+OPS = ("build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk")
 NATIVE_OPS = {
     "cpp": frozenset({"build_tree", "verify_greedy", "compact_kv", "lm_head_topk"}),
     "cuda": frozenset({"build_tree", "verify_greedy", "compact_kv"}),

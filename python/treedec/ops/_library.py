@@ -17,6 +17,7 @@ from . import _cpp, _cuda, _triton
 _IMPLEMENTATIONS = {
     "build_tree": {"reference": reference.build_tree, "cpp": _cpp.build_tree, "cuda": _cuda.build_tree},
     "verify_greedy": {"reference": reference.verify_greedy, "cpp": _cpp.verify_greedy, "cuda": _cuda.verify_greedy},
+    "sample_tokens": {"reference": reference.sample_tokens},
     "compact_kv": {"reference": reference.compact_kv, "cpp": _cpp.compact_kv, "cuda": _cuda.compact_kv},
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
@@ -64,6 +65,19 @@ def _(parents, tokens, target, backend):
         parents.new_empty(batch, num_nodes, dtype=torch.int32),
         parents.new_empty(batch, dtype=torch.int64),
     )
+
+
+# -- sample_tokens ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::sample_tokens", mutates_args=())
+def sample_tokens_op(probs: torch.Tensor, uniforms: torch.Tensor, backend: str) -> torch.Tensor:
+    return implementation("sample_tokens", backend)(probs, uniforms)
+
+
+@sample_tokens_op.register_fake
+def _(probs, uniforms, backend):
+    return probs.new_empty(probs.shape[0], dtype=torch.int64)
 
 
 # -- compact_kv ---------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ from .attention import dense_tree_mask, tree_attention
 from .compact import compact_kv
 from .lm_head import lm_head_topk
 from .tree import build_tree
-from .verify import verify_greedy
+from .verify import sample_tokens, verify_greedy, verify_sample
 
 __all__ = [
     "build_tree",
     "compact_kv",
     "dense_tree_mask",
     "lm_head_topk",
+    "sample_tokens",
     "tree_attention",
     "verify_greedy",
+    "verify_sample",
 ]

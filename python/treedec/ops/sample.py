@@ -1,0 +1,50 @@
+import torch
+
+from . import _library
+from ._backend import choose_backend
+from ._checks import capturing, check_same_device, check_shape, check_tensor
+
+
+def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of one token per row.
+
+    Parameters
+    ----------
+    probs : float32 [N, V]
+        Non-negative weights with a positive, finite sum per row (need not be normalised).
+    uniforms : float32 [N]
+        U[0, 1) draws.
+
+    Returns
+    -------
+    int64 [N]: the first index whose running float64 sum exceeds uniforms[n] * sum(row)
+    (the last index with positive weight if rounding runs past the end). Given its uniform, a
+    row's token is a fixed function of the row: this is what makes tree sampling reproducible.
+    """
+    check_tensor("probs", probs, (torch.float32,), 2)
+    check_tensor("uniforms", uniforms, (torch.float32,), 1)
+    if probs.shape[1] == 0:
+        raise ValueError("probs has an empty vocabulary")
+    check_shape("uniforms", uniforms, (probs.shape[0],))
+    check_same_device(probs=probs, uniforms=uniforms)
+    if not capturing():
+        check_distributions(probs)
+        if not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+            raise ValueError("uniforms must lie in [0, 1)")
+    backend = choose_backend(probs.device, "sample_tokens")
+    if _library.compiling():
+        return torch.ops.treedec.sample_tokens(probs, uniforms, backend)
+    return _library.implementation("sample_tokens", backend)(probs, uniforms)
+
+
+def check_distributions(probs: torch.Tensor) -> None:
+    """Value checks (they read device memory back): bad numbers fail loudly, never hang or
+    silently pick a token."""
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("probs holds NaN or inf (check the logits and the logits processors)")
+    if bool((probs < 0).any()):
+        raise ValueError("probs holds negative values")
+    sums = probs.sum(-1)
+    if not bool((sums > 0).all()):
+        row = int((sums <= 0).nonzero()[0, 0])
+        raise ValueError(f"probs row {row} has no mass: every token was filtered out")

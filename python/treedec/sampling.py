@@ -1,0 +1,83 @@
+"""Sampling through trees: the target distribution at every tree node, and the random numbers.
+
+HF samples one position at a time: logits -> fp32 -> its logits warpers (temperature, top-k,
+top-p, min-p, typical, epsilon, eta; in that order) -> softmax -> multinomial. These warpers
+depend only on the scores of the position, not on the tokens before it, so applying HF's own
+warper objects to each tree node's logits row gives that node exactly the distribution HF would
+sample from there. `treedec.ops.verify_sample` then emits tokens with exactly that distribution.
+
+Processors that read the path (repetition penalty, no-repeat n-grams, bad words, ...) are not
+applied to trees: patching falls back to HF's `generate` for them, with a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def unsupported_reason(config) -> str | None:
+    """Why sampling with this GenerationConfig cannot go through treedec, or None."""
+    if getattr(config, "top_h", None) is not None:
+        return "top_h is set (its warper is not applied to trees yet)"
+    return None
+
+
+def build_warpers(config) -> list:
+    """HF's sampling warpers for `config`, in the order `GenerationMixin._get_logits_processor`
+    builds them for num_beams == 1 (min_tokens_to_keep = 1)."""
+    from transformers.generation import logits_process as lp
+
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(lp.TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(lp.TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    if getattr(config, "min_p", None) is not None:
+        warpers.append(lp.MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(lp.TypicalLogitsWarper(mass=config.typical_p, min_tokens_to_keep=1))
+    if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+        warpers.append(lp.EpsilonLogitsWarper(epsilon=config.epsilon_cutoff, min_tokens_to_keep=1))
+    if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+        warpers.append(lp.EtaLogitsWarper(epsilon=config.eta_cutoff, min_tokens_to_keep=1))
+    return warpers
+
+
+@dataclass
+class Sampler:
+    """What a sampling decode needs besides the model: HF's warpers and the random numbers.
+
+    Every generated position gets one uniform, drawn for the whole call up front from torch's
+    default generator (or `generator`): position n of sequence b uses positions[b, n]. A token
+    depends only on its context and its position's uniform, never on the draft tree or on how
+    many steps the call took, so `torch.manual_seed` / `transformers.set_seed` make runs repeat
+    exactly even though tree sizes follow measured step times.
+    """
+
+    warpers: list
+    generator: torch.Generator | None = None
+    positions: torch.Tensor | None = None  # float32 [B, max_new_tokens], set by `start`
+
+    def start(self, batch: int, max_new_tokens: int) -> None:
+        self.positions = torch.rand(batch, max_new_tokens, generator=self.generator)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, T, V] -> float32 probabilities [B, T, V] after the warpers (rows sum to 1)."""
+        batch, num_nodes, vocab = logits.shape
+        scores = logits.reshape(batch * num_nodes, vocab).float()
+        # The warpers ignore input_ids; they only need a tensor with one row per scores row.
+        dummy_ids = torch.zeros(batch * num_nodes, 1, dtype=torch.long, device=scores.device)
+        for warper in self.warpers:
+            scores = warper(dummy_ids, scores)
+        return torch.softmax(scores, dim=-1).view(batch, num_nodes, vocab)
+
+    def node_uniforms(self, sequences: list[int], generated: list[int], depth: torch.Tensor) -> torch.Tensor:
+        """float32 [B, T]: node i of row b gets the uniform of output position generated[b] + depth[b, i]
+        (positions past the end are never emitted; they reuse the last one)."""
+        last = self.positions.shape[1] - 1
+        index = (torch.tensor(generated).view(-1, 1) + depth.long()).clamp(max=last)
+        return self.positions[sequences].gather(1, index)

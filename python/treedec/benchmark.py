@@ -1,8 +1,12 @@
 """End-to-end speed of HF generate, HF prompt lookup and treedec drafters on the same prompts.
 
 Methods run back to back on each prompt (A B C A B C ...), so slow drifts of a shared machine
-hit every method alike; figures are sums over prompts, speedups are ratios of those sums.
-Every treedec output is compared token for token with HF greedy's.
+hit every method alike; figures are sums over prompts, and a speedup is a method's tokens per
+second over HF's (for greedy, where every method emits the same tokens, the ratio of times).
+Greedy: every treedec output is compared token for token with HF greedy's. Sampling
+(`sampling=dict(temperature=...)`): each method samples with the same seed per prompt; outputs
+differ from HF's by design (another random stream), so there is nothing to compare token by token
+(tests/test_sampling.py checks the distribution).
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ class Report:
             hf = [r for r in self.runs if r.method == "hf" and (category is None or r.category == category)]
             seconds = sum(r.seconds for r in runs)
             tokens = sum(r.new_tokens for r in runs)
+            hf_seconds = sum(r.seconds for r in hf)
+            hf_rate = sum(r.new_tokens for r in hf) / hf_seconds if hf_seconds else 0.0
             steps = sum(r.steps for r in runs)
             rows[method] = {
                 "prompts": len(runs),
                 "tokens_per_s": tokens / seconds if seconds else 0.0,
-                "speedup": sum(r.seconds for r in hf) / seconds if seconds and hf else float("nan"),
+                "speedup": (tokens / seconds) / hf_rate if seconds and hf_rate else float("nan"),
                 "tau": tokens / steps if steps else float("nan"),
                 "step_ms": 1000 * seconds / steps if steps else float("nan"),
                 "identical": sum(r.identical for r in runs),
@@ -77,7 +83,8 @@ class Report:
             for m in self.methods:
                 r = rows[m]
                 tau = f"{r['tau']:.2f}" if m != "hf_pld" else "  - "
-                cells.append(f"{r['tokens_per_s']:6.1f} {r['speedup']:4.2f} {tau:>5} {r['identical']:>2}/{r['prompts']:<2}")
+                same = "  -  " if self.meta.get("sampling") else f"{r['identical']:>2}/{r['prompts']:<2}"
+                cells.append(f"{r['tokens_per_s']:6.1f} {r['speedup']:4.2f} {tau:>5} {same}")
             lines.append(f"{category or 'overall':<15}" + "".join(f"{c:>22}" for c in cells))
         return "\n".join(lines)
 
@@ -124,7 +131,7 @@ def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
 
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
-    progress: bool = True, warmup: bool = True,
+    progress: bool = True, warmup: bool = True, sampling: dict | None = None,
 ) -> Report:
     """Time HF and treedec generation per prompt on the model's own device (CUDA work is
     synchronised before each clock read, so the figures are wall-clock)."""
@@ -136,9 +143,11 @@ def run_benchmark(
     report = Report(methods, meta={
         "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__, "device": _device_name(device),
+        "sampling": sampling,
     })
+    decoding = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
 
-    def generate(method: str, inputs: dict, new_tokens: int):
+    def generate(method: str, inputs: dict, new_tokens: int, seed: int = 0):
         if method in HF_METHODS:
             if hasattr(model, "treedec"):
                 unpatch(model)
@@ -146,9 +155,10 @@ def run_benchmark(
         else:
             patch(model, drafter=TREEDEC_METHODS[method])
             kwargs = {}
+        torch.manual_seed(seed)
         _synchronize(device)
         started = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+        out = model.generate(**inputs, max_new_tokens=new_tokens, **decoding, **kwargs)
         _synchronize(device)
         seconds = time.perf_counter() - started
         steps = model.treedec.last_stats["steps"] if method in TREEDEC_METHODS else out.shape[1] - inputs["input_ids"].shape[1]
@@ -158,21 +168,26 @@ def run_benchmark(
         inputs = _encode(tokenizer, prompts[0]).to(device)
         for method in methods:
             generate(method, inputs, 8)
-    for prompt in tqdm(prompts, desc="prompts", disable=not progress):
+    for index, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
         inputs = _encode(tokenizer, prompt).to(device)
         reference = None
         for method in methods:
-            tokens, seconds, steps = generate(method, inputs, max_new_tokens)
+            tokens, seconds, steps = generate(method, inputs, max_new_tokens, seed=index)
             if method == "hf":
                 reference = tokens
-            diff = _first_diff(tokens, reference)
-            gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
+            if sampling:  # another random stream than HF's: no token-level comparison
+                diff, gap, identical = None, None, False
+            else:
+                diff = _first_diff(tokens, reference)
+                gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
+                identical = diff is None
             report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
-                                   len(tokens), seconds, steps, diff is None, diff, gap))
+                                   len(tokens), seconds, steps, identical, diff, gap))
         if progress:
             mine = report.runs[-len(methods):]
             hf_seconds = mine[0].seconds
-            cells = "  ".join(f"{r.method} x{hf_seconds / r.seconds:.2f}{'' if r.identical else ' DIFF'}" for r in mine[1:])
+            flag = (lambda r: "") if sampling else (lambda r: "" if r.identical else " DIFF")
+            cells = "  ".join(f"{r.method} x{hf_seconds / r.seconds:.2f}{flag(r)}" for r in mine[1:])
             tqdm.write(f"{prompt.category:<15} {mine[0].prompt_tokens:>5} tok prompt  {cells}")
     if hasattr(model, "treedec"):
         unpatch(model)

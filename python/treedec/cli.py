@@ -22,6 +22,22 @@ def _load(dtype_name: str, threads: int, device: str = "cpu"):
     return model.to(device), tokenizer
 
 
+def _sampling(args) -> dict | None:
+    if not args.sample:
+        return None
+    settings = {"temperature": args.temperature}
+    if args.top_p is not None:
+        settings["top_p"] = args.top_p
+    if args.top_k is not None:
+        settings["top_k"] = args.top_k
+    return settings
+
+
+def _mode(args) -> str:
+    settings = _sampling(args)
+    return "greedy" if settings is None else "sampling " + ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def _where(args) -> str:
     if args.device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(args.device))
@@ -42,6 +58,13 @@ def cmd_demo(args) -> int:
     rows = report.summary()
     lossless = all(r["identical"] == r["prompts"] for m, r in rows.items() if m != "hf_pld")
     print("\nall treedec outputs identical to HF greedy:", "yes" if lossless else "NO")
+
+    settings = _sampling(args) or {"temperature": args.temperature}
+    sampled = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), ["hf", "none", "auto"], args.max_new_tokens,
+                            sampling=settings)
+    print(f"\nthe same prompts, sampling ({', '.join(f'{k}={v}' for k, v in settings.items())}): "
+          "x = tokens/s over HF sampling; the distribution is the model's (tests/test_sampling.py)\n")
+    print(sampled.table())
     return 0 if lossless else 1
 
 
@@ -81,14 +104,14 @@ def cmd_bench_e2e(args) -> int:
         print(f"no questions in {args.questions}", file=sys.stderr)
         return 2
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens)
+    report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args))
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
     print()
-    print(f"Spec-Bench e2e: {len(prompts)} prompts, greedy, max_new_tokens={args.max_new_tokens}, "
+    print(f"Spec-Bench e2e: {len(prompts)} prompts, {_mode(args)}, max_new_tokens={args.max_new_tokens}, "
           f"{args.dtype}, {_where(args)}")
-    print("x = speedup over HF generate (sum of times); same = outputs identical to HF greedy\n")
+    print("x = tokens/s over HF generate's" + ("" if args.sample else "; same = outputs identical to HF greedy") + "\n")
     print(report.table())
-    differing = [r for r in report.runs if not r.identical]
+    differing = [] if args.sample else [r for r in report.runs if not r.identical]
     for run in differing:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
               f"token {run.first_diff}, where HF's top-2 logit gap is {run.logit_gap:.3g}")
@@ -115,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+        p.add_argument("--sample", action="store_true", help="sample (do_sample=True) instead of greedy")
+        p.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+        p.add_argument("--top-p", type=float, default=None, help="with --sample")
+        p.add_argument("--top-k", type=int, default=None, help="with --sample (default: the model's)")
 
     demo = sub.add_parser("demo", help="built-in prompts on the embedded model: HF vs treedec drafters")
     common(demo, 96)

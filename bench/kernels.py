@@ -15,7 +15,7 @@ p80_us, gbps). Peers run in the same process and the same loop:
   scatter per cache tensor, all sequences at once);
 - lm_head_topk: ``torch.topk(hidden @ weight.T)`` at torch's thread count (``torch_matmul_topk``)
   and, on CPU, at one thread (``torch_matmul_topk_1thread``);
-- build_tree / verify_greedy: the reference. Native kernels appear twice: the backend alone
+- build_tree / verify_greedy / verify_sample: the reference. Native kernels appear twice: the backend alone
   (``cpp``) and behind the public, validating ``treedec.ops`` function (``cpp+ops``).
 
 On CUDA each method is replayed from a CUDA graph where it can be captured (device time per call,
@@ -218,6 +218,34 @@ def bench_verify_greedy(device, quick):
             yield "verify_greedy", f"B={batch},T={num_nodes}", moved, methods
 
 
+def bench_verify_sample(device, quick):
+    """Top-k style target rows over a real vocabulary; the native methods are the backend's
+    sample_tokens then its verify_greedy, which is what ops.verify_sample runs."""
+    generator = torch.Generator().manual_seed(2)
+    vocab = 49152
+    for batch in (1, 8) if quick else (1, 8, 64):
+        for num_nodes in (8, 64) if quick else (8, 32, 64, 128):
+            parents = random_parents(batch, num_nodes, generator, device)
+            probs = torch.rand(batch, num_nodes, vocab, generator=generator) ** 8  # peaked, unnormalised
+            probs = probs.to(device)
+            tokens = probs.argmax(-1).gather(1, parents.long().clamp(min=0).cpu()).to(device)  # likely drafts
+            uniforms = torch.rand(batch, num_nodes, generator=generator).to(device)
+            moved = batch * num_nodes * (4 + 8 + 4 * vocab + 4 + 4) + batch * (4 + 8)
+            methods = {"reference": lambda: reference.verify_sample(parents, tokens, probs, uniforms)}
+            for backend in native_backends(device, "sample_tokens"):
+                sample = _library.implementation("sample_tokens", backend)
+                greedy = _library.implementation("verify_greedy", backend)
+
+                def run(sample=sample, greedy=greedy):
+                    target = sample(probs.view(-1, vocab), uniforms.view(-1)).view(batch, num_nodes)
+                    return greedy(parents, tokens, target)
+
+                methods[backend] = run
+                public = lambda: ops.verify_sample(parents, tokens, probs, uniforms)  # noqa: E731
+                methods[f"{backend}+ops"] = forced(backend, public)
+            yield "verify_sample", f"B={batch},T={num_nodes},V={vocab}", moved, methods
+
+
 def torch_index_per_layer(caches, prefix_len, accept_nodes):
     """The peer: per cache tensor, one advanced-indexing gather and scatter over all sequences."""
     valid = accept_nodes >= 0
@@ -348,6 +376,7 @@ BENCHES = {
     "copy": bench_copy,
     "build_tree": bench_build_tree,
     "verify_greedy": bench_verify_greedy,
+    "verify_sample": bench_verify_sample,
     "compact_kv": bench_compact_kv,
     "lm_head_topk": bench_lm_head_topk,
     "tree_attention": bench_tree_attention,

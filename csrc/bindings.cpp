@@ -63,6 +63,16 @@ PYBIND11_MODULE(_C, m) {
       "Greedy tree verification. Returns -1 or b*T+i of the first bad parent.");
 
   m.def(
+      "sample_tokens",
+      [](int64_t probs, int64_t uniforms, int64_t tokens, int64_t N, int64_t V, int num_threads) {
+        treedec::sample_tokens(ptr<const float>(probs), ptr<const float>(uniforms), ptr<int64_t>(tokens), N, V,
+                               num_threads);
+      },
+      py::arg("probs_ptr"), py::arg("uniforms_ptr"), py::arg("tokens_ptr"), py::arg("N"), py::arg("V"),
+      py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>(),
+      "Inverse-CDF sampling: probs float32 [N,V], uniforms float32 [N] -> tokens int64 [N].");
+
+  m.def(
       "compact_kv",
       [](const std::vector<int64_t>& meta, int64_t prefix_len, int64_t accept_nodes, int64_t B, int64_t S, int64_t T,
          int num_threads) {

@@ -23,6 +23,12 @@ int64_t build_tree(const int32_t* parents, int32_t* depth, int32_t* tree_mask, i
 int64_t verify_greedy(const int32_t* parents, const int64_t* tokens, const int64_t* target, int32_t* accept_len,
                       int32_t* accept_nodes, int64_t* bonus, int64_t B, int64_t T, int num_threads);
 
+// Inverse-CDF sampling (rule: treedec.reference.sample_tokens): probs float32 [N, V] (non-negative,
+// need not sum to 1), uniforms float32 [N] -> tokens int64 [N]: the first v whose running float64
+// sum exceeds uniforms[n] * sum(row), else the last v with positive weight, else V - 1.
+void sample_tokens(const float* probs, const float* uniforms, int64_t* tokens, int64_t N, int64_t V,
+                   int num_threads);
+
 // One cache tensor [B, H, S, D] as raw bytes: rows of `row_bytes` contiguous bytes, byte strides.
 struct CacheView {
   char* data;

@@ -45,6 +45,13 @@ void verify_greedy(std::uintptr_t parents, std::uintptr_t tokens, std::uintptr_t
         "verify_greedy");
 }
 
+void sample_tokens(std::uintptr_t probs, std::uintptr_t uniforms, std::uintptr_t tokens, int64_t rows, int64_t vocab,
+                   std::uintptr_t stream) {
+  check(treedec::launch_sample_tokens(as_ptr<const float>(probs), as_ptr<const float>(uniforms),
+                                      as_ptr<int64_t>(tokens), rows, vocab, as_stream(stream)),
+        "sample_tokens");
+}
+
 void compact_kv(std::uintptr_t tensor_ptrs, int64_t num_tensors, std::uintptr_t prefix_len,
                 std::uintptr_t accept_nodes, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
                 int64_t elem_size, int64_t num_nodes, std::uintptr_t stream) {
@@ -65,6 +72,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("accept_len_ptr"), py::arg("accept_nodes_ptr"), py::arg("bonus_ptr"), py::arg("B"), py::arg("T"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "parents int32, tokens/target int64 [B,T] -> accept_len int32 [B], accept_nodes int32 [B,T], bonus int64 [B]");
+  m.def("sample_tokens", &sample_tokens, py::arg("probs_ptr"), py::arg("uniforms_ptr"), py::arg("tokens_ptr"),
+        py::arg("N"), py::arg("V"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "probs float32 [N,V], uniforms float32 [N] -> tokens int64 [N] (inverse CDF)");
   m.def("compact_kv", &compact_kv, py::arg("ptr_array_ptr"), py::arg("num_tensors"), py::arg("prefix_len_ptr"),
         py::arg("accept_nodes_ptr"), py::arg("B"), py::arg("H"), py::arg("S"), py::arg("D"), py::arg("elem_size"),
         py::arg("T"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),

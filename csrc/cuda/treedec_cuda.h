@@ -24,6 +24,13 @@ cudaError_t launch_verify_greedy(const int32_t* parents, const int64_t* tokens, 
                                  int32_t* accept_len, int32_t* accept_nodes, int64_t* bonus,
                                  int64_t batch, int64_t num_nodes, cudaStream_t stream);
 
+// Inverse-CDF sampling, one block per row (rule: treedec.reference.sample_tokens).
+// probs float32 [N, V] (non-negative, need not sum to 1), uniforms float32 [N] -> tokens int64
+// [N]: the first v whose running float64 sum exceeds uniforms[n] * sum(row), else the last v with
+// positive weight, else V - 1.
+cudaError_t launch_sample_tokens(const float* probs, const float* uniforms, int64_t* tokens, int64_t rows,
+                                 int64_t vocab, cudaStream_t stream);
+
 // KV compaction over num_tensors caches [B, H, S, D] (contiguous, elem_size bytes per element)
 // in one launch. tensor_ptrs: device array of int64 data pointers. For every j with
 // accept_nodes[b, j] >= 0, row prefix_len[b] + accept_nodes[b, j] moves to row prefix_len[b] + j.

@@ -47,7 +47,7 @@ def build(tmp_path_factory):
 
 
 def test_sources_exist():
-    assert {src.name for src in SOURCES} >= {"build_tree.cu", "verify_greedy.cu", "compact_kv.cu"}
+    assert {src.name for src in SOURCES} >= {"build_tree.cu", "verify_greedy.cu", "sample_tokens.cu", "compact_kv.cu"}
 
 
 @pytest.mark.parametrize("name", [src.name for src in SOURCES] + ["bindings.cpp"])
@@ -74,6 +74,7 @@ def test_module_links_and_has_the_ops_signatures(build):
     expected = {
         "build_tree": "parents_ptr, depth_ptr, mask_ptr, B, T, stream",
         "verify_greedy": "parents_ptr, tokens_ptr, target_ptr, accept_len_ptr, accept_nodes_ptr, bonus_ptr, B, T, stream",
+        "sample_tokens": "probs_ptr, uniforms_ptr, tokens_ptr, N, V, stream",
         "compact_kv": "ptr_array_ptr, num_tensors, prefix_len_ptr, accept_nodes_ptr, B, H, S, D, elem_size, T, stream",
     }
     for name, args in expected.items():
@@ -82,4 +83,5 @@ def test_module_links_and_has_the_ops_signatures(build):
     # Nothing to do: returns without touching the device (works on machines without a GPU).
     module.build_tree(0, 0, 0, 0, 5, 0)
     module.verify_greedy(0, 0, 0, 0, 0, 0, 0, 5, 0)
+    module.sample_tokens(0, 0, 0, 0, 7, 0)
     module.compact_kv(0, 0, 0, 0, 1, 1, 1, 1, 2, 5, 0)

@@ -3,8 +3,9 @@
 Backends and the ops each one implements:
 
 - ``reference``: every op, any device (pure torch, the oracle).
-- ``cpp`` (``treedec._C``): build_tree, verify_greedy, compact_kv, lm_head_topk on CPU tensors.
-- ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, compact_kv on CUDA tensors.
+- ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk on
+  CPU tensors.
+- ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, sample_tokens, compact_kv on CUDA tensors.
 - ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk on CUDA tensors, and on CPU
   tensors under ``TRITON_INTERPRET=1``.
 
@@ -24,8 +25,8 @@ import torch
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 OPS = ("build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk")
 NATIVE_OPS = {
-    "cpp": frozenset({"build_tree", "verify_greedy", "compact_kv", "lm_head_topk"}),
-    "cuda": frozenset({"build_tree", "verify_greedy", "compact_kv"}),
+    "cpp": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk"}),
+    "cuda": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv"}),
     "triton": frozenset({"tree_attention", "lm_head_topk"}),
 }
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}

@@ -59,6 +59,16 @@ def verify_greedy(
     return accept_len, accept_nodes, bonus
 
 
+def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Threads over rows (unlike verify_greedy): each row is a whole [V] scan."""
+    module = _native.require_cpp()
+    probs, uniforms = probs.contiguous(), uniforms.contiguous()
+    rows, vocab = probs.shape
+    tokens = torch.empty(rows, dtype=torch.int64)
+    module.sample_tokens(probs.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(), rows, vocab, num_threads())
+    return tokens
+
+
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
     """All tensors whose rows (last dim) are contiguous go to the kernel in one call; any others
     (rare: a transposed view) take the reference path."""

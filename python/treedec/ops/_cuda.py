@@ -47,6 +47,18 @@ def verify_greedy(
     return accept_len, accept_nodes, bonus
 
 
+def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    module = _native.require_cuda()
+    probs, uniforms = probs.contiguous(), uniforms.contiguous()
+    rows, vocab = probs.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=probs.device)
+    with torch.cuda.device(probs.device):
+        module.sample_tokens(
+            probs.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(), rows, vocab, _stream(probs.device)
+        )
+    return tokens
+
+
 # (device, data pointers) -> int64 device tensor of those pointers. Cache tensors are static
 # buffers, so a decode loop sees one or two keys; the bound keeps stale entries from piling up.
 _POINTER_ARRAYS: dict[tuple, torch.Tensor] = {}

@@ -17,7 +17,9 @@ from . import _cpp, _cuda, _triton
 _IMPLEMENTATIONS = {
     "build_tree": {"reference": reference.build_tree, "cpp": _cpp.build_tree, "cuda": _cuda.build_tree},
     "verify_greedy": {"reference": reference.verify_greedy, "cpp": _cpp.verify_greedy, "cuda": _cuda.verify_greedy},
-    "sample_tokens": {"reference": reference.sample_tokens},
+    "sample_tokens": {
+        "reference": reference.sample_tokens, "cpp": _cpp.sample_tokens, "cuda": _cuda.sample_tokens
+    },
     "compact_kv": {"reference": reference.compact_kv, "cpp": _cpp.compact_kv, "cuda": _cuda.compact_kv},
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},

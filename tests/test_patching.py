@@ -110,18 +110,19 @@ def test_bad_inputs_raise_before_any_work():
 def test_unsupported_generate_modes_fall_back_with_one_warning():
     model = tiny_llama(seed=5)
     ids = prompt(seed=5)
+    sampling = dict(max_new_tokens=8, do_sample=True, no_repeat_ngram_size=2)  # reads the path: HF's job
     torch.manual_seed(0)
-    expected = model.generate(ids, max_new_tokens=8, do_sample=True)
+    expected = model.generate(ids, **sampling)
     treedec.patch(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)
-        got = model.generate(ids, max_new_tokens=8, do_sample=True)
+        got = model.generate(ids, **sampling)
         torch.manual_seed(0)
-        model.generate(ids, max_new_tokens=8, do_sample=True)
-    assert torch.equal(got, expected)
+        model.generate(ids, **sampling)
+    assert torch.equal(got, expected)  # the fallback is HF itself, random stream included
     messages = [str(w.message) for w in caught if "treedec" in str(w.message)]
-    assert len(messages) == 1 and "do_sample=True" in messages[0]
+    assert len(messages) == 1 and "no_repeat_ngram_size" in messages[0]
     with pytest.warns(UserWarning, match="beam search"):
         beams = model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
     assert beams.shape == (1, 16)

@@ -103,6 +103,13 @@ class ModelRunner:
         _, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
         return ids.view(batch, num_nodes, k).cpu()
 
+    def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
+        batch, num_nodes, width = hidden.shape
+        weight = self.lm_head.weight
+        values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
+        return values.view(batch, num_nodes, k), ids.view(batch, num_nodes, k)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype (sampling needs them all)."""
         return self.lm_head(hidden.to(self.lm_head.weight.device))
@@ -258,16 +265,46 @@ class TreeDecoder:
             topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
             return accept_len, accept_nodes, bonus, topk
+        batch = tokens.shape[0]
+        sequences = list(range(batch)) if sequences is None else sequences
+        emitted = [0] * batch if emitted is None else emitted
+        uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
+        sampled = self._sample_from_top_k(hidden, uniforms)
+        if sampled is not None:
+            target, topk = sampled
+            accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
+            return accept_len, accept_nodes, bonus, topk
         logits = self.runner.logits(hidden)
         probs = self.sampler.probs(logits)
         topk = logits.topk(max(self.drafter.topk, 1), dim=-1).indices.cpu()
         device = probs.device
-        batch = tokens.shape[0]
-        sequences = list(range(batch)) if sequences is None else sequences
-        emitted = [0] * batch if emitted is None else emitted
-        uniforms = self.sampler.node_uniforms(sequences, emitted, depth).to(device)
-        accept_len, accept_nodes, bonus = ops.verify_sample(parents.to(device), tokens.to(device), probs, uniforms)
+        accept_len, accept_nodes, bonus = ops.verify_sample(
+            parents.to(device), tokens.to(device), probs, uniforms.to(device)
+        )
         return accept_len.cpu(), accept_nodes.cpu(), bonus.cpu(), topk
+
+    def _sample_from_top_k(self, hidden: torch.Tensor, uniforms: torch.Tensor):
+        """With HF's top_k set (its default is 50), each node's target from the fused LM-head top-k
+        alone: the same tokens as the full path, without [B, T, V] logits, warpers or softmax over
+        the vocabulary. Returns (target int64 [B, T], top-k ids [B, T, drafter.topk]) on the CPU,
+        or None where it does not apply (no top_k, a tie at the k-th logit, or a kernel limit)."""
+        top_k = self.sampler.top_k
+        vocab = self.runner.vocab_size
+        if top_k is None or top_k + 1 > vocab:
+            return None
+        wanted = max(top_k + 1, self.drafter.topk)
+        if ops.choose_backend(self.runner.lm_head.weight.device, "lm_head_topk") == "triton" and wanted > 16:
+            return None  # the Triton kernel keeps at most 16 per row
+        batch, num_nodes, _ = hidden.shape
+        values, ids = self.runner.topk_values(hidden, wanted)
+        subset = self.sampler.subset_probs(values[..., : top_k + 1].reshape(batch * num_nodes, -1),
+                                           ids[..., : top_k + 1].reshape(batch * num_nodes, -1))
+        if subset is None:
+            return None
+        probs, vocab_ids = subset
+        choice = ops.sample_tokens(probs, uniforms.reshape(-1).to(probs.device))
+        target = vocab_ids.gather(1, choice.view(-1, 1)).view(batch, num_nodes).cpu()
+        return target, ids[..., : max(self.drafter.topk, 1)].cpu()
 
     def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
         """Time a verify at a few tree sizes on the live cache, best of `repeats` (nothing is

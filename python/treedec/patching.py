@@ -289,5 +289,5 @@ def _request(model, config, input_ids, attention_mask, stopping_criteria, stream
         pad_token_id=int(pad),
         stopping_criteria=list(stopping_criteria or []),
         streamer=streamer,
-        sampler=sampling.Sampler(sampling.build_warpers(config)) if config.do_sample else None,
+        sampler=sampling.Sampler(sampling.build_warpers(config), top_k=config.top_k or None) if config.do_sample else None,
     )

@@ -47,6 +47,12 @@ def build_warpers(config) -> list:
     return warpers
 
 
+def _top_k_class():
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    return TopKLogitsWarper
+
+
 @dataclass
 class Sampler:
     """What a sampling decode needs besides the model: HF's warpers and the random numbers.
@@ -59,6 +65,7 @@ class Sampler:
     """
 
     warpers: list
+    top_k: int | None = None  # HF's top_k when set: only the k best logits can be sampled
     generator: torch.Generator | None = None
     positions: torch.Tensor | None = None  # float32 [B, max_new_tokens], set by `start`
 
@@ -74,6 +81,28 @@ class Sampler:
         for warper in self.warpers:
             scores = warper(dummy_ids, scores)
         return torch.softmax(scores, dim=-1).view(batch, num_nodes, vocab)
+
+    def subset_probs(self, values: torch.Tensor, ids: torch.Tensor):
+        """The same distributions from the k = top_k best logits alone, without full logits.
+
+        values float32 [N, k + 1] (descending) and ids int64 [N, k + 1] from a fused LM-head top-k.
+        Every token outside the top k has probability 0 under HF's top-k, and the warpers after
+        it (top-p, min-p, typical, epsilon, eta) and the temperature before it give the same
+        result on the k kept scores as on the full row. Returns (probs [N, k], ids [N, k]) with
+        ids ascending, so inverse-CDF sampling over them picks the very token it would pick over
+        the whole vocabulary; or None when a row's k-th and (k+1)-th logits tie, since HF then
+        keeps both (the caller takes the full path).
+        """
+        k = values.shape[1] - 1
+        if bool((values[:, k] == values[:, k - 1]).any()):
+            return None
+        scores, ids = values[:, :k], ids[:, :k]
+        dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
+        for warper in self.warpers:
+            if not isinstance(warper, _top_k_class()):
+                scores = warper(dummy_ids, scores)
+        order = ids.argsort(dim=-1)
+        return torch.softmax(scores, dim=-1).gather(1, order), ids.gather(1, order)
 
     def node_uniforms(self, sequences: list[int], generated: list[int], depth: torch.Tensor) -> torch.Tensor:
         """float32 [B, T]: node i of row b gets the uniform of output position generated[b] + depth[b, i]

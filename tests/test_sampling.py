@@ -244,3 +244,49 @@ def test_a_wrong_verifier_fails_the_same_bound(monkeypatch, full_trees):
 def unpatch_quietly(model):
     if hasattr(model, "treedec"):
         treedec.unpatch(model)
+
+
+# -- typical acceptance (opt-in, lossy) ----------------------------------------------------------
+
+
+def test_typical_acceptance_is_opt_in():
+    """Exact unless asked for: after a typical run, re-patching without the option samples exactly
+    again (token-by-token equality); the typical run itself works on a batch."""
+    model = peaked_llama(seed=4)
+    prompts = [repetitive_prompt(4, 20)] * 3
+    ids = torch.tensor(prompts)
+    treedec.patch(model, drafter="auto", acceptance="typical", posterior_threshold=0.3, posterior_alpha=0.5)
+    torch.manual_seed(3)
+    assert model.generate(ids, max_new_tokens=40, do_sample=True).shape == (3, 60)
+    treedec.patch(model, drafter="auto")
+    torch.manual_seed(3)
+    exact = model.generate(ids, max_new_tokens=40, do_sample=True)
+    torch.manual_seed(3)
+    assert torch.equal(exact, sample_token_by_token(model, prompts, 40, eos=2, pad=0))
+
+
+def test_typical_verify_rule():
+    """Hand-checked: node 1 (token 7) is not the target but has probability 0.5 > threshold, so it is
+    accepted; node 2 below it (token 9, probability 0.01) is neither target nor plausible."""
+    from treedec.sampling import NodeDistributions, TypicalAcceptance, typical_verify
+
+    parents = torch.tensor([[-1, 0, 1]], dtype=torch.int32)
+    tokens = torch.tensor([[5, 7, 9]])
+    target = torch.tensor([[3, 4, 6]])
+    probs = torch.zeros(3, 12)
+    probs[0, 3], probs[0, 7], probs[0, 1] = 0.4, 0.5, 0.1  # root: entropy ~0.94 -> alpha*exp(-H) ~ 0.12
+    probs[1, 4], probs[1, 9], probs[1, 0] = 0.9, 0.01, 0.09
+    probs[2, 6] = 1.0
+    rule = TypicalAcceptance(posterior_threshold=0.3, posterior_alpha=0.3)
+    accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, NodeDistributions(probs, None), rule)
+    assert accept_len.tolist() == [1] and accept_nodes.tolist() == [[0, 1, -1]] and bonus.tolist() == [4]
+    exact = ops.verify_greedy(parents, tokens, target)
+    assert exact[0].tolist() == [0]  # the exact rule rejects node 1
+
+
+@pytest.mark.parametrize("options", [dict(acceptance="loose"), dict(posterior_alpha=0.3),
+                                     dict(acceptance="typical", posterior_threshold=0.0),
+                                     dict(acceptance="typical", posterior_alpha=-1)])
+def test_bad_acceptance_options_raise(options):
+    with pytest.raises(ValueError):
+        treedec.patch(peaked_llama(seed=1), drafter="auto", **options)

@@ -20,7 +20,7 @@ from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
 from .reference.tree import pack_bits
-from .sampling import Sampler
+from .sampling import NodeDistributions, Sampler, typical_verify
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -269,42 +269,37 @@ class TreeDecoder:
         sequences = list(range(batch)) if sequences is None else sequences
         emitted = [0] * batch if emitted is None else emitted
         uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
-        sampled = self._sample_from_top_k(hidden, uniforms)
-        if sampled is not None:
-            target, topk = sampled
+        dists, topk = self._node_distributions(hidden)
+        choice = ops.sample_tokens(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
+        target = dists.token_ids(choice).view(tokens.shape).cpu()
+        if self.sampler.typical is None:
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
-            return accept_len, accept_nodes, bonus, topk
-        logits = self.runner.logits(hidden)
-        probs = self.sampler.probs(logits)
-        topk = logits.topk(max(self.drafter.topk, 1), dim=-1).indices.cpu()
-        device = probs.device
-        accept_len, accept_nodes, bonus = ops.verify_sample(
-            parents.to(device), tokens.to(device), probs, uniforms.to(device)
-        )
-        return accept_len.cpu(), accept_nodes.cpu(), bonus.cpu(), topk
+        else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
+            accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists, self.sampler.typical)
+        return accept_len, accept_nodes, bonus, topk
 
-    def _sample_from_top_k(self, hidden: torch.Tensor, uniforms: torch.Tensor):
-        """With HF's top_k set (its default is 50), each node's target from the fused LM-head top-k
-        alone: the same tokens as the full path, without [B, T, V] logits, warpers or softmax over
-        the vocabulary. Returns (target int64 [B, T], top-k ids [B, T, drafter.topk]) on the CPU,
-        or None where it does not apply (no top_k, a tie at the k-th logit, or a kernel limit)."""
-        top_k = self.sampler.top_k
-        vocab = self.runner.vocab_size
-        if top_k is None or top_k + 1 > vocab:
-            return None
-        wanted = max(top_k + 1, self.drafter.topk)
-        if ops.choose_backend(self.runner.lm_head.weight.device, "lm_head_topk") == "triton" and wanted > 16:
-            return None  # the Triton kernel keeps at most 16 per row
+    def _node_distributions(self, hidden: torch.Tensor) -> tuple[NodeDistributions, torch.Tensor]:
+        """Each node's sampling distribution, and the top-k ids the drafter observes (CPU).
+
+        With HF's top_k set (its default is 50) they come from the fused LM-head top-k alone: the
+        same distributions without [B, T, V] logits, warpers or softmax over the vocabulary. Else
+        (no top_k, a tie at the k-th logit, a kernel limit) from the full logits."""
         batch, num_nodes, _ = hidden.shape
-        values, ids = self.runner.topk_values(hidden, wanted)
-        subset = self.sampler.subset_probs(values[..., : top_k + 1].reshape(batch * num_nodes, -1),
-                                           ids[..., : top_k + 1].reshape(batch * num_nodes, -1))
-        if subset is None:
-            return None
-        probs, vocab_ids = subset
-        choice = ops.sample_tokens(probs, uniforms.reshape(-1).to(probs.device))
-        target = vocab_ids.gather(1, choice.view(-1, 1)).view(batch, num_nodes).cpu()
-        return target, ids[..., : max(self.drafter.topk, 1)].cpu()
+        draft_k = max(self.drafter.topk, 1)
+        top_k = self.sampler.top_k
+        wanted = max((top_k or 0) + 1, draft_k)
+        fused = top_k is not None and top_k + 1 <= self.runner.vocab_size
+        if fused and ops.choose_backend(self.runner.lm_head.weight.device, "lm_head_topk") == "triton":
+            fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
+        if fused:
+            values, ids = self.runner.topk_values(hidden, wanted)
+            subset = self.sampler.subset_probs(values[..., : top_k + 1].reshape(batch * num_nodes, -1),
+                                               ids[..., : top_k + 1].reshape(batch * num_nodes, -1))
+            if subset is not None:
+                return NodeDistributions(*subset), ids[..., :draft_k].cpu()
+        logits = self.runner.logits(hidden)
+        probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
+        return NodeDistributions(probs, None), logits.topk(draft_k, dim=-1).indices.cpu()
 
     def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
         """Time a verify at a few tree sizes on the live cache, best of `repeats` (nothing is

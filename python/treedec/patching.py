@@ -24,7 +24,8 @@ compat.check_transformers_version()
 # config.model_type -> what the loop needs from the model. All four call attention through
 # transformers' AttentionInterface and keep layers at `model.<base_model_prefix>.layers`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LOOP_OPTIONS = ("max_tree_nodes",)
+LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha")
+ACCEPTANCE_RULES = ("exact", "typical")  # "typical": Medusa's typical acceptance, lossy, sampling only
 DEFAULT_MAX_TREE_NODES = 32
 
 # generate() arguments treedec handles itself; anything else falls back.
@@ -89,6 +90,16 @@ def _check_options(drafter, options: dict) -> dict:
     max_nodes = options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES)
     if not isinstance(max_nodes, int) or not 1 <= max_nodes <= max(sizing.TREE_SIZES):
         raise ValueError(f"max_tree_nodes = {max_nodes!r} must be an int in [1, {max(sizing.TREE_SIZES)}]")
+    rule = options.get("acceptance", "exact")
+    if rule not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance = {rule!r} must be one of {', '.join(map(repr, ACCEPTANCE_RULES))}")
+    for name, low, high in (("posterior_threshold", 0.0, 1.0), ("posterior_alpha", 0.0, float("inf"))):
+        if name in options:
+            value = options[name]
+            if rule != "typical":
+                raise ValueError(f"{name} applies to acceptance='typical' only")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+                raise ValueError(f"{name} = {value!r} must be a number in ({low}, {high}]")
     return dict(options)
 
 
@@ -245,8 +256,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
 
     attention_mask = model_kwargs.get("attention_mask")
     _validate_ids(input_ids, attention_mask)
-    request = _request(model, config, input_ids, attention_mask, stopping_criteria, streamer)
     options, learned = state.options, state.learned
+    request = _request(model, config, input_ids, attention_mask, stopping_criteria, streamer, options)
     drafter = _drafter_for(state.drafter, options, model.config.vocab_size, learned)
     if request.sampler is not None:
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
@@ -258,7 +269,15 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
     return output.to(input_ids.device)
 
 
-def _request(model, config, input_ids, attention_mask, stopping_criteria, streamer) -> DecodeRequest:
+def _sampler(config, options: dict) -> sampling.Sampler:
+    typical = None
+    if options.get("acceptance", "exact") == "typical":
+        typical = sampling.TypicalAcceptance(**{k: float(options[k]) for k in ("posterior_threshold", "posterior_alpha")
+                                                if k in options})
+    return sampling.Sampler(sampling.build_warpers(config), top_k=config.top_k or None, typical=typical)
+
+
+def _request(model, config, input_ids, attention_mask, stopping_criteria, streamer, options: dict) -> DecodeRequest:
     length = input_ids.shape[1]
     if config.max_new_tokens is not None:
         max_new = config.max_new_tokens
@@ -289,5 +308,5 @@ def _request(model, config, input_ids, attention_mask, stopping_criteria, stream
         pad_token_id=int(pad),
         stopping_criteria=list(stopping_criteria or []),
         streamer=streamer,
-        sampler=sampling.Sampler(sampling.build_warpers(config), top_k=config.top_k or None) if config.do_sample else None,
+        sampler=_sampler(config, options) if config.do_sample else None,
     )

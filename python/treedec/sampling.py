@@ -66,6 +66,7 @@ class Sampler:
 
     warpers: list
     top_k: int | None = None  # HF's top_k when set: only the k best logits can be sampled
+    typical: TypicalAcceptance | None = None  # opt-in lossy acceptance; None: exact
     generator: torch.Generator | None = None
     positions: torch.Tensor | None = None  # float32 [B, max_new_tokens], set by `start`
 
@@ -110,3 +111,79 @@ class Sampler:
         last = self.positions.shape[1] - 1
         index = (torch.tensor(generated).view(-1, 1) + depth.long()).clamp(max=last)
         return self.positions[sequences].gather(1, index)
+
+
+@dataclass
+class NodeDistributions:
+    """Every tree node's sampling distribution, rows in node order (b * T + i).
+
+    probs float32 [N, K]; ids int64 [N, K] (ascending vocabulary ids of the K columns) or None
+    when the K columns are the whole vocabulary.
+    """
+
+    probs: torch.Tensor
+    ids: torch.Tensor | None
+
+    def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
+        """Column index per row -> vocabulary id per row, int64 [N]."""
+        if self.ids is None:
+            return columns
+        return self.ids.gather(1, columns.view(-1, 1)).view(-1)
+
+    def prob_of(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """probs of `tokens` [M] under rows `rows` [M] (0 for padding and for tokens outside ids)."""
+        safe = tokens.clamp(min=0).to(self.probs.device)
+        rows = rows.to(self.probs.device)
+        if self.ids is None:
+            found = self.probs[rows, safe]
+        else:
+            match = self.ids[rows] == safe.view(-1, 1)
+            found = (self.probs[rows] * match).sum(1)
+        return torch.where(tokens.to(found.device) >= 0, found, torch.zeros_like(found)).cpu()
+
+    def entropy(self) -> torch.Tensor:
+        """Shannon entropy per row (nats), float32 [N], on the CPU."""
+        p = self.probs
+        return -(p * torch.log(p.clamp(min=1e-30))).sum(1).cpu()
+
+
+@dataclass
+class TypicalAcceptance:
+    """Medusa's typical acceptance, LOSSY: a draft token x after node u is also accepted when
+    p_u(x) > min(posterior_threshold, posterior_alpha * exp(-H(p_u))), with p_u the sampling
+    distribution at u (warpers applied) and H its entropy. Longer accepted paths, but the output
+    no longer has the model's distribution. Off unless asked for (`acceptance="typical"`)."""
+
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+
+def typical_verify(parents: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor,
+                   dists: NodeDistributions, rule: TypicalAcceptance):
+    """Like greedy verification against `target`, plus typical acceptance (see TypicalAcceptance).
+    All [B, T] on the CPU; returns accept_len, accept_nodes, bonus as verify_greedy does."""
+    batch, num_nodes = parents.shape
+    parent_rows = (torch.arange(batch).view(-1, 1) * num_nodes + parents.long().clamp(min=0)).view(-1)
+    token_prob = dists.prob_of(parent_rows, tokens.reshape(-1)).view(batch, num_nodes)
+    entropy = dists.entropy().view(batch, num_nodes)
+    threshold = torch.minimum(torch.full_like(entropy, rule.posterior_threshold),
+                              rule.posterior_alpha * torch.exp(-entropy))
+    rows = torch.arange(batch)
+    accepted = torch.zeros(batch, num_nodes, dtype=torch.bool)
+    depth = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    accepted[:, 0] = True
+    for i in range(1, num_nodes):
+        parent = parents[:, i].long()
+        plausible = token_prob[:, i] > threshold[rows, parent]
+        matches = tokens[:, i] == target[rows, parent]
+        accepted[:, i] = accepted[rows, parent] & (tokens[:, i] >= 0) & (matches | plausible)
+        depth[:, i] = depth[rows, parent] + 1
+    deepest = torch.where(accepted, depth, torch.full_like(depth, -1)).argmax(1)  # ties: smallest index
+    accept_len = depth[rows, deepest]
+    accept_nodes = torch.full((batch, num_nodes), -1, dtype=torch.int32)
+    for b in range(batch):
+        node = int(deepest[b])
+        for j in range(int(accept_len[b]), -1, -1):
+            accept_nodes[b, j] = node
+            node = int(parents[b, node])
+    return accept_len.to(torch.int32), accept_nodes, target[rows, deepest]

@@ -55,6 +55,23 @@ def test_eos_inside_accepted_path_on_gpu():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("top_k", [10, 0])  # 10: the fused Triton top-k path; 0: full logits, CUDA sample_tokens
+def test_sampling_equals_token_by_token_on_gpu(top_k):
+    from test_sampling import peaked_llama, sample_token_by_token
+
+    native_backends_or_skip()
+    model = peaked_llama(seed=3).cuda()
+    prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19), [7, 8]]
+    ids, mask = left_padded(prompts)
+    torch.manual_seed(11)
+    expected = sample_token_by_token(model, prompts, 24, eos=2, pad=0, temperature=0.8, top_k=top_k)
+    treedec.patch(model, drafter="auto")
+    torch.manual_seed(11)
+    got = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, do_sample=True,
+                         temperature=0.8, top_k=top_k)
+    assert torch.equal(got.cpu(), expected)
+
+
 class VerifyStep:
     """One decode step on static CUDA tensors (every sequence at the same prefix length, so the cache
     writes are slices and nothing reads back to the host)."""

@@ -54,7 +54,7 @@ def sample_token_by_token(model, prompts: list[list[int]], max_new_tokens: int, 
         for b, prompt in enumerate(prompts):
             ids = list(prompt)
             for n in range(max_new_tokens):
-                logits = model(torch.tensor([ids])).logits[:, -1:, :]
+                logits = model(torch.tensor([ids], device=model.device)).logits[:, -1:, :].cpu()
                 token = int(reference.sample_tokens(sampler.probs(logits)[:, 0], uniforms[b, n : n + 1]))
                 ids.append(token)
                 if token == eos:

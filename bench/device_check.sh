@@ -5,8 +5,8 @@
 #   test     pytest -m gpu: CUDA ops, Triton kernels compiled for real, lossless decoding on the
 #            GPU, a verify step captured in a CUDA graph                  -> pytest_gpu.log
 #   bench    python bench/kernels.py --device cuda                        -> kernels_gpu.csv, bench.log
-#   e2e      treedec bench e2e --device cuda on the embedded model (only where its weights were
-#            carried; see below)                                          -> e2e_gpu.json, e2e.log
+#   e2e      treedec bench e2e --device cuda on the embedded model, greedy then sampling at
+#            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
 #   triton_small  the CPU-sized Triton cases, compiled on the GPU         -> pytest_triton_small.log
 # STAGES="build test" runs a subset (default: all, in the order above). Each stage runs under
 # `timeout`, gets what is left of BUDGET_S, and a failing stage does not stop the later ones.
@@ -134,6 +134,10 @@ if wanted e2e; then
     stage e2e 170 "$WORK/e2e.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" TREEDEC_CACHE=/tmp/treedec_cache \
       "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 2 \
       --max-new-tokens 128 --methods hf none lookup auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
+    stage e2e_sample 90 "$WORK/e2e_sample.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" \
+      TREEDEC_CACHE=/tmp/treedec_cache "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl \
+      --limit-per-category 1 --max-new-tokens 128 --methods hf auto --sample --temperature 0.7 \
+      --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1
   else
     echo "e2e: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
     rm -f "$GGUF"

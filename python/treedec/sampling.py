@@ -4,7 +4,10 @@ HF samples one position at a time: logits -> fp32 -> its logits warpers (tempera
 top-p, min-p, typical, epsilon, eta; in that order) -> softmax -> multinomial. These warpers
 depend only on the scores of the position, not on the tokens before it, so applying HF's own
 warper objects to each tree node's logits row gives that node exactly the distribution HF would
-sample from there. `treedec.ops.verify_sample` then emits tokens with exactly that distribution.
+sample from there. Each node's target token is then drawn by inverse CDF with the uniform of the
+output position after it (`treedec.ops.sample_tokens`), and greedy verification keeps the drafts
+equal to their parent's target (`treedec.ops.verify_sample` is the two together): every emitted
+token has exactly HF's distribution, and the tree never changes which token a position gets.
 
 Processors that read the path (repetition penalty, no-repeat n-grams, bad words, ...) are not
 applied to trees: patching falls back to HF's `generate` for them, with a warning.

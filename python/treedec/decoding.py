@@ -97,11 +97,8 @@ class ModelRunner:
         return out.last_hidden_state
 
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] (k=1: greedy's argmax)."""
-        batch, num_nodes, width = hidden.shape
-        weight = self.lm_head.weight
-        _, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
-        return ids.view(batch, num_nodes, k).cpu()
+        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
+        return self.topk_values(hidden, k)[1].cpu()
 
     def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
+
 
 def unsupported_reason(config) -> str | None:
     """Why sampling with this GenerationConfig cannot go through treedec, or None."""
@@ -79,12 +81,16 @@ class Sampler:
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, T, V] -> float32 probabilities [B, T, V] after the warpers (rows sum to 1)."""
         batch, num_nodes, vocab = logits.shape
-        scores = logits.reshape(batch * num_nodes, vocab).float()
-        # The warpers ignore input_ids; they only need a tensor with one row per scores row.
-        dummy_ids = torch.zeros(batch * num_nodes, 1, dtype=torch.long, device=scores.device)
-        for warper in self.warpers:
-            scores = warper(dummy_ids, scores)
+        scores = self._warp(logits.reshape(batch * num_nodes, vocab).float(), self.warpers)
         return torch.softmax(scores, dim=-1).view(batch, num_nodes, vocab)
+
+    @staticmethod
+    def _warp(scores: torch.Tensor, warpers: list) -> torch.Tensor:
+        """scores float32 [N, K] through HF warpers, which ignore input_ids but want one row per score row."""
+        dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
+        for warper in warpers:
+            scores = warper(dummy_ids, scores)
+        return scores
 
     def subset_probs(self, values: torch.Tensor, ids: torch.Tensor):
         """The same distributions from the k = top_k best logits alone, without full logits.
@@ -101,10 +107,7 @@ class Sampler:
         if bool((values[:, k] == values[:, k - 1]).any()):
             return None
         scores, ids = values[:, :k], ids[:, :k]
-        dummy_ids = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
-        for warper in self.warpers:
-            if not isinstance(warper, _top_k_class()):
-                scores = warper(dummy_ids, scores)
+        scores = self._warp(scores, [w for w in self.warpers if not isinstance(w, _top_k_class())])
         order = ids.argsort(dim=-1)
         return torch.softmax(scores, dim=-1).gather(1, order), ids.gather(1, order)
 
@@ -163,30 +166,21 @@ class TypicalAcceptance:
 
 def typical_verify(parents: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor,
                    dists: NodeDistributions, rule: TypicalAcceptance):
-    """Like greedy verification against `target`, plus typical acceptance (see TypicalAcceptance).
-    All [B, T] on the CPU; returns accept_len, accept_nodes, bonus as verify_greedy does."""
+    """Greedy verification against `target`, plus typical acceptance (see TypicalAcceptance).
+    All [B, T] on the CPU; returns accept_len, accept_nodes, bonus as verify_greedy does.
+
+    A plausible draft is verified as if it were its parent's target: greedy verification then
+    accepts it whenever its parent is accepted, and keeps its usual rule for the rest (deepest
+    path, ties to the smallest index, bonus = target of the deepest node). The caller emits the
+    drafts it proposed, so only the verification sees the substitution."""
     batch, num_nodes = parents.shape
     parent_rows = (torch.arange(batch).view(-1, 1) * num_nodes + parents.long().clamp(min=0)).view(-1)
     token_prob = dists.prob_of(parent_rows, tokens.reshape(-1)).view(batch, num_nodes)
     entropy = dists.entropy().view(batch, num_nodes)
     threshold = torch.minimum(torch.full_like(entropy, rule.posterior_threshold),
                               rule.posterior_alpha * torch.exp(-entropy))
-    rows = torch.arange(batch)
-    accepted = torch.zeros(batch, num_nodes, dtype=torch.bool)
-    depth = torch.zeros(batch, num_nodes, dtype=torch.int64)
-    accepted[:, 0] = True
-    for i in range(1, num_nodes):
-        parent = parents[:, i].long()
-        plausible = token_prob[:, i] > threshold[rows, parent]
-        matches = tokens[:, i] == target[rows, parent]
-        accepted[:, i] = accepted[rows, parent] & (tokens[:, i] >= 0) & (matches | plausible)
-        depth[:, i] = depth[rows, parent] + 1
-    deepest = torch.where(accepted, depth, torch.full_like(depth, -1)).argmax(1)  # ties: smallest index
-    accept_len = depth[rows, deepest]
-    accept_nodes = torch.full((batch, num_nodes), -1, dtype=torch.int32)
-    for b in range(batch):
-        node = int(deepest[b])
-        for j in range(int(accept_len[b]), -1, -1):
-            accept_nodes[b, j] = node
-            node = int(parents[b, node])
-    return accept_len.to(torch.int32), accept_nodes, target[rows, deepest]
+    parent_index = parents.long().clamp(min=0)
+    plausible = (token_prob > threshold.gather(1, parent_index)) & (tokens >= 0)
+    plausible[:, 0] = False  # the root is no draft
+    as_verified = torch.where(plausible, target.gather(1, parent_index), tokens)
+    return ops.verify_greedy(parents, as_verified, target)

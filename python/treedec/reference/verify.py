@@ -35,7 +35,6 @@ def verify_greedy(
     return accept_len.to(torch.int32), accept_nodes, bonus
 
 
-
 def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling, one token per row: probs float32 [N, V] (non-negative, positive sum,
     need not be normalised), uniforms float32 [N] in [0, 1) -> int64 [N].

@@ -77,3 +77,26 @@ def test_batch_of_four_equals_each_alone(embedded):
             assert generated == references[i][0, prompt_len:].tolist()
     finally:
         treedec.unpatch(model)
+
+
+def test_sampling_equals_token_by_token_on_spec_bench(embedded):
+    """Sampling on the real model: with the same seed, every drafter emits what token-by-token
+    inverse-CDF sampling does (HF's warpers, one uniform per position), so the trees change how
+    fast tokens come, never which. Temperature 0.7 with HF's default top_k=50 (the fused path)."""
+    from test_sampling import sample_token_by_token
+
+    model, tokenizer, prompts, encoded, _ = embedded
+    chosen = [1, 5, 11]  # roleplay, extraction, math_reasoning
+    for i in chosen:
+        prompt = encoded[i]["input_ids"][0].tolist()
+        torch.manual_seed(i)
+        expected = sample_token_by_token(model, [prompt], 24, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                                         temperature=0.7)
+        for drafter in ("auto", "lookup"):
+            treedec.patch(model, drafter=drafter)
+            try:
+                torch.manual_seed(i)
+                got = model.generate(**encoded[i], max_new_tokens=24, do_sample=True, temperature=0.7)
+            finally:
+                treedec.unpatch(model)
+            assert torch.equal(got, expected), (drafter, prompts[i].category)

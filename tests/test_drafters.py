@@ -61,7 +61,45 @@ def test_recycling_learns_successors_and_expands_them():
     trie = drafter.propose(0, 3)
     top = children(trie, 0)
     assert set(top) == {5, 6} and set(children(trie, top[5])) == {7, 8}
-    assert trie.keys[top[6]] == ("recycling", 1, 1)
+    assert trie.keys[top[6]] == ("recycling", 1, 1, None)
+
+
+def test_recycling_couples_drafts_to_the_uniforms_when_sampling():
+    """Successor probabilities remembered from a sampling step put the successor a position's
+    uniform would pick (sampling order: most probable first) in slot 0; a uniform past their
+    mass marks the branch "tail"; a greedy update forgets the probabilities."""
+    table = RecyclingTable(vocab_size=10, width=3)
+    drafter = RecyclingDrafter(table, template_nodes=12, max_depth=2)
+    tokens = torch.tensor([[3, 5]])
+    topk = torch.tensor([[[5, 6, 2], [7, 8, 9]]])
+    probs = torch.tensor([[[0.5, 0.3, 0.1], [0.6, 0.2, 0.1]]])
+    parents = torch.tensor([[-1, 0]], dtype=torch.int32)
+    accepted = (torch.tensor([1], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32))
+    drafter.observe(StepOutcome(tokens, parents, topk, *accepted, [0], probs))
+
+    def slot0(trie, node):
+        return next(trie.tokens[i] for i in range(1, len(trie)) if trie.parents[i] == node and trie.keys[i][2] == 0)
+
+
+    # depth 1 uses uniforms[0]: 0.65 lies in [0.5, 0.8) -> successor 6; depth 2 uses uniforms[1].
+    trie = drafter.propose(0, 3, uniforms=[0.65, 0.61])
+    assert slot0(trie, 0) == 6 and trie.keys[children(trie, 0)[6]][3] == "coupled"
+    assert set(children(trie, 0)) == {5, 6, 2}  # the others stay, behind it
+    five = children(trie, 0)[5]
+    assert slot0(trie, five) == 8  # 0.61 in [0.6, 0.8) under token 5 ...
+    second = next(i for i in range(1, len(trie)) if trie.parents[i] == five and trie.keys[i][2] == 1)
+    assert trie.tokens[second] == 7  # ... next to 0.6, the edge with token 7's slice: 7 is tried second
+    assert trie.keys[second][3] == "coupled-edge"
+    trie = drafter.propose(0, 3, uniforms=[0.95])  # past 0.9: no successor is likely
+    assert slot0(trie, 0) == 5 and trie.keys[children(trie, 0)[5]][3] == "tail"
+    below = children(trie, children(trie, 0)[5])
+    assert below and all(trie.keys[i][3] is None for i in below.values())  # no uniform given for depth 2
+
+    greedy = StepOutcome(tokens[:, :1], parents[:, :1], topk[:, :1], torch.tensor([0], dtype=torch.int32),
+                         torch.tensor([[0]], dtype=torch.int32), [0])
+    drafter.observe(greedy)
+    trie = drafter.propose(0, 3, uniforms=[0.65])
+    assert slot0(trie, 0) == 5 and trie.keys[children(trie, 0)[5]][3] is None
 
 
 def test_auto_puts_lookup_first_and_recycling_fills_in():
@@ -77,3 +115,21 @@ def test_auto_puts_lookup_first_and_recycling_fills_in():
     # The table persists: a new drafter for the same model sees what the old one learned.
     again = make_drafter("recycling", {"recycling_width": 2}, vocab_size=20, tables=tables)
     assert again.table is tables[("recycling", 2)]
+
+
+def test_auto_labels_lookup_drafts_by_the_tables_coupled_guess():
+    drafter = make_drafter("auto", {"recycling_width": 2}, vocab_size=20, tables={})
+    drafter.recycling.table.successors[4] = [9, 11]
+    drafter.recycling.table.probs[4] = [0.7, 0.2]
+    drafter.start([[1, 4, 9, 2, 1, 4]])  # lookup drafts 9 after 4, then 2 (the table knows nothing after 9)
+    lookup_labels = {}
+    for uniforms in ([0.3, 0.5], [0.8, 0.5], [0.95, 0.5], None):
+        trie = drafter.propose(0, 4, uniforms=uniforms)
+        nine = children(trie, 0)[9]
+        lookup_labels[None if uniforms is None else uniforms[0]] = trie.keys[nine]
+        if uniforms is not None:  # nothing remembered after 9: labelled "cannot tell"
+            assert trie.keys[children(trie, nine)[2]][-1] is None
+    assert lookup_labels[0.3][-1] == "agree"  # 0.3 < 0.7 picks 9, lookup's draft
+    assert lookup_labels[0.8][-1] == "disagree"  # 0.8 picks 11
+    assert lookup_labels[0.95][-1] == "tail"
+    assert lookup_labels[None][0] == "lookup" and len(lookup_labels[None]) == 3  # greedy: unlabelled

@@ -42,10 +42,22 @@ def peaked_llama(seed: int, vocab_size: int = 96):
     return model
 
 
+def inverse_cdf_in_sampling_order(probs: torch.Tensor, uniform: float) -> int:
+    """probs [V] -> the token inverse-CDF sampling picks: the 16 most probable tokens first (most
+    probable first), then the rest in vocabulary order (treedec.sampling.in_sampling_order)."""
+    head = probs.argsort(descending=True, stable=True)[:16]
+    rest = torch.ones_like(probs, dtype=torch.bool)
+    rest[head] = False
+    order = torch.cat([head, rest.nonzero().view(-1)])
+    column = int(reference.sample_tokens(probs[order].view(1, -1), torch.tensor([uniform])))
+    return int(order[column])
+
+
 def sample_token_by_token(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad: int,
                           **settings) -> torch.Tensor:
     """The definition treedec must reproduce: per sequence, per position n, HF's warpers, softmax,
-    inverse CDF with uniform U[b, n]; U drawn as torch.rand(B, max_new_tokens) right after seeding."""
+    inverse CDF in sampling order with uniform U[b, n]; U drawn as torch.rand(B, max_new_tokens)
+    right after seeding."""
     config = GenerationConfig(do_sample=True, **settings)
     sampler = Sampler(build_warpers(config))
     uniforms = torch.rand(len(prompts), max_new_tokens)
@@ -55,7 +67,7 @@ def sample_token_by_token(model, prompts: list[list[int]], max_new_tokens: int, 
             ids = list(prompt)
             for n in range(max_new_tokens):
                 logits = model(torch.tensor([ids], device=model.device)).logits[:, -1:, :].cpu()
-                token = int(reference.sample_tokens(sampler.probs(logits)[:, 0], uniforms[b, n : n + 1]))
+                token = inverse_cdf_in_sampling_order(sampler.probs(logits)[0, 0], float(uniforms[b, n]))
                 ids.append(token)
                 if token == eos:
                     break
@@ -219,6 +231,8 @@ def test_joint_distribution_matches_like_hf(setting, full_trees):
         ours = empirical_pairs(treedec_sampler(model, drafter, **settings))
         if drafter in ("auto", "recycling") or isinstance(drafter, FixedChain):  # these always draft here
             assert model.treedec.last_stats["mean_tree_nodes"] > 1
+        if drafter in ("auto", "recycling"):  # and their drafts were coupled to the uniforms
+            assert any("coupled" in key for key in model.treedec.learned.sample_acceptance.snapshot())
         assert 0.5 * float((ours - exact).abs().sum()) < bound, drafter
         unpatch_quietly(model)
     assert 0.5 * float((hf - exact).abs().sum()) < bound  # HF's own sampler passes the same test
@@ -271,7 +285,7 @@ def test_typical_acceptance_is_opt_in():
 def test_typical_verify_rule():
     """Hand-checked: node 1 (token 7) is not the target but has probability 0.5 > threshold, so it is
     accepted; node 2 below it (token 9, probability 0.01) is neither target nor plausible."""
-    from treedec.sampling import NodeDistributions, TypicalAcceptance, typical_verify
+    from treedec.sampling import TypicalAcceptance, in_sampling_order, typical_verify
 
     parents = torch.tensor([[-1, 0, 1]], dtype=torch.int32)
     tokens = torch.tensor([[5, 7, 9]])
@@ -281,7 +295,7 @@ def test_typical_verify_rule():
     probs[1, 4], probs[1, 9], probs[1, 0] = 0.9, 0.01, 0.09
     probs[2, 6] = 1.0
     rule = TypicalAcceptance(posterior_threshold=0.3, posterior_alpha=0.3)
-    accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, NodeDistributions(probs, None), rule)
+    accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, in_sampling_order(probs), rule)
     assert accept_len.tolist() == [1] and accept_nodes.tolist() == [[0, 1, -1]] and bonus.tolist() == [4]
     exact = ops.verify_greedy(parents, tokens, target)
     assert exact[0].tolist() == [0]  # the exact rule rejects node 1

@@ -185,9 +185,9 @@ def run_benchmark(
                                    len(tokens), seconds, steps, identical, diff, gap))
         if progress:
             mine = report.runs[-len(methods):]
-            hf_seconds = mine[0].seconds
+            hf_rate = mine[0].new_tokens / mine[0].seconds  # tokens/s: sampled lengths differ
             flag = (lambda r: "") if sampling else (lambda r: "" if r.identical else " DIFF")
-            cells = "  ".join(f"{r.method} x{hf_seconds / r.seconds:.2f}{flag(r)}" for r in mine[1:])
+            cells = "  ".join(f"{r.method} x{r.new_tokens / r.seconds / hf_rate:.2f}{flag(r)}" for r in mine[1:])
             tqdm.write(f"{prompt.category:<15} {mine[0].prompt_tokens:>5} tok prompt  {cells}")
     if hasattr(model, "treedec"):
         unpatch(model)

@@ -20,9 +20,10 @@ from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
 from .reference.tree import pack_bits
-from .sampling import NodeDistributions, Sampler, typical_verify
+from .sampling import Sampler, in_sampling_order, typical_verify
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
+MAX_UNIFORMS_AHEAD = 32  # deeper than any drafter's tree
 
 
 @dataclass
@@ -177,16 +178,18 @@ class TreeDecoder:
                 self._calibrate(cache, len(active))  # once per batch size; kept out of the step's time
             step_started = time.perf_counter()
             if with_drafts:
-                tries = [self.drafter.propose(s, roots[s]) for s in active]
+                tries = [self._propose(s, roots[s], len(generated[s])) for s in active]
                 num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
             else:
                 tries = [DraftTrie(roots[s]) for s in active]
                 num_nodes, kept = 1, [[0]] * len(active)
             parents, tokens = pack_tries(tries, kept, num_nodes)
             emitted = [len(generated[s]) for s in active]
-            accept_len, accept_nodes, bonus, topk = self._verify_step(cache, parents, tokens, active, emitted)
+            accept_len, accept_nodes, bonus, topk, topk_probs = self._verify_step(cache, parents, tokens, active, emitted)
 
-            self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active)))
+            self.drafter.observe(
+                StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs)
+            )
             if with_drafts:
                 self._learn_acceptance(tries, kept, accept_nodes)
             cache.compact(accept_nodes, accept_len)
@@ -223,6 +226,14 @@ class TreeDecoder:
         return self._assemble(input_ids, generated, request.pad_token_id), stats
 
     # -- pieces --------------------------------------------------------------------------------
+    def _propose(self, seq: int, root: int, emitted: int) -> DraftTrie:
+        """The drafter's candidates; a sampling call hands drafters that want them the uniforms
+        of the positions ahead (the tree never changes the output, so drafts may depend on them)."""
+        if self.sampler is None or not self.drafter.wants_uniforms:
+            return self.drafter.propose(seq, root)
+        ahead = self.sampler.positions[seq, emitted : emitted + MAX_UNIFORMS_AHEAD].tolist()
+        return self.drafter.propose(seq, root, uniforms=ahead)
+
     def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int) -> TreeCache:
         """Cache every prompt token but the last (the first step's root) as one causal chain."""
         batch, length = input_ids.shape
@@ -252,7 +263,8 @@ class TreeDecoder:
         """One tree forward and verification (greedy, or by sampling when the call samples).
         `sequences` (the rows' sequence ids) and `emitted` (tokens each has generated) place every
         node at its output position, whose uniform a sampling step uses.
-        Returns accept_len, accept_nodes, bonus (on the CPU) and the top-k ids the drafter observes."""
+        Returns accept_len, accept_nodes, bonus (on the CPU), and what the drafter observes: the
+        top-k ids after each node and, when sampling, their probabilities (None when greedy)."""
         depth, tree_mask = ops.build_tree(parents)
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
@@ -261,22 +273,23 @@ class TreeDecoder:
         if self.sampler is None:
             topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
-            return accept_len, accept_nodes, bonus, topk
+            return accept_len, accept_nodes, bonus, topk, None
         batch = tokens.shape[0]
         sequences = list(range(batch)) if sequences is None else sequences
         emitted = [0] * batch if emitted is None else emitted
         uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
-        dists, topk = self._node_distributions(hidden)
+        dists, (topk, topk_probs) = self._node_distributions(hidden)
         choice = ops.sample_tokens(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
         target = dists.token_ids(choice).view(tokens.shape).cpu()
         if self.sampler.typical is None:
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
         else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
             accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists, self.sampler.typical)
-        return accept_len, accept_nodes, bonus, topk
+        return accept_len, accept_nodes, bonus, topk, topk_probs
 
-    def _node_distributions(self, hidden: torch.Tensor) -> tuple[NodeDistributions, torch.Tensor]:
-        """Each node's sampling distribution, and the top-k ids the drafter observes (CPU).
+    def _node_distributions(self, hidden: torch.Tensor):
+        """Each node's sampling distribution (NodeDistributions), and the drafter's view: the
+        top-k ids int64 [B, T, k] and their sampling probabilities float32 [B, T, k], on the CPU.
 
         With HF's top_k set (its default is 50) they come from the fused LM-head top-k alone: the
         same distributions without [B, T, V] logits, warpers or softmax over the vocabulary. Else
@@ -290,13 +303,24 @@ class TreeDecoder:
             fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
         if fused:
             values, ids = self.runner.topk_values(hidden, wanted)
-            subset = self.sampler.subset_probs(values[..., : top_k + 1].reshape(batch * num_nodes, -1),
-                                               ids[..., : top_k + 1].reshape(batch * num_nodes, -1))
+            ids = ids.reshape(batch * num_nodes, -1)
+            subset = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],
+                                               ids[:, : top_k + 1])
             if subset is not None:
-                return NodeDistributions(*subset), ids[..., :draft_k].cpu()
+                probs, kept_ids = subset
+                # Ids past the top_k (the drafter may want more) have probability 0.
+                view_probs = torch.nn.functional.pad(probs, (0, max(draft_k - top_k, 0)))[:, :draft_k]
+                view = (ids[:, :draft_k], view_probs)
+                return in_sampling_order(probs, kept_ids), self._drafter_view(view, batch, num_nodes)
         logits = self.runner.logits(hidden)
         probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
-        return NodeDistributions(probs, None), logits.topk(draft_k, dim=-1).indices.cpu()
+        view_probs, view_ids = probs.topk(draft_k, dim=-1)
+        return in_sampling_order(probs), self._drafter_view((view_ids, view_probs), batch, num_nodes)
+
+    @staticmethod
+    def _drafter_view(view, batch: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, probs = view
+        return ids.reshape(batch, num_nodes, -1).cpu(), probs.reshape(batch, num_nodes, -1).float().cpu()
 
     def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
         """Time a verify at a few tree sizes on the live cache, best of `repeats` (nothing is

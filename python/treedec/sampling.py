@@ -5,9 +5,11 @@ top-p, min-p, typical, epsilon, eta; in that order) -> softmax -> multinomial. T
 depend only on the scores of the position, not on the tokens before it, so applying HF's own
 warper objects to each tree node's logits row gives that node exactly the distribution HF would
 sample from there. Each node's target token is then drawn by inverse CDF with the uniform of the
-output position after it (`treedec.ops.sample_tokens`), and greedy verification keeps the drafts
+output position after it (`treedec.ops.sample_tokens`), walking the tokens in sampling order
+(the 16 most probable first, see `in_sampling_order`), and greedy verification keeps the drafts
 equal to their parent's target (`treedec.ops.verify_sample` is the two together): every emitted
 token has exactly HF's distribution, and the tree never changes which token a position gets.
+Because of that, drafters may look at the uniforms before drafting (`Drafter.wants_uniforms`).
 
 Processors that read the path (repetition penalty, no-repeat n-grams, bad words, ...) are not
 applied to trees: patching falls back to HF's `generate` for them, with a warning.
@@ -98,18 +100,15 @@ class Sampler:
         values float32 [N, k + 1] (descending) and ids int64 [N, k + 1] from a fused LM-head top-k.
         Every token outside the top k has probability 0 under HF's top-k, and the warpers after
         it (top-p, min-p, typical, epsilon, eta) and the temperature before it give the same
-        result on the k kept scores as on the full row. Returns (probs [N, k], ids [N, k]) with
-        ids ascending, so inverse-CDF sampling over them picks the very token it would pick over
-        the whole vocabulary; or None when a row's k-th and (k+1)-th logits tie, since HF then
-        keeps both (the caller takes the full path).
+        result on the k kept scores as on the full row. Returns (probs [N, k], ids [N, k]) in the
+        order of `values`; or None when a row's k-th and (k+1)-th logits tie, since HF then keeps
+        both (the caller takes the full path).
         """
         k = values.shape[1] - 1
         if bool((values[:, k] == values[:, k - 1]).any()):
             return None
-        scores, ids = values[:, :k], ids[:, :k]
-        scores = self._warp(scores, [w for w in self.warpers if not isinstance(w, _top_k_class())])
-        order = ids.argsort(dim=-1)
-        return torch.softmax(scores, dim=-1).gather(1, order), ids.gather(1, order)
+        scores = self._warp(values[:, :k], [w for w in self.warpers if not isinstance(w, _top_k_class())])
+        return torch.softmax(scores, dim=-1), ids[:, :k]
 
     def node_uniforms(self, sequences: list[int], generated: list[int], depth: torch.Tensor) -> torch.Tensor:
         """float32 [B, T]: node i of row b gets the uniform of output position generated[b] + depth[b, i]
@@ -119,32 +118,66 @@ class Sampler:
         return self.positions[sequences].gather(1, index)
 
 
+HEAD_SIZE = 16
+
+
+def in_sampling_order(probs: torch.Tensor, ids: torch.Tensor | None = None) -> NodeDistributions:
+    """Lay out each row in the order inverse-CDF sampling walks it: the HEAD_SIZE most probable
+    tokens first, most probable first, then every other token in vocabulary order.
+
+    probs float32 [N, K]; ids int64 [N, K] (the columns' vocabulary ids, any order) or None when
+    the K columns are the whole vocabulary. Any order that depends only on the distribution
+    samples exactly; this one makes a uniform u pick the top token when u < p(top), the second
+    when p(top) <= u < p(top) + p(second), and so on: a drafter that knows a position's uniform and
+    roughly knows its distribution can then guess the sampled token (see drafters.recycling).
+    """
+    if ids is not None:  # the tail walks vocabulary order, whatever order the columns came in
+        order = ids.argsort(dim=-1)
+        probs, ids = probs.gather(1, order), ids.gather(1, order)
+    head_probs, head_columns = probs.topk(min(HEAD_SIZE, probs.shape[1]), dim=-1)
+    tail = probs.scatter(1, head_columns, 0.0)
+    head_ids = head_columns if ids is None else ids.gather(1, head_columns)
+    return NodeDistributions(torch.cat([head_probs, tail], dim=1), head_ids, ids)
+
+
 @dataclass
 class NodeDistributions:
-    """Every tree node's sampling distribution, rows in node order (b * T + i).
+    """Every tree node's sampling distribution in sampling order, rows in node order (b * T + i).
 
-    probs float32 [N, K]; ids int64 [N, K] (ascending vocabulary ids of the K columns) or None
-    when the K columns are the whole vocabulary.
+    probs float32 [N, m + K]: columns [0, m) are the m most probable tokens (descending), whose
+    ids are head_ids int64 [N, m]; columns [m, m + K) are the K tokens of the row in vocabulary
+    order with the head's entries zeroed: tail_ids int64 [N, K], or None when the K are the whole
+    vocabulary (column m + j is token j). Build it with `in_sampling_order`.
     """
 
     probs: torch.Tensor
-    ids: torch.Tensor | None
+    head_ids: torch.Tensor
+    tail_ids: torch.Tensor | None
+
+    @property
+    def head_size(self) -> int:
+        return self.head_ids.shape[1]
 
     def token_ids(self, columns: torch.Tensor) -> torch.Tensor:
         """Column index per row -> vocabulary id per row, int64 [N]."""
-        if self.ids is None:
-            return columns
-        return self.ids.gather(1, columns.view(-1, 1)).view(-1)
+        m = self.head_size
+        columns = columns.view(-1, 1).to(self.head_ids.device)
+        head = self.head_ids.gather(1, columns.clamp(max=m - 1))
+        tail = (columns - m).clamp(min=0)
+        if self.tail_ids is not None:
+            tail = self.tail_ids.gather(1, tail)
+        return torch.where(columns < m, head, tail).view(-1)
 
     def prob_of(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """probs of `tokens` [M] under rows `rows` [M] (0 for padding and for tokens outside ids)."""
-        safe = tokens.clamp(min=0).to(self.probs.device)
+        """probs of `tokens` [M] under rows `rows` [M] (0 for padding and for tokens outside the row)."""
+        m = self.head_size
+        safe = tokens.clamp(min=0).to(self.probs.device).view(-1, 1)
         rows = rows.to(self.probs.device)
-        if self.ids is None:
-            found = self.probs[rows, safe]
+        found = (self.probs[rows, :m] * (self.head_ids[rows] == safe)).sum(1)
+        if self.tail_ids is None:
+            found = found + self.probs[rows, m + safe.view(-1)]
         else:
-            match = self.ids[rows] == safe.view(-1, 1)
-            found = (self.probs[rows] * match).sum(1)
+            found = found + (self.probs[rows, m:] * (self.tail_ids[rows] == safe)).sum(1)
         return torch.where(tokens.to(found.device) >= 0, found, torch.zeros_like(found)).cpu()
 
     def entropy(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .recycling import RecyclingDrafter
 
 class AutoDrafter(Drafter):
     name = "auto"
+    wants_uniforms = True
 
     def __init__(self, lookup: LookupDrafter, recycling: RecyclingDrafter):
         self.lookup, self.recycling = lookup, recycling
@@ -21,9 +22,10 @@ class AutoDrafter(Drafter):
     def extend(self, seq, new_tokens):
         self.lookup.extend(seq, new_tokens)
 
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
+    def propose(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
         trie = self.lookup.propose(seq, root_token)
-        self.recycling.expand(trie)  # existing lookup nodes keep their keys; new branches are recycling's
+        self.recycling.label_coupling(trie, uniforms)
+        self.recycling.expand(trie, uniforms)  # existing lookup nodes keep their keys; new branches are recycling's
         return trie
 
     def observe(self, outcome: StepOutcome) -> None:

@@ -57,8 +57,10 @@ class StepOutcome:
 
     tokens int64 [B, T] (the verified tree, -1 padding), parents int32 [B, T],
     topk int64 [B, T, k] (the model's top-k ids after each node, k = drafter.topk),
-    accept_len int32 [B], accept_nodes int32 [B, T], and `rows`: the loop's sequence ids of the
-    batch rows (finished sequences leave the batch, so row b is sequence rows[b]).
+    accept_len int32 [B], accept_nodes int32 [B, T], `rows`: the loop's sequence ids of the
+    batch rows (finished sequences leave the batch, so row b is sequence rows[b]), and when the
+    call samples, topk_probs float32 [B, T, k]: the sampling probabilities of the topk ids (None
+    when greedy).
     """
 
     tokens: torch.Tensor
@@ -67,6 +69,7 @@ class StepOutcome:
     accept_len: torch.Tensor
     accept_nodes: torch.Tensor
     rows: list[int]
+    topk_probs: torch.Tensor | None = None
 
 
 class Drafter:
@@ -74,6 +77,9 @@ class Drafter:
 
     name = "base"
     topk = 1  # top-k ids the drafter wants to see after each verified node
+    # True: when a call samples, `propose` also gets `uniforms`, the random numbers that will pick
+    # the tokens at depths 1, 2, ... below the root (see treedec.sampling.in_sampling_order).
+    wants_uniforms = False
 
     def start(self, histories: list[list[int]]) -> None:
         """A generate call begins; histories[s] is sequence s's prompt (no padding)."""
@@ -82,7 +88,9 @@ class Drafter:
         """Sequence `seq` emitted `new_tokens` (its history grew by them)."""
 
     def propose(self, seq: int, root_token: int) -> DraftTrie:
-        """Candidates below the root for sequence `seq` (any size; the loop prunes)."""
+        """Candidates below the root for sequence `seq` (any size; the loop prunes).
+        Drafters with `wants_uniforms` take a keyword `uniforms: list[float] | None` too:
+        uniforms[d] picks the sampled token at depth d + 1 (it may be shorter than the tree)."""
         return DraftTrie(root_token)
 
     def observe(self, outcome: StepOutcome) -> None:

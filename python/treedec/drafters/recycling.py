@@ -16,6 +16,7 @@ import numpy as np
 from .base import Drafter, DraftTrie, StepOutcome
 
 MAX_KEY_DEPTH = 8
+EDGE_MARGIN = 0.05  # a uniform this close to its slice's edge makes a "coupled-edge" guess
 
 
 def rank_template(num_nodes: int, width: int, max_depth: int) -> list[tuple[int, ...]]:
@@ -42,47 +43,107 @@ def rank_template(num_nodes: int, width: int, max_depth: int) -> list[tuple[int,
 
 
 class RecyclingTable:
-    """int32 [V, k] successor table, -1 where a token has not been verified yet."""
+    """Successor table: int32 [V, k] ids (-1 where a token has not been verified yet) and their
+    sampling probabilities float32 [V, k] (NaN where the last update was greedy)."""
 
     def __init__(self, vocab_size: int, width: int):
         self.successors = np.full((vocab_size, width), -1, dtype=np.int32)
+        self.probs = np.full((vocab_size, width), np.nan, dtype=np.float32)
 
     @property
     def width(self) -> int:
         return self.successors.shape[1]
 
-    def update(self, tokens: np.ndarray, topk: np.ndarray) -> None:
-        """tokens int [N], topk int [N, >=width]; rows of padding tokens (-1) are skipped."""
+    def update(self, tokens: np.ndarray, topk: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """tokens int [N], topk int [N, >=width], probs float [N, >=width] or None (greedy);
+        rows of padding tokens (-1) are skipped."""
         valid = tokens >= 0
         self.successors[tokens[valid]] = topk[valid, : self.width]
+        self.probs[tokens[valid]] = np.nan if probs is None else probs[valid, : self.width]
+
+    def slot_order(self, token: int, uniform: float | None) -> tuple[list[int], str | None]:
+        """Ranks of `token`'s successors in the order the drafter tries them, and how they were
+        ordered: "coupled" (the successor `uniform` would pick under the remembered probabilities
+        first, then the one across the nearer edge of its slice; "coupled-edge" when `uniform`
+        is within EDGE_MARGIN of that edge), "tail" (`uniform` falls past the remembered successors' mass: none of them is
+        likely) or None (greedy, or no probabilities remembered: plain rank order)."""
+        ranks = list(range(self.width))
+        if uniform is None:
+            return ranks, None
+        probs = self.probs[token]
+        if np.isnan(probs[0]):
+            return ranks, None
+        upper = np.cumsum(probs)
+        picked = int(np.searchsorted(upper, uniform, side="right"))
+        if picked >= self.width:
+            return ranks, "tail"
+        # If the distribution moved since, u most likely lands in the slice across the nearer
+        # edge: that successor goes second. Near an edge the guess is shakier: its own label.
+        lower = upper[picked - 1] if picked > 0 else 0.0
+        below = uniform - lower < upper[picked] - uniform
+        neighbour = picked - 1 if below and picked > 0 else picked + 1
+        order = [picked] + ([neighbour] if neighbour < self.width else [])
+        order += [r for r in ranks if r not in order]
+        edge = min(uniform - lower, upper[picked] - uniform) < EDGE_MARGIN
+        return order, "coupled-edge" if edge else "coupled"
 
 
 class RecyclingDrafter(Drafter):
     name = "recycling"
+    wants_uniforms = True
 
     def __init__(self, table: RecyclingTable, template_nodes: int = 40, max_depth: int = 6):
         self.table = table
         self.topk = table.width
         self.template = rank_template(template_nodes, table.width, max_depth)
 
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
+    def propose(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
         trie = DraftTrie(root_token)
-        self.expand(trie)
+        self.expand(trie, uniforms)
         return trie
 
-    def expand(self, trie: DraftTrie) -> None:
-        """Grow the template under the trie's root; nodes already there keep their keys."""
+    def expand(self, trie: DraftTrie, uniforms: list[float] | None = None) -> None:
+        """Grow the template under the trie's root; nodes already there keep their keys.
+        A template path's last entry is a slot; `slot_order` maps it to a rank of the parent's
+        successors (the identity when greedy). The key names depth, slot and ordering."""
         successors = self.table.successors
         node_of = {(): 0}
+        orders: dict[int, tuple[list[int], str | None]] = {}  # parent node -> its slot order
         for path in self.template:
             parent = node_of.get(path[:-1])
             if parent is None:
                 continue
-            token = int(successors[trie.tokens[parent], path[-1]])
+            parent_token = trie.tokens[parent]
+            if parent not in orders:
+                depth = len(path) - 1  # the parent's depth: its children take uniforms[depth]
+                uniform = uniforms[depth] if uniforms is not None and depth < len(uniforms) else None
+                orders[parent] = self.table.slot_order(parent_token, uniform)
+            ranks, how = orders[parent]
+            token = int(successors[parent_token, ranks[path[-1]]])
             if token < 0:
                 continue
-            node_of[path] = trie.child(parent, token, ("recycling", min(len(path), MAX_KEY_DEPTH), path[-1]))
+            key = ("recycling", min(len(path), MAX_KEY_DEPTH), path[-1], how)
+            node_of[path] = trie.child(parent, token, key)
+
+    def label_coupling(self, trie: DraftTrie, uniforms: list[float] | None) -> None:
+        """Append to each node's key whether the table's coupled guess at its position agrees
+        with it ("agree" / "disagree"), finds no likely guess ("tail") or cannot tell (None), so
+        the loop learns separate acceptance rates for drafts from elsewhere (auto's lookup).
+        Greedy calls (no uniforms) leave the keys as they are."""
+        if uniforms is None:
+            return
+        depth = [0] * len(trie)
+        for i in range(1, len(trie)):
+            parent = trie.parents[i]
+            depth[i] = depth[parent] + 1
+            uniform = uniforms[depth[parent]] if uniforms is not None and depth[parent] < len(uniforms) else None
+            ranks, how = self.table.slot_order(trie.tokens[parent], uniform)
+            if how in ("coupled", "coupled-edge"):
+                guess = int(self.table.successors[trie.tokens[parent], ranks[0]])
+                how = "agree" if guess == trie.tokens[i] else "disagree"
+            trie.keys[i] = (*trie.keys[i], how)
 
     def observe(self, outcome: StepOutcome) -> None:
         tokens = outcome.tokens.reshape(-1).numpy()
-        self.table.update(tokens, outcome.topk.reshape(tokens.shape[0], -1).numpy())
+        probs = None if outcome.topk_probs is None else outcome.topk_probs.reshape(tokens.shape[0], -1).numpy()
+        self.table.update(tokens, outcome.topk.reshape(tokens.shape[0], -1).numpy(), probs)

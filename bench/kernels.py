@@ -15,6 +15,8 @@ p80_us, gbps). Peers run in the same process and the same loop:
   scatter per cache tensor, all sequences at once);
 - lm_head_topk: ``torch.topk(hidden @ weight.T)`` at torch's thread count (``torch_matmul_topk``)
   and, on CPU, at one thread (``torch_matmul_topk_1thread``);
+- linear_rows: torch's nn.Linear (``torch_linear``) over 30 distinct weights per call (one
+  projection of every layer of SmolLM2, so each weight comes from memory, as in a decode step);
 - build_tree / verify_greedy / verify_sample: the reference. Native kernels appear twice: the backend alone
   (``cpp``) and behind the public, validating ``treedec.ops`` function (``cpp+ops``).
 
@@ -324,6 +326,26 @@ def bench_lm_head_topk(device, quick):
                 yield "lm_head_topk", shape, moved, methods
 
 
+def bench_linear_rows(device, quick):
+    if device.type != "cpu":
+        return  # a CPU kernel: CUDA tensors run torch
+    generator = torch.Generator().manual_seed(5)
+    layers = 30
+    shapes = ((1536, 576), (576, 1536)) if not quick else ((1536, 576),)
+    for dtype in (torch.float32, torch.bfloat16):
+        for out, width in shapes:
+            weights = [(torch.randn(out, width, generator=generator) / width**0.5).to(dtype) for _ in range(layers)]
+            for rows in (1, 2, 4, 8, 16, 32):
+                x = torch.randn(rows, width, generator=generator).to(dtype)
+                moved = layers * (weights[0].numel() + (rows * (out + width))) * weights[0].element_size()
+                methods = {"torch_linear": lambda x=x: [torch.nn.functional.linear(x, w) for w in weights]}
+                for backend in native_backends(device, "linear_rows"):
+                    run = _library.implementation("linear_rows", backend)
+                    methods[backend] = lambda run=run, x=x: [run(x, w) for w in weights]
+                shape = f"N={rows},O={out},H={width},{layers} weights,{str(dtype)[6:]}"
+                yield "linear_rows", shape, moved, methods
+
+
 def bench_tree_attention(device, quick):
     generator = torch.Generator().manual_seed(4)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -379,6 +401,7 @@ BENCHES = {
     "verify_sample": bench_verify_sample,
     "compact_kv": bench_compact_kv,
     "lm_head_topk": bench_lm_head_topk,
+    "linear_rows": bench_linear_rows,
     "tree_attention": bench_tree_attention,
 }
 

@@ -108,6 +108,22 @@ PYBIND11_MODULE(_C, m) {
       "hidden [N,H] x weight [V,H] (fp32 or bf16) -> top-k values float32 [N,k], indices int64 [N,k].");
 
   m.def(
+      "linear_rows",
+      [](int64_t x, int64_t weight, int64_t bias, int64_t y, int64_t N, int64_t O, int64_t H, int64_t ldx, int64_t ldw,
+         bool bf16, const std::string& isa_name, int num_threads) {
+        const treedec::Dtype dtype = bf16 ? treedec::Dtype::kBFloat16 : treedec::Dtype::kFloat32;
+        const treedec::Isa isa = isa_from_name(isa_name, dtype);
+        if (!isa_runs(isa, dtype)) throw std::invalid_argument("this CPU cannot run isa " + isa_name);
+        py::gil_scoped_release release;
+        treedec::linear_rows(ptr<const void>(x), ptr<const void>(weight), ptr<const float>(bias), ptr<void>(y), N, O,
+                             H, ldx, ldw, dtype, isa, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("weight_ptr"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("N"), py::arg("O"),
+      py::arg("H"), py::arg("ldx"), py::arg("ldw"), py::arg("bf16"), py::arg("isa") = "auto",
+      py::arg("num_threads") = 1,
+      "x [N,H] x weight [O,H] (fp32 or bf16) + bias float32 [O] (0: none) -> y [N,O] in the input dtype.");
+
+  m.def(
       "best_isa", [](bool bf16) {
         return std::string(treedec::isa_name(
             treedec::best_isa(bf16 ? treedec::Dtype::kBFloat16 : treedec::Dtype::kFloat32)));

@@ -489,6 +489,54 @@ Plan<uint16_t, uint16_t> plan_bf16dp(int64_t N) {
   return {tile_bf16dp<4>, 6, 4};
 }
 
+// ---------------------------------------------------------------------------------------------
+// A linear layer for a few rows (a verify step's T tree nodes): y[N, O] = x[N, H] @ weight[O, H]^T
+// (+ bias), with the same register tiles. Each thread streams its own contiguous slice of the
+// weight once, so a few rows cost about what one row costs: the weight read. (torch's fp32
+// matmul here reads it at roughly half that rate for 2 to 16 rows; see bench/kernels.py.)
+
+template <class HT, class WT>
+void run_linear(const HT* x, int64_t ldx, const WT* weight, int64_t ldw, const float* bias, float* y_f32,
+                uint16_t* y_bf16, int64_t N, int64_t O, int64_t H, Plan<HT, WT> plan, int num_threads) {
+  const int VR = plan.vr;
+  const int64_t groups = (N + plan.nr_max - 1) / plan.nr_max;
+  const int64_t rows_per_group = N / groups, rows_extra = N % groups;
+  const int64_t chunk = 16 * VR;  // weight rows per work item
+  const int64_t num_chunks = (O + chunk - 1) / chunk;
+  if (num_threads > num_chunks) num_threads = static_cast<int>(num_chunks);
+  if (num_threads < 1) num_threads = 1;
+  const int64_t tile_bytes = std::max<int64_t>(1, VR * H * static_cast<int64_t>(sizeof(WT)));
+  const int64_t prefetch_rows = VR * std::max<int64_t>(1, (16384 + tile_bytes - 1) / tile_bytes);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    alignas(64) float out[kMaxNR * kMaxVR];
+    const int64_t v_hi = std::min<int64_t>(O, (c + 1) * chunk);
+    for (int64_t v0 = c * chunk; v0 < v_hi; v0 += VR) {
+      const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
+      const WT* prefetch = v0 + prefetch_rows + VR <= v_hi ? weight + (v0 + prefetch_rows) * ldw : nullptr;
+      for (int64_t g = 0, n0 = 0; g < groups; ++g) {
+        const int nr = static_cast<int>(rows_per_group + (g < rows_extra ? 1 : 0));
+        plan.tile(x + n0 * ldx, ldx, weight + v0 * ldw, ldw, H, nr, vr, g == 0 ? prefetch : nullptr, out);
+        for (int n = 0; n < nr; ++n) {
+          for (int v = 0; v < vr; ++v) {
+            const float value = out[n * VR + v] + (bias != nullptr ? bias[v0 + v] : 0.0f);
+            const int64_t at = (n0 + n) * O + v0 + v;
+            if (y_bf16 != nullptr) {
+              uint32_t bits;
+              const float rounded = round_to_bf16(value);
+              std::memcpy(&bits, &rounded, sizeof(bits));
+              y_bf16[at] = static_cast<uint16_t>(bits >> 16);
+            } else {
+              y_f32[at] = value;
+            }
+          }
+        }
+        n0 += nr;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 Isa best_isa(Dtype dtype) {
@@ -527,6 +575,27 @@ void lm_head_topk(const void* hidden, const void* weight, float* values, int64_t
   } else {
     run<float, float>(h32.data(), H, static_cast<const float*>(weight), ldw, values, indices, N, V, H, k,
                       plan_f32<float>(isa, N), false, num_threads);
+  }
+}
+
+void linear_rows(const void* x, const void* weight, const float* bias, void* y, int64_t N, int64_t O, int64_t H,
+                 int64_t ldx, int64_t ldw, Dtype dtype, Isa isa, int num_threads) {
+  if (N <= 0 || O <= 0) return;
+  const bool bf16 = dtype == Dtype::kBFloat16;
+  float* y_f32 = bf16 ? nullptr : static_cast<float*>(y);
+  uint16_t* y_bf16 = bf16 ? static_cast<uint16_t*>(y) : nullptr;
+  if (isa == Isa::kAvx512Bf16 && bf16) {
+    run_linear<uint16_t, uint16_t>(static_cast<const uint16_t*>(x), ldx, static_cast<const uint16_t*>(weight), ldw,
+                                   bias, y_f32, y_bf16, N, O, H, plan_bf16dp(N), num_threads);
+    return;
+  }
+  const std::vector<float> x32 = hidden_to_f32(x, N, H, ldx, dtype);
+  if (bf16) {
+    run_linear<float, uint16_t>(x32.data(), H, static_cast<const uint16_t*>(weight), ldw, bias, y_f32, y_bf16, N, O,
+                                H, plan_f32<uint16_t>(isa, N), num_threads);
+  } else {
+    run_linear<float, float>(x32.data(), H, static_cast<const float*>(weight), ldw, bias, y_f32, y_bf16, N, O, H,
+                             plan_f32<float>(isa, N), num_threads);
   }
 }
 

@@ -57,4 +57,10 @@ const char* isa_name(Isa isa);
 void lm_head_topk(const void* hidden, const void* weight, float* values, int64_t* indices, int64_t N, int64_t V,
                   int64_t H, int64_t ldh, int64_t ldw, int64_t k, Dtype dtype, Isa isa, int num_threads);
 
+// x [N, H] (row stride ldx), weight [O, H] (row stride ldw), both `dtype`; bias float32 [O] or null
+// -> y [N, O] contiguous, `dtype` (bf16: float32 sums rounded to nearest even). For the few rows
+// of a verify step; any N works.
+void linear_rows(const void* x, const void* weight, const float* bias, void* y, int64_t N, int64_t O, int64_t H,
+                 int64_t ldx, int64_t ldw, Dtype dtype, Isa isa, int num_threads);
+
 }  // namespace treedec

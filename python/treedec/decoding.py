@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops, sizing
+from . import layers, ops, sizing
 from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
@@ -142,14 +142,21 @@ class TreeDecoder:
         acceptance: sizing.AcceptanceModel,
         cost: sizing.CostCurve,
         max_nodes: int,
+        cpu_linear: bool = True,
     ):
         self.runner, self.drafter = runner, drafter
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
+        self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
         self.sampler: Sampler | None = None  # set per call from the request
 
     # -- one call ----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
+        linears = layers.routable_linears(self.runner.base.layers) if self.cpu_linear else []
+        with layers.routed(linears):
+            return self._decode(request)
+
+    def _decode(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
         started = time.perf_counter()
         self.sampler = request.sampler
         if self.sampler is not None:

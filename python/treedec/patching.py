@@ -24,7 +24,7 @@ compat.check_transformers_version()
 # config.model_type -> what the loop needs from the model. All four call attention through
 # transformers' AttentionInterface and keep layers at `model.<base_model_prefix>.layers`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha")
+LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha", "cpu_linear")
 ACCEPTANCE_RULES = ("exact", "typical")  # "typical": Medusa's typical acceptance, lossy, sampling only
 DEFAULT_MAX_TREE_NODES = 32
 
@@ -90,6 +90,8 @@ def _check_options(drafter, options: dict) -> dict:
     max_nodes = options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES)
     if not isinstance(max_nodes, int) or not 1 <= max_nodes <= max(sizing.TREE_SIZES):
         raise ValueError(f"max_tree_nodes = {max_nodes!r} must be an int in [1, {max(sizing.TREE_SIZES)}]")
+    if not isinstance(options.get("cpu_linear", True), bool):
+        raise ValueError(f"cpu_linear = {options['cpu_linear']!r} must be True or False")
     rule = options.get("acceptance", "exact")
     if rule not in ACCEPTANCE_RULES:
         raise ValueError(f"acceptance = {rule!r} must be one of {', '.join(map(repr, ACCEPTANCE_RULES))}")
@@ -263,7 +265,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
     else:
         acceptance, cost = learned.acceptance, learned.cost
-    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES))
+    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES),
+                          cpu_linear=options.get("cpu_linear", True))
     output, stats = decoder.generate(request)
     state.last_stats = stats.as_dict()
     return output.to(input_ids.device)

@@ -8,6 +8,7 @@ backend directly, so native kernels slot in here without changing them.
 from ._backend import available_backends, choose_backend, requested_backend
 from .attention import tree_attention
 from .compact import compact_kv
+from .linear import linear_rows
 from .lm_head import lm_head_topk
 from .sample import sample_tokens
 from .tree import build_tree
@@ -18,6 +19,7 @@ __all__ = [
     "build_tree",
     "choose_backend",
     "compact_kv",
+    "linear_rows",
     "lm_head_topk",
     "requested_backend",
     "sample_tokens",

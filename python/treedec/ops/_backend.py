@@ -3,7 +3,7 @@
 Backends and the ops each one implements:
 
 - ``reference``: every op, any device (pure torch, the oracle).
-- ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk on
+- ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk, linear_rows on
   CPU tensors.
 - ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, sample_tokens, compact_kv on CUDA tensors.
 - ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk on CUDA tensors, and on CPU
@@ -23,9 +23,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
-OPS = ("build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk")
+OPS = ("build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk", "linear_rows")
 NATIVE_OPS = {
-    "cpp": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk"}),
+    "cpp": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk", "linear_rows"}),
     "cuda": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv"}),
     "triton": frozenset({"tree_attention", "lm_head_topk"}),
 }

@@ -110,3 +110,20 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
         hidden.dtype == torch.bfloat16, os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(),
     )  # fmt: skip
     return values, indices
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    module = _native.require_cpp()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()
+    rows, width = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+    module.linear_rows(
+        x.data_ptr(), weight.data_ptr(), 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
+        rows, weight.shape[0], width, x.stride(0), weight.stride(0),
+        x.dtype == torch.bfloat16, os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(),
+    )  # fmt: skip
+    return out

@@ -23,6 +23,7 @@ _IMPLEMENTATIONS = {
     "compact_kv": {"reference": reference.compact_kv, "cpp": _cpp.compact_kv, "cuda": _cuda.compact_kv},
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
+    "linear_rows": {"reference": reference.linear_rows, "cpp": _cpp.linear_rows},
 }
 
 
@@ -129,6 +130,19 @@ def lm_head_topk_op(hidden: torch.Tensor, weight: torch.Tensor, k: int, backend:
 def _(hidden, weight, k, backend):
     rows = hidden.shape[0]
     return hidden.new_empty(rows, k, dtype=torch.float32), hidden.new_empty(rows, k, dtype=torch.int64)
+
+
+# -- linear_rows --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::linear_rows", mutates_args=())
+def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return implementation("linear_rows", backend)(x, weight, bias)
+
+
+@linear_rows_op.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def compiling() -> bool:

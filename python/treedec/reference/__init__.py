@@ -7,6 +7,7 @@ the data contracts in DESIGN.md; argument checking lives in `treedec.ops`, not h
 
 from .attention import dense_tree_mask, tree_attention
 from .compact import compact_kv
+from .linear import linear_rows
 from .lm_head import lm_head_topk
 from .tree import build_tree
 from .verify import sample_tokens, verify_greedy, verify_sample
@@ -15,6 +16,7 @@ __all__ = [
     "build_tree",
     "compact_kv",
     "dense_tree_mask",
+    "linear_rows",
     "lm_head_topk",
     "sample_tokens",
     "tree_attention",

@@ -1,0 +1,42 @@
+import torch
+
+from . import _library
+from ._backend import choose_backend
+from ._checks import check_same_device, check_tensor
+
+LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer for the few rows of a verify step: x @ weight.T + bias.
+
+    On the CPU the C++ kernel streams the weight once for all rows with the LM head's register
+    tiles; torch's fp32 matmul is several times slower for 1 to 8 rows of a weight that is not
+    in cache (bench/kernels.py, `linear_rows`). Other devices run torch.
+
+    Parameters
+    ----------
+    x : [N, H], float32 or bfloat16
+    weight : [O, H], same dtype
+    bias : [O] or None
+
+    Returns
+    -------
+    [N, O] in x's dtype (bf16: float32 sums rounded to nearest even)
+    """
+    check_tensor("x", x, LINEAR_DTYPES, 2)
+    check_tensor("weight", weight, LINEAR_DTYPES, 2)
+    check_same_device(x=x, weight=weight)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has width {x.shape[1]}; weight has {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, LINEAR_DTYPES, 1)
+        check_same_device(x=x, bias=bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries; weight has {weight.shape[0]} rows")
+    backend = choose_backend(x.device, "linear_rows")
+    if _library.compiling():
+        return torch.ops.treedec.linear_rows(x, weight, bias, backend)
+    return _library.implementation("linear_rows", backend)(x, weight, bias)

@@ -83,7 +83,8 @@ class Report:
             for m in self.methods:
                 r = rows[m]
                 tau = f"{r['tau']:.2f}" if m != "hf_pld" else "  - "
-                same = "  -  " if self.meta.get("sampling") else f"{r['identical']:>2}/{r['prompts']:<2}"
+                no_reference = m in ("hf", "hf_pld") or (self.meta.get("sampling") and "none" not in self.methods)
+                same = "  -  " if no_reference and self.meta.get("sampling") else f"{r['identical']:>2}/{r['prompts']:<2}"
                 cells.append(f"{r['tokens_per_s']:6.1f} {r['speedup']:4.2f} {tau:>5} {same}")
             lines.append(f"{category or 'overall':<15}" + "".join(f"{c:>22}" for c in cells))
         return "\n".join(lines)
@@ -138,7 +139,9 @@ def run_benchmark(
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
-    methods = ["hf"] + [m for m in methods if m != "hf"]  # HF greedy is the reference for every other method
+    # HF is the reference for every other method; when sampling, `none` (if run) is the reference
+    # for the other treedec methods: they sample with the same uniforms, so they must agree with it.
+    methods = ["hf"] + [m for m in methods if m == "none"] + [m for m in methods if m not in ("hf", "none")]
     device = next(model.parameters()).device
     report = Report(methods, meta={
         "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
@@ -170,13 +173,16 @@ def run_benchmark(
             generate(method, inputs, 8)
     for index, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
         inputs = _encode(tokenizer, prompt).to(device)
-        reference = None
+        reference = sampled_reference = None
         for method in methods:
             tokens, seconds, steps = generate(method, inputs, max_new_tokens, seed=index)
             if method == "hf":
                 reference = tokens
-            if sampling:  # another random stream than HF's: no token-level comparison
-                diff, gap, identical = None, None, False
+            if method == "none":
+                sampled_reference = tokens
+            if sampling:  # HF draws another random stream: compare treedec methods with `none`
+                diff, gap = None, None
+                identical = method in TREEDEC_METHODS and tokens == sampled_reference
             else:
                 diff = _first_diff(tokens, reference)
                 gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])

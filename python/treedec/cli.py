@@ -63,7 +63,8 @@ def cmd_demo(args) -> int:
     sampled = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), ["hf", "none", "auto"], args.max_new_tokens,
                             sampling=settings)
     print(f"\nthe same prompts, sampling ({', '.join(f'{k}={v}' for k, v in settings.items())}): "
-          "x = tokens/s over HF sampling; the distribution is the model's (tests/test_sampling.py)\n")
+          "x = tokens/s over HF sampling; same = samples identical to drafter=None's (the tree never changes "
+          "a sample); the distribution is the model's (tests/test_sampling.py)\n")
     print(sampled.table())
     return 0 if lossless else 1
 
@@ -109,7 +110,9 @@ def cmd_bench_e2e(args) -> int:
     print()
     print(f"Spec-Bench e2e: {len(prompts)} prompts, {_mode(args)}, max_new_tokens={args.max_new_tokens}, "
           f"{args.dtype}, {_where(args)}")
-    print("x = tokens/s over HF generate's" + ("" if args.sample else "; same = outputs identical to HF greedy") + "\n")
+    same = ("same = samples identical to drafter=None's (same seed, so the same uniforms)" if args.sample
+            else "same = outputs identical to HF greedy")
+    print(f"x = tokens/s over HF generate's; {same}\n")
     print(report.table())
     differing = [] if args.sample else [r for r in report.runs if not r.identical]
     for run in differing:

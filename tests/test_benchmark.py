@@ -1,0 +1,54 @@
+"""The end-to-end benchmark's bookkeeping, on a tiny model (timings are not checked)."""
+
+import torch
+
+from test_decoding import repetitive_prompt
+from test_sampling import peaked_llama
+from treedec.benchmark import run_benchmark
+from treedec.prompts import Prompt
+
+
+class ChatStub:
+    """The one tokenizer call the benchmark makes: a fixed token prompt per text."""
+
+    def __init__(self, prompts: dict[str, list[int]]):
+        self.prompts = prompts
+
+    def apply_chat_template(self, messages, **kwargs):
+        ids = torch.tensor([self.prompts[messages[0]["content"]]])
+        return _Batch(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+class _Batch(dict):
+    def to(self, device):
+        return _Batch({k: v.to(device) for k, v in self.items()})
+
+
+def setup():
+    model = peaked_llama(seed=3)
+    texts = {"a": repetitive_prompt(3, 12), "b": repetitive_prompt(4, 20)}
+    prompts = [Prompt("writing", "a", "1"), Prompt("coding", "b", "2")]
+    return model, ChatStub(texts), prompts
+
+
+def test_greedy_report_checks_every_method_against_hf():
+    model, tokenizer, prompts = setup()
+    report = run_benchmark(model, tokenizer, prompts, ["auto", "none"], max_new_tokens=12, progress=False)
+    assert report.methods == ["hf", "none", "auto"]
+    summary = report.summary()
+    assert all(summary[m]["identical"] == 2 for m in report.methods)
+    assert " 2/2" in report.table().splitlines()[-1]
+    assert not hasattr(model, "treedec")  # left unpatched
+
+
+def test_sampling_report_checks_treedec_methods_against_none():
+    """Every treedec method samples with the same uniforms as drafter=None, and a tree never changes
+    a sample: the report counts them identical; HF (another random stream) has no comparison."""
+    model, tokenizer, prompts = setup()
+    report = run_benchmark(model, tokenizer, prompts, ["recycling", "auto", "none"], max_new_tokens=12,
+                           progress=False, sampling={"temperature": 0.8})
+    summary = report.summary()
+    assert summary["recycling"]["identical"] == summary["auto"]["identical"] == 2
+    assert summary["hf"]["identical"] == 0
+    last = report.table().splitlines()[-1]
+    assert last.count(" 2/2") == 3 and "  -  " in last

@@ -1,4 +1,5 @@
-// LM head fused with a streaming top-k on the CPU (see treedec_cpu.h for the contract).
+// LM head fused with a streaming top-k on the CPU (see treedec_cpu.h for the contract), and
+// linear_rows, a linear layer for a few rows built from the same register tiles.
 //
 // The weight [V, H] is streamed once per call: each thread owns a contiguous slice of V and walks
 // it VR rows at a time; those VR rows stay in L1 while all N hidden rows (in L2) are multiplied
@@ -377,6 +378,37 @@ inline void offer_row(TopK& list, float* logits, int count, int64_t v0, bool rou
   for (; v < count; ++v) list.offer(round_bf16 ? round_to_bf16(logits[v]) : logits[v], v0 + v);
 }
 
+// Weight rows to prefetch ahead so that about `distance` bytes are in flight (whole tiles).
+template <class WT>
+int64_t prefetch_rows_for(int VR, int64_t H, int64_t distance) {
+  const int64_t tile_bytes = std::max<int64_t>(1, VR * H * static_cast<int64_t>(sizeof(WT)));
+  return VR * std::max<int64_t>(1, (distance + tile_bytes - 1) / tile_bytes);
+}
+
+// Weight rows [v_lo, v_hi) against all N input rows: each VR-row weight tile meets the rows in
+// register tiles (it stays in L1 meanwhile), and take(n0, nr, v0, vr, sums) consumes (and may
+// overwrite) each tile's nr x vr sums (row stride VR). `rows` (V or O) bounds the prefetch.
+template <class HT, class WT, class Take>
+inline void for_each_tile(const HT* x, int64_t ldx, const WT* weight, int64_t ldw, int64_t N, int64_t H, int64_t rows,
+                          int64_t v_lo, int64_t v_hi, const Plan<HT, WT>& plan, int64_t prefetch_rows, Take&& take) {
+  const int VR = plan.vr;
+  // Input rows in balanced groups of at most nr_max (N = 8 as 4 + 4, not 6 + 2): a short group
+  // has too few independent accumulators to hide the multiply-add latency.
+  const int64_t groups = (N + plan.nr_max - 1) / plan.nr_max;
+  const int64_t rows_per_group = N / groups, rows_extra = N % groups;
+  alignas(64) float sums[kMaxNR * kMaxVR];
+  for (int64_t v0 = v_lo; v0 < v_hi; v0 += VR) {
+    const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
+    const WT* prefetch = v0 + prefetch_rows + VR <= rows ? weight + (v0 + prefetch_rows) * ldw : nullptr;
+    for (int64_t g = 0, n0 = 0; g < groups; ++g) {
+      const int nr = static_cast<int>(rows_per_group + (g < rows_extra ? 1 : 0));
+      plan.tile(x + n0 * ldx, ldx, weight + v0 * ldw, ldw, H, nr, vr, g == 0 ? prefetch : nullptr, sums);
+      take(n0, nr, v0, vr, sums);
+      n0 += nr;
+    }
+  }
+}
+
 template <class HT, class WT>
 void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* values, int64_t* indices, int64_t N,
          int64_t V, int64_t H, int64_t k, Plan<HT, WT> plan, bool round_bf16, int num_threads) {
@@ -388,16 +420,9 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
   std::vector<int64_t> part_indices(static_cast<size_t>(num_threads * N * k));
   std::vector<int64_t> part_counts(static_cast<size_t>(num_threads * N), 0);
   const int VR = plan.vr;
-  // Prefetch about this many bytes of weight ahead of the tile being multiplied (whole tiles).
+  // Prefetch about this many bytes of weight ahead of the tile being multiplied.
   const char* distance_env = std::getenv("TREEDEC_LMHEAD_PREFETCH");  // tuning experiments
-  const int64_t distance = distance_env ? std::atoll(distance_env) : 16384;
-  const int64_t tile_bytes = std::max<int64_t>(1, VR * H * static_cast<int64_t>(sizeof(WT)));
-  const int64_t prefetch_rows = VR * std::max<int64_t>(1, (distance + tile_bytes - 1) / tile_bytes);
-
-  // Hidden rows in balanced groups of at most nr_max (N = 8 as 4 + 4, not 6 + 2): a short group
-  // has too few independent accumulators to hide the multiply-add latency.
-  const int64_t groups = (N + plan.nr_max - 1) / plan.nr_max;
-  const int64_t rows_per_group = N / groups, rows_extra = N % groups;
+  const int64_t prefetch_rows = prefetch_rows_for<WT>(VR, H, distance_env ? std::atoll(distance_env) : 16384);
   // Threads take chunks of V dynamically: on a shared or SMT machine one slow thread must not
   // leave the other idle at the end, as a static split would.
   const int64_t chunk = 512;
@@ -415,20 +440,12 @@ void run(const HT* hidden, int64_t ldh, const WT* weight, int64_t ldw, float* va
       lists[n] = TopK{part_values.data() + slot, part_indices.data() + slot, k, 0,
                       -std::numeric_limits<float>::infinity()};
     }
-    alignas(64) float out[kMaxNR * kMaxVR];
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < num_chunks; ++c) {
-      const int64_t v_hi = std::min<int64_t>(V, (c + 1) * chunk);
-      for (int64_t v0 = c * chunk; v0 < v_hi; v0 += VR) {
-        const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
-        const WT* prefetch = v0 + prefetch_rows + VR <= V ? weight + (v0 + prefetch_rows) * ldw : nullptr;
-        for (int64_t g = 0, n0 = 0; g < groups; ++g) {
-          const int nr = static_cast<int>(rows_per_group + (g < rows_extra ? 1 : 0));
-          plan.tile(hidden + n0 * ldh, ldh, weight + v0 * ldw, ldw, H, nr, vr, g == 0 ? prefetch : nullptr, out);
-          for (int n = 0; n < nr; ++n) offer_row(lists[n0 + n], out + n * VR, vr, v0, round_bf16);
-          n0 += nr;
-        }
-      }
+      for_each_tile(hidden, ldh, weight, ldw, N, H, V, c * chunk, std::min<int64_t>(V, (c + 1) * chunk), plan,
+                    prefetch_rows, [&](int64_t n0, int nr, int64_t v0, int vr, float* sums) {
+                      for (int n = 0; n < nr; ++n) offer_row(lists[n0 + n], sums + n * VR, vr, v0, round_bf16);
+                    });
     }
     for (int64_t n = 0; n < N; ++n) part_counts[static_cast<size_t>(tid * N + n)] = lists[n].count;
   }
@@ -499,41 +516,30 @@ template <class HT, class WT>
 void run_linear(const HT* x, int64_t ldx, const WT* weight, int64_t ldw, const float* bias, float* y_f32,
                 uint16_t* y_bf16, int64_t N, int64_t O, int64_t H, Plan<HT, WT> plan, int num_threads) {
   const int VR = plan.vr;
-  const int64_t groups = (N + plan.nr_max - 1) / plan.nr_max;
-  const int64_t rows_per_group = N / groups, rows_extra = N % groups;
-  const int64_t chunk = 16 * VR;  // weight rows per work item
+  const int64_t chunk = 16 * VR;  // weight rows per work item; a thread takes contiguous ones
   const int64_t num_chunks = (O + chunk - 1) / chunk;
   if (num_threads > num_chunks) num_threads = static_cast<int>(num_chunks);
   if (num_threads < 1) num_threads = 1;
-  const int64_t tile_bytes = std::max<int64_t>(1, VR * H * static_cast<int64_t>(sizeof(WT)));
-  const int64_t prefetch_rows = VR * std::max<int64_t>(1, (16384 + tile_bytes - 1) / tile_bytes);
+  const int64_t prefetch_rows = prefetch_rows_for<WT>(VR, H, 16384);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t c = 0; c < num_chunks; ++c) {
-    alignas(64) float out[kMaxNR * kMaxVR];
-    const int64_t v_hi = std::min<int64_t>(O, (c + 1) * chunk);
-    for (int64_t v0 = c * chunk; v0 < v_hi; v0 += VR) {
-      const int vr = static_cast<int>(std::min<int64_t>(VR, v_hi - v0));
-      const WT* prefetch = v0 + prefetch_rows + VR <= v_hi ? weight + (v0 + prefetch_rows) * ldw : nullptr;
-      for (int64_t g = 0, n0 = 0; g < groups; ++g) {
-        const int nr = static_cast<int>(rows_per_group + (g < rows_extra ? 1 : 0));
-        plan.tile(x + n0 * ldx, ldx, weight + v0 * ldw, ldw, H, nr, vr, g == 0 ? prefetch : nullptr, out);
-        for (int n = 0; n < nr; ++n) {
-          for (int v = 0; v < vr; ++v) {
-            const float value = out[n * VR + v] + (bias != nullptr ? bias[v0 + v] : 0.0f);
-            const int64_t at = (n0 + n) * O + v0 + v;
-            if (y_bf16 != nullptr) {
-              uint32_t bits;
-              const float rounded = round_to_bf16(value);
-              std::memcpy(&bits, &rounded, sizeof(bits));
-              y_bf16[at] = static_cast<uint16_t>(bits >> 16);
-            } else {
-              y_f32[at] = value;
-            }
-          }
-        }
-        n0 += nr;
-      }
-    }
+    for_each_tile(x, ldx, weight, ldw, N, H, O, c * chunk, std::min<int64_t>(O, (c + 1) * chunk), plan, prefetch_rows,
+                  [&](int64_t n0, int nr, int64_t v0, int vr, float* sums) {
+                    for (int n = 0; n < nr; ++n) {
+                      for (int v = 0; v < vr; ++v) {
+                        const float value = sums[n * VR + v] + (bias != nullptr ? bias[v0 + v] : 0.0f);
+                        const int64_t at = (n0 + n) * O + v0 + v;
+                        if (y_bf16 != nullptr) {
+                          uint32_t bits;
+                          const float rounded = round_to_bf16(value);
+                          std::memcpy(&bits, &rounded, sizeof(bits));
+                          y_bf16[at] = static_cast<uint16_t>(bits >> 16);
+                        } else {
+                          y_f32[at] = value;
+                        }
+                      }
+                    }
+                  });
   }
 }
 

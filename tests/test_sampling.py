@@ -42,6 +42,13 @@ def peaked_llama(seed: int, vocab_size: int = 96):
     return model
 
 
+def hf_config(**settings) -> GenerationConfig:
+    """The settings as HF's generate resolves them: unset fields take HF's global defaults (top_k=50)."""
+    config = GenerationConfig(do_sample=True, **settings)
+    config.update(**config._get_default_generation_params(), defaults_only=True)
+    return config
+
+
 def inverse_cdf_in_sampling_order(probs: torch.Tensor, uniform: float) -> int:
     """probs [V] -> the token inverse-CDF sampling picks: the 16 most probable tokens first (most
     probable first), then the rest in vocabulary order (treedec.sampling.in_sampling_order)."""
@@ -58,8 +65,7 @@ def sample_token_by_token(model, prompts: list[list[int]], max_new_tokens: int, 
     """The definition treedec must reproduce: per sequence, per position n, HF's warpers, softmax,
     inverse CDF in sampling order with uniform U[b, n]; U drawn as torch.rand(B, max_new_tokens)
     right after seeding."""
-    config = GenerationConfig(do_sample=True, **settings)
-    sampler = Sampler(build_warpers(config))
+    sampler = Sampler(build_warpers(hf_config(**settings)))
     uniforms = torch.rand(len(prompts), max_new_tokens)
     rows = []
     with torch.no_grad():
@@ -119,6 +125,24 @@ def test_eos_and_length_limit_inside_accepted_paths(full_trees):
     assert (got[0] == eos).any()  # the first sequence stopped at EOS inside an accepted chunk
 
 
+def test_unset_settings_take_hfs_defaults():
+    """generate(do_sample=True) without top_k samples with HF's default top_k=50, as HF does; with
+    a flat distribution (temperature 3) over 96 tokens that differs from sampling without top-k."""
+    model = peaked_llama(seed=3)
+    prompts = [repetitive_prompt(3, 11), [7, 8]]
+    ids, mask = left_padded(prompts)
+    torch.manual_seed(5)
+    with_default = sample_token_by_token(model, prompts, 16, eos=None, pad=0, temperature=3.0)
+    torch.manual_seed(5)
+    without_top_k = sample_token_by_token(model, prompts, 16, eos=None, pad=0, temperature=3.0, top_k=0)
+    assert not torch.equal(with_default, without_top_k)
+    treedec.patch(model, drafter="auto")
+    torch.manual_seed(5)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=3.0,
+                         eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, with_default)
+
+
 def test_seeded_runs_repeat_and_seeds_matter():
     model = treedec.patch(peaked_llama(seed=1), drafter="auto")
     ids = torch.tensor([repetitive_prompt(1, 16)] * 2)
@@ -152,7 +176,7 @@ FALSE_FAILURE = 1e-4
 
 def exact_pairs(model, **settings) -> torch.Tensor:
     """P(x1, x2) after PROMPT, [V, V], enumerated from the model with HF's warpers."""
-    sampler = Sampler(build_warpers(GenerationConfig(do_sample=True, **settings)))
+    sampler = Sampler(build_warpers(hf_config(**settings)))
     with torch.no_grad():
         first = sampler.probs(model(torch.tensor([PROMPT])).logits[:, -1:, :])[0, 0].double()
         extended = torch.tensor([PROMPT + [x] for x in range(VOCAB)])

@@ -49,3 +49,17 @@ def attention_registries():
     from transformers.masking_utils import AttentionMaskInterface
 
     return AttentionInterface, AttentionMaskInterface
+
+
+def resolve_generation_config(model, generation_config):
+    """The GenerationConfig HF's `generate` would use before applying call kwargs: a copy of the
+    passed config (or the model's), its unset fields filled from the model's, then from HF's
+    global defaults (`top_k=50`, `temperature=1.0`, `max_length=20`, ...). Skipping the defaults
+    would sample without HF's top-k of 50, a different distribution from HF's."""
+    import copy
+
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    if generation_config is not None:
+        config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**config._get_default_generation_params(), defaults_only=True)
+    return config

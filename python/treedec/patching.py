@@ -7,7 +7,6 @@ back to the original `generate` with a one-time warning naming the reason.
 
 from __future__ import annotations
 
-import copy
 import types
 import warnings
 import weakref
@@ -234,7 +233,7 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
               prefix_allowed_tokens_fn=None, streamer=None, **kwargs):
     state: TreedecState = model.treedec
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    config = compat.resolve_generation_config(model, generation_config)
     model_kwargs = config.update(**kwargs)  # what is not a generation setting is a model input
     assistant_model = model_kwargs.pop("assistant_model", None)
     extra = dict(logits_processor=logits_processor, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,

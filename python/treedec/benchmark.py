@@ -83,8 +83,9 @@ class Report:
             for m in self.methods:
                 r = rows[m]
                 tau = f"{r['tau']:.2f}" if m != "hf_pld" else "  - "
-                no_reference = m in ("hf", "hf_pld") or (self.meta.get("sampling") and "none" not in self.methods)
-                same = "  -  " if no_reference and self.meta.get("sampling") else f"{r['identical']:>2}/{r['prompts']:<2}"
+                # Sampling: treedec methods are checked against `none`; HF's samples against nothing.
+                unchecked = self.meta.get("sampling") and (m in HF_METHODS or "none" not in self.methods)
+                same = "  -  " if unchecked else f"{r['identical']:>2}/{r['prompts']:<2}"
                 cells.append(f"{r['tokens_per_s']:6.1f} {r['speedup']:4.2f} {tau:>5} {same}")
             lines.append(f"{category or 'overall':<15}" + "".join(f"{c:>22}" for c in cells))
         return "\n".join(lines)

@@ -192,7 +192,8 @@ class TreeDecoder:
                 num_nodes, kept = 1, [[0]] * len(active)
             parents, tokens = pack_tries(tries, kept, num_nodes)
             emitted = [len(generated[s]) for s in active]
-            accept_len, accept_nodes, bonus, topk, topk_probs = self._verify_step(cache, parents, tokens, active, emitted)
+            verified = self._verify_step(cache, parents, tokens, active, emitted)
+            accept_len, accept_nodes, bonus, topk, topk_probs = verified
 
             self.drafter.observe(
                 StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs)
@@ -321,8 +322,10 @@ class TreeDecoder:
                 return in_sampling_order(probs, kept_ids), self._drafter_view(view, batch, num_nodes)
         logits = self.runner.logits(hidden)
         probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
-        view_probs, view_ids = probs.topk(draft_k, dim=-1)
-        return in_sampling_order(probs), self._drafter_view((view_ids, view_probs), batch, num_nodes)
+        # Ranked by logit: past top-p's nucleus every probability is 0, the logits still rank.
+        view_ids = logits.reshape(batch * num_nodes, -1).topk(draft_k, dim=-1).indices
+        view = (view_ids, probs.gather(1, view_ids))
+        return in_sampling_order(probs), self._drafter_view(view, batch, num_nodes)
 
     @staticmethod
     def _drafter_view(view, batch: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:

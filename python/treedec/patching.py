@@ -264,8 +264,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
     else:
         acceptance, cost = learned.acceptance, learned.cost
-    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES),
-                          cpu_linear=options.get("cpu_linear", True))
+    max_nodes = options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES)
+    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True))
     output, stats = decoder.generate(request)
     state.last_stats = stats.as_dict()
     return output.to(input_ids.device)

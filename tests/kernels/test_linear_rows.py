@@ -21,7 +21,8 @@ def check_linear(x, weight, bias, got):
     if x.dtype == torch.float32:
         assert torch.all((got.double() - exact).abs() <= 1e-5 * scale + 1e-6)
     else:
-        assert torch.all((got.double() - exact).abs() <= 2 ** -7 * exact.abs() + 1e-2 * scale / x.shape[1] ** 0.5 + 1e-3)
+        tolerance = 2**-7 * exact.abs() + 1e-2 * scale / x.shape[1] ** 0.5 + 1e-3
+        assert torch.all((got.double() - exact).abs() <= tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,3 +98,24 @@ def test_routing_is_scoped_and_only_for_few_rows(monkeypatch):
     assert calls == [6, 6] and "forward" not in stack[0].__dict__
     stack(x)
     assert calls == [6, 6]
+
+
+def test_decode_loop_routes_projections_unless_turned_off(monkeypatch):
+    import treedec
+    from treedec.models import tiny_llama
+
+    calls = []
+    real = ops.linear_rows
+    monkeypatch.setattr(ops, "linear_rows", lambda *a: calls.append(1) or real(*a))
+    model = tiny_llama(seed=1)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert not calls  # HF's own generate never uses it
+    for cpu_linear, routed in ((True, True), (False, False)):
+        calls.clear()
+        treedec.patch(model, drafter="auto", cpu_linear=cpu_linear)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+        assert bool(calls) == routed
+        assert all("forward" not in m.__dict__ for m in model.modules())  # restored after the call
+    with pytest.raises(ValueError, match="cpu_linear"):
+        treedec.patch(model, cpu_linear="yes")

@@ -65,8 +65,9 @@ class RecyclingTable:
         """Ranks of `token`'s successors in the order the drafter tries them, and how they were
         ordered: "coupled" (the successor `uniform` would pick under the remembered probabilities
         first, then the one across the nearer edge of its slice; "coupled-edge" when `uniform`
-        is within EDGE_MARGIN of that edge), "tail" (`uniform` falls past the remembered successors' mass: none of them is
-        likely) or None (greedy, or no probabilities remembered: plain rank order)."""
+        is within EDGE_MARGIN of that edge), "tail" (`uniform` falls past the remembered
+        successors' mass: none of them is likely) or None (greedy, or no probabilities
+        remembered: plain rank order)."""
         ranks = list(range(self.width))
         if uniform is None:
             return ranks, None

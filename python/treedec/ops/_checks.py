@@ -31,6 +31,17 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device; got {listing}")
 
 
+def check_projection(name: str, x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    """x [N, H] against a projection weight [O, H]: same dtype (one of `dtypes`), device and width."""
+    check_tensor(name, x, dtypes, 2)
+    check_tensor("weight", weight, dtypes, 2)
+    check_same_device(**{name: x, "weight": weight})
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name} has width {x.shape[1]}; weight has {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{name} is {x.dtype} but weight is {weight.dtype}")
+
+
 def check_shape(name: str, x: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(x.shape) != tuple(expected):
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)}")

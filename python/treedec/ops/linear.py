@@ -2,7 +2,7 @@ import torch
 
 from . import _library
 from ._backend import choose_backend
-from ._checks import check_same_device, check_tensor
+from ._checks import check_projection, check_same_device, check_tensor
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -24,13 +24,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     -------
     [N, O] in x's dtype (bf16: float32 sums rounded to nearest even)
     """
-    check_tensor("x", x, LINEAR_DTYPES, 2)
-    check_tensor("weight", weight, LINEAR_DTYPES, 2)
-    check_same_device(x=x, weight=weight)
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x has width {x.shape[1]}; weight has {weight.shape[1]}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    check_projection("x", x, weight, LINEAR_DTYPES)
     if bias is not None:
         check_tensor("bias", bias, LINEAR_DTYPES, 1)
         check_same_device(x=x, bias=bias)

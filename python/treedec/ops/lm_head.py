@@ -2,7 +2,7 @@ import torch
 
 from . import _library
 from ._backend import choose_backend
-from ._checks import check_same_device, check_tensor
+from ._checks import check_projection
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -23,13 +23,7 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
     values : float32 [N, k], largest first
     indices : int64 [N, k]
     """
-    check_tensor("hidden", hidden, FLOAT_DTYPES, 2)
-    check_tensor("weight", weight, FLOAT_DTYPES, 2)
-    check_same_device(hidden=hidden, weight=weight)
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden has width {hidden.shape[1]}; weight has {weight.shape[1]}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    check_projection("hidden", hidden, weight, FLOAT_DTYPES)
     if not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
         raise ValueError(f"k = {k!r} must be an int in [1, {weight.shape[0]}]")
     backend = choose_backend(hidden.device, "lm_head_topk")

@@ -184,14 +184,14 @@ class TreeDecoder:
             if with_drafts and not self.cost.has(len(active)):
                 self._calibrate(cache, len(active))  # once per batch size; kept out of the step's time
             step_started = time.perf_counter()
+            emitted = [len(generated[s]) for s in active]
             if with_drafts:
-                tries = [self._propose(s, roots[s], len(generated[s])) for s in active]
+                tries = [self._propose(s, roots[s], n) for s, n in zip(active, emitted)]
                 num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
             else:
                 tries = [DraftTrie(roots[s]) for s in active]
                 num_nodes, kept = 1, [[0]] * len(active)
             parents, tokens = pack_tries(tries, kept, num_nodes)
-            emitted = [len(generated[s]) for s in active]
             verified = self._verify_step(cache, parents, tokens, active, emitted)
             accept_len, accept_nodes, bonus, topk, topk_probs = verified
 

@@ -42,6 +42,11 @@ def rank_template(num_nodes: int, width: int, max_depth: int) -> list[tuple[int,
     return paths
 
 
+def uniform_at(uniforms: list[float] | None, depth: int) -> float | None:
+    """The uniform that picks the child of a node at `depth` (None: greedy, or past the list)."""
+    return uniforms[depth] if uniforms is not None and depth < len(uniforms) else None
+
+
 class RecyclingTable:
     """Successor table: int32 [V, k] ids (-1 where a token has not been verified yet) and their
     sampling probabilities float32 [V, k] (NaN where the last update was greedy)."""
@@ -115,10 +120,8 @@ class RecyclingDrafter(Drafter):
             if parent is None:
                 continue
             parent_token = trie.tokens[parent]
-            if parent not in orders:
-                depth = len(path) - 1  # the parent's depth: its children take uniforms[depth]
-                uniform = uniforms[depth] if uniforms is not None and depth < len(uniforms) else None
-                orders[parent] = self.table.slot_order(parent_token, uniform)
+            if parent not in orders:  # len(path) - 1 is the parent's depth
+                orders[parent] = self.table.slot_order(parent_token, uniform_at(uniforms, len(path) - 1))
             ranks, how = orders[parent]
             token = int(successors[parent_token, ranks[path[-1]]])
             if token < 0:
@@ -137,8 +140,7 @@ class RecyclingDrafter(Drafter):
         for i in range(1, len(trie)):
             parent = trie.parents[i]
             depth[i] = depth[parent] + 1
-            uniform = uniforms[depth[parent]] if uniforms is not None and depth[parent] < len(uniforms) else None
-            ranks, how = self.table.slot_order(trie.tokens[parent], uniform)
+            ranks, how = self.table.slot_order(trie.tokens[parent], uniform_at(uniforms, depth[parent]))
             if how in ("coupled", "coupled-edge"):
                 guess = int(self.table.successors[trie.tokens[parent], ranks[0]])
                 how = "agree" if guess == trie.tokens[i] else "disagree"

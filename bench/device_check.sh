@@ -9,7 +9,8 @@
 #            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
 #   triton_small  the CPU-sized Triton cases, compiled on the GPU         -> pytest_triton_small.log
 # STAGES="build test" runs a subset (default: all, in the order above). Each stage runs under
-# `timeout`, gets what is left of BUDGET_S, and a failing stage does not stop the later ones.
+# `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S, E2E_SAMPLE_LIMIT_S override the defaults),
+# gets at most what is left of BUDGET_S, and a failing stage does not stop the later ones.
 # Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
 # (the device tool returns at most 8 files), next to $OUT/summary.txt.
 #
@@ -26,8 +27,8 @@
 #     > .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (from the repository root)
-# With the device tool: a first call carrying .devcarry1 (model part 00) with STAGES="env build test",
-# then at once (the machine stays held for 30 s) a second carrying .devcarry with STAGES="bench e2e".
+# With the device tool: a first call carrying .devcarry1 (model part 00) with STAGES="env build test bench",
+# then at once (the machine stays held for 30 s) a second carrying .devcarry with STAGES="e2e".
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -117,12 +118,17 @@ fi
 
 if wanted test; then
   # The engine's GPU tests first (lossless decoding, CUDA-graph capture), then the kernels' own.
-  stage test 240 "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider --durations=15 \
-    tests/test_gpu.py tests/kernels || STATUS=1
+  # Eight workers (pytest-xdist is in the GPU image): most of the time is Triton compiling kernels
+  # for each test shape, which parallelises across processes; one GPU serves them all.
+  XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
+  stage test "${TEST_LIMIT_S:-180}" "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider \
+    --durations=15 $XDIST tests/test_gpu.py tests/kernels || STATUS=1
 fi
 
 if wanted bench; then
-  stage bench 110 "$WORK/bench.log" "$PYTHON" bench/kernels.py --device cuda --budget 0.5 --repeats 50 \
+  # The kernels with GPU targets first, so that a run cut short still has them.
+  stage bench "${BENCH_LIMIT_S:-150}" "$WORK/bench.log" "$PYTHON" bench/kernels.py --device cuda --budget 0.5 \
+    --repeats 50 --kernels copy,tree_attention,verify_greedy,compact_kv,build_tree,verify_sample,lm_head_topk,linear_rows \
     --out "$WORK/kernels_gpu.csv" --fresh || STATUS=1
 fi
 
@@ -138,10 +144,10 @@ if wanted e2e; then
   fi
   if [ -f .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256 ] \
     && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256)" ]; then
-    stage e2e 170 "$WORK/e2e.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" TREEDEC_CACHE=/tmp/treedec_cache \
-      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 2 \
-      --max-new-tokens 128 --methods hf none lookup auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
-    stage e2e_sample 90 "$WORK/e2e_sample.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" \
+    stage e2e "${E2E_LIMIT_S:-150}" "$WORK/e2e.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" TREEDEC_CACHE=/tmp/treedec_cache \
+      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 1 \
+      --max-new-tokens 128 --methods hf none recycling auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
+    stage e2e_sample "${E2E_SAMPLE_LIMIT_S:-90}" "$WORK/e2e_sample.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" \
       TREEDEC_CACHE=/tmp/treedec_cache "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl \
       --limit-per-category 1 --max-new-tokens 128 --methods hf auto --sample --temperature 0.7 \
       --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1

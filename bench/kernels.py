@@ -230,7 +230,7 @@ def bench_verify_sample(device, quick):
             parents = random_parents(batch, num_nodes, generator, device)
             probs = torch.rand(batch, num_nodes, vocab, generator=generator) ** 8  # peaked, unnormalised
             probs = probs.to(device)
-            tokens = probs.argmax(-1).gather(1, parents.long().clamp(min=0).cpu()).to(device)  # likely drafts
+            tokens = probs.argmax(-1).gather(1, parents.long().clamp(min=0))  # likely drafts
             uniforms = torch.rand(batch, num_nodes, generator=generator).to(device)
             moved = batch * num_nodes * (4 + 8 + 4 * vocab + 4 + 4) + batch * (4 + 8)
             methods = {"reference": lambda: reference.verify_sample(parents, tokens, probs, uniforms)}

@@ -243,6 +243,8 @@ def _launch(
     num_splits: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     batch, num_q_heads, num_nodes, head_dim = q.shape
     num_kv_heads, cache_len = k.shape[1], k.shape[2]
@@ -270,7 +272,8 @@ def _launch(
         num_splits = _choose_splits(q.device, m_blocks * batch * num_kv_heads, cache_len, block_n)
     dot_fp32 = q.device.type == "cpu"  # only under TRITON_INTERPRET=1
     precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
-    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    if num_warps is None:
+        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
 
     if num_splits > 1:
         part_o = torch.empty(batch * num_q_heads * num_nodes, num_splits, block_d, dtype=torch.float32, device=q.device)
@@ -291,7 +294,7 @@ def _launch(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=num_warps,
-        num_stages=2,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _combine_kernel[(batch * num_q_heads * num_nodes,)](

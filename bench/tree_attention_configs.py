@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         moved = 2 * kv_rows * kv_heads * head_dim * 2 + 2 * q.numel() * 2 + tree_mask.numel() * 4
         shape = f"{model},B={batch},T={num_nodes},prefix={prefix}"
         rows = (q_heads // kv_heads) * num_nodes
-        block_m = 64 if rows > 32 else max(16, 1 << (rows - 1).bit_length())
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        block_m, _ = kernel._tile_config(device, q.dtype, rows, -(-rows // 64) * batch * kv_heads, block_d)
         m_blocks = -(-rows // block_m)
         splits_auto = kernel._choose_splits(device, m_blocks * batch * kv_heads, capacity, 64)
         candidates = [{"default": True}] + list(configs(rows, splits_auto))

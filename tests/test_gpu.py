@@ -29,9 +29,11 @@ def native_backends_or_skip() -> None:
         pytest.skip(f"no native CUDA kernel for {', '.join(missing)} in this install")
 
 
+@pytest.mark.parametrize("fp32_lm_head", ["reference", "triton"])  # torch's GEMM + topk, or the fused kernel
 @pytest.mark.parametrize("drafter", ["auto", "lookup", None])
-def test_lossless_batch_on_gpu(drafter):
+def test_lossless_batch_on_gpu(drafter, fp32_lm_head, monkeypatch):
     native_backends_or_skip()
+    monkeypatch.setattr(treedec.ops.lm_head, "FP32_GPU_BACKEND", fp32_lm_head)
     model = tiny_llama(seed=5).cuda()
     ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 23), [11, 4]])
     ids, mask = ids.cuda(), mask.cuda()
@@ -55,11 +57,13 @@ def test_eos_inside_accepted_path_on_gpu():
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("top_k", [10, 0])  # 10: the fused Triton top-k path; 0: full logits, CUDA sample_tokens
-def test_sampling_equals_token_by_token_on_gpu(top_k):
+# top_k 10: the fused top-k path (Triton, as fp32 runs it here only when forced); 0: full logits, CUDA sample_tokens
+@pytest.mark.parametrize("top_k", [10, 0])
+def test_sampling_equals_token_by_token_on_gpu(top_k, monkeypatch):
     from test_sampling import peaked_llama, sample_token_by_token
 
     native_backends_or_skip()
+    monkeypatch.setattr(treedec.ops.lm_head, "FP32_GPU_BACKEND", "triton")
     model = peaked_llama(seed=3).cuda()
     prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19), [7, 8]]
     ids, mask = left_padded(prompts)

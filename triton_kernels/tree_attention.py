@@ -14,7 +14,7 @@ reading the ancestor bits of each (query node, tree node) pair from the packed m
 [T, S] mask is ever built.
 
 Split-KV: when there are too few programs to fill the GPU and the cache is long, the prefix of
-each sequence is cut into num_splits equal chunks (computed in the kernel from prefix_len, so no
+each sequence is cut into num_splits equal chunks (about one wave of programs in all) (computed in the kernel from prefix_len, so no
 host sync and graph-capturable); the last split also takes the tree block. Each split writes a
 normalised partial output and its log-sum-exp, and `_combine_kernel` merges them.
 """
@@ -221,15 +221,49 @@ def _num_sms(device_index: int) -> int:
 
 
 def _choose_splits(device: torch.device, programs: int, cache_len: int, block_n: int) -> int:
-    """Split the prefix only when the grid would not fill the GPU and the cache is long.
+    """Split the prefix only when the grid would not fill the GPU, up to about one wave.
 
-    Uses static shapes only (cache capacity, not prefix_len), so the choice never syncs."""
+    One wave, not more: on an H100 (132 SMs) at T=64, prefix 4096, llama3-8b heads, 4 splits of
+    32 programs ran in 29 us and 9 splits in 47 us (bench/tree_attention_configs.py,
+    bench/results/h100/tree_attention_configs.csv): extra waves re-read the query block and add
+    partial results to combine. Uses static shapes only (cache capacity, not prefix_len), so the
+    choice never syncs."""
     if device.type != "cuda":
         return 1
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= target:
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(target, programs), cache_len // (4 * block_n), 32))
+    return max(1, min(sms // programs, cache_len // (4 * block_n), 32))
+
+
+def _tile_config(device: torch.device, dtype: torch.dtype, rows: int, programs_at_64: int, block_d: int):
+    """(BLOCK_M, num_stages) for a launch, from the configuration sweep on an H100.
+
+    - 128-row query tiles (8 warps, `_warps_for`) once 64-row tiles already give every SM a program: each
+      K/V tile is then read by half as many programs (llama3-8b heads, B=8, T=64, prefix 4096:
+      94 us against 148 us with 64-row tiles);
+    - otherwise 64-row tiles (16/32 for small trees), and the prefix is split instead;
+    - three pipeline stages for 16-bit tiles up to D=128 (29 vs 30 us and 94 vs 122 us against
+      two); fp32 and wider heads keep the two their GPU tests ran with (three stages of their
+      tiles may not fit shared memory).
+    The CPU interpreter keeps the small tiles (no SM count; speed is meaningless there).
+    """
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16) and block_d <= 128
+    if rows <= 32:
+        block_m = max(16, triton.next_power_of_2(rows))
+    elif (
+        device.type == "cuda"
+        and sixteen_bit
+        and programs_at_64 >= _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    ):
+        block_m = 128
+    else:
+        block_m = 64
+    return block_m, 3 if sixteen_bit else 2
+
+
+def _warps_for(block_m: int, block_d: int) -> int:
+    return 4 if block_m * block_d <= 64 * 128 else 8
 
 
 def _launch(
@@ -244,7 +278,7 @@ def _launch(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     batch, num_q_heads, num_nodes, head_dim = q.shape
     num_kv_heads, cache_len = k.shape[1], k.shape[2]
@@ -262,8 +296,11 @@ def _launch(
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     rows = group * num_nodes
-    if block_m is None:
-        block_m = 64 if rows > 32 else max(16, triton.next_power_of_2(rows))
+    programs_at_64 = triton.cdiv(rows, 64) * batch * num_kv_heads
+    chosen_m, chosen_stages = _tile_config(q.device, q.dtype, rows, programs_at_64, block_d)
+    block_m = block_m or chosen_m
+    num_warps = num_warps or _warps_for(block_m, block_d)
+    num_stages = num_stages or chosen_stages
     if block_n is None:
         wide = q.dtype == torch.float32 or block_d > 128
         block_n = 32 if wide else 64
@@ -272,8 +309,6 @@ def _launch(
         num_splits = _choose_splits(q.device, m_blocks * batch * num_kv_heads, cache_len, block_n)
     dot_fp32 = q.device.type == "cpu"  # only under TRITON_INTERPRET=1
     precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
-    if num_warps is None:
-        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
 
     if num_splits > 1:
         part_o = torch.empty(batch * num_q_heads * num_nodes, num_splits, block_d, dtype=torch.float32, device=q.device)

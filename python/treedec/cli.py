@@ -91,9 +91,19 @@ def cmd_info(args) -> int:
     print("backends:     " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in ops.available_backends().items()))
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for device in devices:
-        chosen = ", ".join(f"{op} {ops.choose_backend(torch.device(device), op)}" for op in OPS)
+        chosen = ", ".join(f"{op} {_backend_label(torch.device(device), op)}" for op in OPS)
         print(f"{device} ops:".ljust(14) + chosen)
     return 0
+
+
+def _backend_label(device: torch.device, op: str) -> str:
+    """The backend name, plus the fp32 exception where the LM head has one."""
+    from . import ops
+
+    backend = ops.choose_backend(device, op)
+    if op == "lm_head_topk" and ops.lm_head_backend(device, torch.float32) != backend:
+        return f"{backend} (fp32: {ops.lm_head_backend(device, torch.float32)})"
+    return backend
 
 
 def cmd_bench_e2e(args) -> int:

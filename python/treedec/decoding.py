@@ -307,7 +307,8 @@ class TreeDecoder:
         top_k = self.sampler.top_k
         wanted = max((top_k or 0) + 1, draft_k)
         fused = top_k is not None and top_k + 1 <= self.runner.vocab_size
-        if fused and ops.choose_backend(self.runner.lm_head.weight.device, "lm_head_topk") == "triton":
+        weight = self.runner.lm_head.weight
+        if fused and ops.lm_head_backend(weight.device, weight.dtype) == "triton":
             fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
         if fused:
             values, ids = self.runner.topk_values(hidden, wanted)

@@ -301,3 +301,37 @@ def test_kernels_compile_for_sm90():
     if result.returncode and "ASTSource" in result.stderr and "ImportError" in result.stderr:
         pytest.skip("this triton has no ASTSource/GPUTarget compile API")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+def test_launch_configuration_follows_the_h100_sweep(monkeypatch):
+    """The tile/split rule that bench/tree_attention_configs.py measured (132 SMs): split the
+    prefix to about one wave when the grid is small, 128-row tiles once 64-row ones fill the GPU."""
+    monkeypatch.setattr(attention_mod, "_num_sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    # llama3-8b heads (group 4), T=64: 256 rows -> 4 tiles of 64 per kv head
+    assert attention_mod._tile_config(cuda, torch.bfloat16, 256, 4 * 1 * 8, 128) == (64, 3)
+    assert attention_mod._choose_splits(cuda, 4 * 1 * 8, 4160, 64) == 4  # 132 // 32
+    assert attention_mod._tile_config(cuda, torch.bfloat16, 256, 4 * 8 * 8, 128) == (128, 3)
+    assert attention_mod._choose_splits(cuda, 2 * 8 * 8, 4160, 64) == 1
+    # fp32 and D=256 keep 64-row tiles and two stages; small trees keep small tiles
+    assert attention_mod._tile_config(cuda, torch.float32, 256, 256, 128) == (64, 2)
+    assert attention_mod._tile_config(cuda, torch.bfloat16, 256, 256, 256) == (64, 2)
+    assert attention_mod._tile_config(cuda, torch.bfloat16, 24, 256, 64)[0] == 32
+    # a short cache is not split below 4 tiles per split; the CPU never splits
+    assert attention_mod._choose_splits(cuda, 9, 300, 64) == 1
+    assert attention_mod._choose_splits(torch.device("cpu"), 1, 8192, 64) == 1
+    assert attention_mod._warps_for(128, 128) == 8 and attention_mod._warps_for(64, 128) == 4
+
+
+def test_fp32_lm_head_on_gpu_goes_to_torch(monkeypatch):
+    """Measured on an H100: the fused kernel's fp32 path is slower than cuBLAS + topk, so auto
+    sends fp32 to the reference there; bf16 and a forced backend keep the kernel."""
+    from treedec.ops import lm_head
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(lm_head, "choose_backend", lambda device, op: "triton")
+    monkeypatch.delenv("TREEDEC_BACKEND", raising=False)
+    assert lm_head.lm_head_backend(cuda, torch.float32) == "reference"
+    assert lm_head.lm_head_backend(cuda, torch.bfloat16) == "triton"
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    assert lm_head.lm_head_backend(cuda, torch.float32) == "triton"

@@ -9,7 +9,7 @@ from ._backend import available_backends, choose_backend, requested_backend
 from .attention import tree_attention
 from .compact import compact_kv
 from .linear import linear_rows
-from .lm_head import lm_head_topk
+from .lm_head import lm_head_backend, lm_head_topk
 from .sample import sample_tokens
 from .tree import build_tree
 from .verify import verify_greedy, verify_sample
@@ -20,6 +20,7 @@ __all__ = [
     "choose_backend",
     "compact_kv",
     "linear_rows",
+    "lm_head_backend",
     "lm_head_topk",
     "requested_backend",
     "sample_tokens",

@@ -22,7 +22,7 @@ from .patching import patch, unpatch
 from .prompts import Prompt
 
 HF_METHODS = {"hf": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}
-TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto"}
+TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto", "layerskip": "layerskip"}
 ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
 
 

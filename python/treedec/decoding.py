@@ -10,6 +10,7 @@ max_new_tokens, stopping criteria) and leave the batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class DecodeStats:
     prefill_seconds: float = 0.0
     tree_nodes: int = 0  # summed over steps (T per step)
     sequence_steps: int = 0  # steps summed over the sequences taking part in them
+    draft_seconds: float = 0.0  # time a model drafter (layer skipping) spent drafting
 
     def as_dict(self) -> dict:
         return {
@@ -58,6 +60,7 @@ class DecodeStats:
             "seconds": self.seconds,
             "prefill_seconds": self.prefill_seconds,
             "mean_tree_nodes": self.tree_nodes / max(self.steps, 1),
+            "draft_seconds": self.draft_seconds,
         }
 
 
@@ -82,20 +85,43 @@ class ModelRunner:
     def input_device(self) -> torch.device:
         return self.base.embed_tokens.weight.device
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep):
-        """tokens int64 [B, T] (no -1), positions int64 [B, T] -> last hidden state [B, T, H]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                layers: torch.nn.ModuleList | None = None):
+        """tokens int64 [B, T] (no -1), positions int64 [B, T] -> last hidden state [B, T, H].
+
+        `layers` (a subset of the decoder layers, in order; see `layer_subset`) runs only those, as
+        a layer-skipping drafter does: each keeps its own layer index, so it reads and writes its
+        own cache layer, and the final norm still applies."""
         device = self.input_device()
         kwargs = {self.cache_kwarg: cache}
-        out = self.base(
-            input_ids=tokens.to(device),
-            position_ids=positions.to(device),
-            # A prepared 4D mask is handed to attention untouched: transformers builds none of its own.
-            attention_mask=step.tree_mask.unsqueeze(1).to(device),
-            use_cache=True,
-            treedec_step=step,
-            **kwargs,
-        )
+        with self.only_layers(layers):
+            out = self.base(
+                input_ids=tokens.to(device),
+                position_ids=positions.to(device),
+                # A prepared 4D mask is handed to attention untouched: transformers builds none of its own.
+                attention_mask=step.tree_mask.unsqueeze(1).to(device),
+                use_cache=True,
+                treedec_step=step,
+                **kwargs,
+            )
         return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def only_layers(self, layers: torch.nn.ModuleList | None):
+        """Within the block the base model runs `layers` (None: all of them)."""
+        if layers is None:
+            yield
+            return
+        full = self.base.layers
+        self.base._modules["layers"] = layers
+        try:
+            yield
+        finally:
+            self.base._modules["layers"] = full
+
+    def layer_subset(self, kept: tuple[int, ...]) -> torch.nn.ModuleList:
+        """The decoder layers at indices `kept` (ascending), as `forward(layers=...)` takes them."""
+        return torch.nn.ModuleList([self.base.layers[i] for i in kept])
 
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
@@ -185,6 +211,11 @@ class TreeDecoder:
                 self._calibrate(cache, len(active))  # once per batch size; kept out of the step's time
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
+            draft_seconds = 0.0
+            if with_drafts and self.drafter.uses_model:
+                self.drafter.draft_batch(self.runner, cache, active, [roots[s] for s in active])
+                draft_seconds = time.perf_counter() - step_started
+                stats.draft_seconds += draft_seconds
             if with_drafts:
                 tries = [self._propose(s, roots[s], n) for s, n in zip(active, emitted)]
                 num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
@@ -221,7 +252,8 @@ class TreeDecoder:
             stats.sequence_steps += len(active)
             stats.tree_nodes += num_nodes
             if with_drafts:
-                self.cost.record(len(active), num_nodes, time.perf_counter() - step_started)
+                # the cost curve prices tree sizes: a model drafter's own time is not the tree's
+                self.cost.record(len(active), num_nodes, time.perf_counter() - step_started - draft_seconds)
                 self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]

@@ -267,7 +267,7 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
     max_nodes = options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES)
     decoder = TreeDecoder(state.runner, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True))
     output, stats = decoder.generate(request)
-    state.last_stats = stats.as_dict()
+    state.last_stats = {**stats.as_dict(), **drafter.report()}
     return output.to(input_ids.device)
 
 

@@ -6,11 +6,13 @@ import inspect
 
 from .auto import AutoDrafter
 from .base import Drafter, DraftTrie, StepOutcome
+from .layerskip import LayerSkipDrafter
+from .layerskip import OPTIONS as LAYERSKIP_OPTIONS
 from .lookup import LookupDrafter
 from .none import NoDrafter
 from .recycling import RecyclingDrafter, RecyclingTable
 
-DRAFTERS = ("auto", "lookup", "recycling", None)
+DRAFTERS = ("auto", "lookup", "recycling", "layerskip", None)
 LOOKUP_OPTIONS = tuple(inspect.signature(LookupDrafter).parameters)
 RECYCLING_OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 
@@ -22,6 +24,7 @@ def drafter_options(name: str | None) -> tuple[str, ...]:
         "lookup": LOOKUP_OPTIONS,
         "recycling": RECYCLING_OPTIONS,
         "auto": LOOKUP_OPTIONS + RECYCLING_OPTIONS,
+        "layerskip": LAYERSKIP_OPTIONS,
     }[name]
 
 
@@ -35,6 +38,8 @@ def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict)
     check_drafter_name(name)
     if name is None:
         return NoDrafter()
+    if name == "layerskip":  # its skip-set search result lives in the model's tables
+        return LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
     lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}
     width = int(options.get("recycling_width", 8))
     if name in ("recycling", "auto"):
@@ -57,6 +62,7 @@ __all__ = [
     "AutoDrafter",
     "DraftTrie",
     "Drafter",
+    "LayerSkipDrafter",
     "LookupDrafter",
     "NoDrafter",
     "RecyclingDrafter",

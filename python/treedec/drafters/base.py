@@ -80,6 +80,9 @@ class Drafter:
     # True: when a call samples, `propose` also gets `uniforms`, the random numbers that will pick
     # the tokens at depths 1, 2, ... below the root (see treedec.sampling.in_sampling_order).
     wants_uniforms = False
+    # True: the drafter runs the model itself (layer skipping). Each step the loop first calls
+    # `draft_batch` for all active sequences, then `propose` per sequence as usual.
+    uses_model = False
 
     def start(self, histories: list[list[int]]) -> None:
         """A generate call begins; histories[s] is sequence s's prompt (no padding)."""
@@ -95,3 +98,13 @@ class Drafter:
 
     def observe(self, outcome: StepOutcome) -> None:
         """The verified tree and the model's top-k after each of its nodes."""
+
+    def draft_batch(self, runner, cache, rows: list[int], roots: list[int]) -> None:
+        """(`uses_model` drafters) Draft for the sequences `rows` (the cache's batch rows, in
+        order) whose roots are `roots`, with `runner` (decoding.ModelRunner) over `cache`
+        (cache.TreeCache). Whatever it writes past the committed rows, it must leave
+        `cache.prefix_len` as it found it: the verification step overwrites those rows."""
+
+    def report(self) -> dict:
+        """Figures about the last call for `model.treedec.last_stats` (e.g. a search's cost)."""
+        return {}

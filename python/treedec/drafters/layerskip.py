@@ -1,0 +1,213 @@
+"""drafter="layerskip": the model drafts for itself with some of its layers skipped.
+
+Modes (option `mode`):
+- "swift" (default): SWIFT. The layers to skip are searched for on the model's own recent tokens
+  (`layer_search`), within `search_seconds`, once per model; later calls reuse the result.
+- "exit": LayerSkip-style early exit: the draft runs layers [0, exit_layer), then the final norm
+  and the LM head (meant for checkpoints trained for early exit).
+- "fixed": the user's `skip_layers`.
+
+Each step drafts a chain for every active sequence at once, one token per skipped-model forward.
+A sequence stops drafting when its draft's top-1 probability (softmax over the 16 best logits)
+falls below `stop_below` (Kangaroo's second early exit), and where it is unsure (top-1 below `branch_below`) the next `branch_k - 1`
+candidates join the tree as siblings. The verification step runs the full model over the whole
+tree, so the output is the model's own.
+
+KV: a draft forward writes keys and values only for the layers it runs, into the rows after the
+committed prefix, the rows the tree step writes next. The verification step rewrites those rows
+for every layer and compaction keeps the accepted ones, so the cache ends each step exactly as
+plain decoding would leave it (tests/test_layerskip.py checks this).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import TreeStep
+from .base import Drafter, DraftTrie
+from .layer_search import SkipPlan, search
+
+MODES = ("swift", "exit", "fixed")
+OPTIONS = (
+    "mode", "skip_layers", "exit_layer", "draft_depth", "stop_below", "branch_below", "branch_k",
+    "search_seconds", "search_tokens",
+)
+MIN_SEARCH_TOKENS = 16  # below this a window says too little about a skip set
+CONFIDENCE_K = 16
+
+
+def _probability(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} = {value!r} must be a number in [0, 1]")
+    return float(value)
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} = {value!r} must be an int >= 1")
+    return value
+
+
+class LayerSkipDrafter(Drafter):
+    name = "layerskip"
+    uses_model = True
+
+    def __init__(
+        self,
+        tables: dict,
+        mode: str = "swift",
+        skip_layers=None,
+        exit_layer: int | None = None,
+        draft_depth: int = 4,
+        stop_below: float = 0.3,
+        branch_below: float = 0.6,
+        branch_k: int = 2,
+        search_seconds: float = 5.0,
+        search_tokens: int = 32,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode = {mode!r} must be one of {', '.join(map(repr, MODES))}")
+        if (skip_layers is not None) != (mode == "fixed"):
+            raise ValueError("skip_layers is required by mode='fixed' and applies to it only")
+        if exit_layer is not None and mode != "exit":
+            raise ValueError("exit_layer applies to mode='exit' only")
+        if skip_layers is not None:
+            if isinstance(skip_layers, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in skip_layers
+            ):
+                raise ValueError(f"skip_layers = {skip_layers!r} must be a list of layer indices")
+            skip_layers = sorted(set(skip_layers))
+        if exit_layer is not None:
+            _positive_int("exit_layer", exit_layer)
+        if not isinstance(search_seconds, (int, float)) or isinstance(search_seconds, bool) or search_seconds < 0:
+            raise ValueError(f"search_seconds = {search_seconds!r} must be a number >= 0")
+        self.tables, self.mode = tables, mode
+        self.skip_layers, self.exit_layer = skip_layers, exit_layer
+        self.draft_depth = _positive_int("draft_depth", draft_depth)
+        self.stop_below = _probability("stop_below", stop_below)
+        self.branch_below = _probability("branch_below", branch_below)
+        self.branch_k = _positive_int("branch_k", branch_k)
+        self.search_seconds = float(search_seconds)
+        self.search_tokens = max(_positive_int("search_tokens", search_tokens), MIN_SEARCH_TOKENS)
+        self.histories: list[list[int]] = []
+        self.drafts: dict[int, DraftTrie] = {}
+        self.plan: SkipPlan | None = None
+        self.searched_this_call = 0.0
+        self._layers = None  # the kept layers as a ModuleList, built once per plan
+
+    # -- the Drafter protocol ----------------------------------------------------------------
+    def start(self, histories):
+        self.histories = [list(h) for h in histories]
+        self.drafts = {}
+        self.searched_this_call = 0.0
+        self.drafted = self.accepted = 0  # chain tokens drafted, tree tokens accepted (this call)
+
+    def extend(self, seq, new_tokens):
+        self.histories[seq].extend(new_tokens)
+
+    def propose(self, seq: int, root_token: int) -> DraftTrie:
+        return self.drafts.pop(seq, None) or DraftTrie(root_token)
+
+    def observe(self, outcome) -> None:
+        self.accepted += int(outcome.accept_len.sum())
+
+    def report(self) -> dict:
+        plan = self.plan
+        found = {
+            "layerskip_mode": self.mode,
+            "layerskip_drafted": self.drafted,
+            "layerskip_acceptance": self.accepted / self.drafted if self.drafted else None,
+            "layerskip_search_seconds": self.searched_this_call,
+        }
+        if plan is not None:
+            found["layerskip_kept_layers"] = None if plan.kept is None else list(plan.kept)
+            found["layerskip_search_agreement"] = plan.agreement
+            found["layerskip_expected_gain"] = plan.expected_gain
+        return found
+
+    # -- drafting ------------------------------------------------------------------------------
+    def draft_batch(self, runner, cache, rows: list[int], roots: list[int]) -> None:
+        self.drafts = {}
+        plan = self._plan_for(runner, rows)
+        if plan is None or plan.kept is None:
+            return
+        if self._layers is None:
+            self._layers = runner.layer_subset(plan.kept)
+        tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
+        self.drafts = tries
+        self._draft_chains(runner, cache, rows, roots, tries)
+
+    @torch.inference_mode()
+    def _draft_chains(self, runner, cache, rows, roots, tries) -> None:
+        batch = len(rows)
+        committed = cache.prefix_len.clone()
+        tokens = torch.tensor(roots, dtype=torch.int64).view(batch, 1)
+        positions = (committed - cache.kv_start).long().view(batch, 1)
+        one_node = torch.ones(batch, 1, 1, dtype=torch.int32)  # a node sees itself
+        node = [0] * batch
+        drafting = [True] * batch
+        try:
+            for depth in range(1, self.draft_depth + 1):
+                if int(cache.prefix_len.max()) + 1 > cache.max_len:
+                    break
+                step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
+                cache.begin_step(1)
+                hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
+                cache.advance(1)  # the next draft token attends to this one
+                # Confidence from the fused LM-head top-k: softmax over the CONFIDENCE_K best logits,
+                # an upper bound on the full top-1 probability (the full softmax would cost another
+                # pass over the vocabulary per draft token).
+                values, ids = runner.topk_values(hidden, max(CONFIDENCE_K, self.branch_k))
+                top_p = torch.softmax(values[:, 0].float(), dim=-1).cpu()
+                top_ids = ids[:, 0].cpu()
+                for b, seq in enumerate(rows):
+                    if not drafting[b]:
+                        continue
+                    if float(top_p[b, 0]) < self.stop_below:
+                        drafting[b] = False
+                        continue
+                    trie = tries[seq]
+                    if float(top_p[b, 0]) < self.branch_below:
+                        for rank in range(1, self.branch_k):
+                            trie.child(node[b], int(top_ids[b, rank]), ("layerskip", depth, rank))
+                    node[b] = trie.child(node[b], int(top_ids[b, 0]), ("layerskip", depth, 0))
+                    self.drafted += 1
+                if not any(drafting):
+                    break
+                tokens = top_ids[:, :1].clone()
+                positions = positions + 1
+        finally:
+            cache.prefix_len.copy_(committed)  # the tree step rewrites these rows for every layer
+
+    def _plan_for(self, runner, rows: list[int]) -> SkipPlan | None:
+        """The layers to run, from the mode: fixed and exit at once; swift from the per-model
+        search, run once a sequence has enough tokens to score on."""
+        if self.plan is not None:
+            return self.plan
+        num_layers = runner.num_layers
+        key = ("layerskip", self.mode, tuple(self.skip_layers or ()), self.exit_layer, self.draft_depth)
+        cached = self.tables.get(key)
+        if cached is not None:
+            self.plan = cached
+            return cached
+        if self.mode == "fixed":
+            bad = [i for i in self.skip_layers if not 0 <= i < num_layers]
+            if bad or len(self.skip_layers) >= num_layers:
+                raise ValueError(
+                    f"skip_layers = {self.skip_layers} must name some, not all, of the model's layers 0..{num_layers - 1}"
+                )
+            plan = SkipPlan(tuple(i for i in range(num_layers) if i not in self.skip_layers))
+        elif self.mode == "exit":
+            exit_layer = self.exit_layer if self.exit_layer is not None else max(1, num_layers // 2)
+            if exit_layer >= num_layers:
+                raise ValueError(f"exit_layer = {exit_layer} must be below the model's {num_layers} layers")
+            plan = SkipPlan(tuple(range(exit_layer)))
+        else:
+            history = max((self.histories[seq] for seq in rows), key=len)
+            if len(history) < MIN_SEARCH_TOKENS:
+                return None  # no draft until a sequence has something to score on
+            window = torch.tensor(history[-self.search_tokens :], dtype=torch.int64)
+            plan = search(runner, window, self.draft_depth, self.search_seconds)
+            self.searched_this_call += plan.seconds
+        self.tables[key] = self.plan = plan
+        return plan

@@ -1,0 +1,202 @@
+"""drafter="layerskip": lossless in every mode, the cache after each step equals plain decoding's,
+the SWIFT search finds layers that do nothing, and bad options fail clearly."""
+
+import pytest
+import torch
+
+import treedec
+from test_decoding import left_padded, repetitive_prompt
+from treedec.drafters import layerskip
+from treedec.drafters.layer_search import draft_cost_ratio, expected_gain, search
+from treedec.models import tiny_llama
+
+MODES = [("fixed", {"skip_layers": [2, 3]}), ("exit", {"exit_layer": 2}), ("swift", {})]
+
+
+def peaked(seed: int, num_layers: int = 4, idle_layers=()):
+    """A tiny Llama with sharp distributions (drafts get accepted); `idle_layers` add nothing to
+    the residual stream (their output projections are zero), so skipping them changes nothing."""
+    model = tiny_llama(seed=seed, num_layers=num_layers)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+        for index in idle_layers:
+            model.model.layers[index].self_attn.o_proj.weight.zero_()
+            model.model.layers[index].mlp.down_proj.weight.zero_()
+    return model
+
+
+def prompts_of_three():
+    return left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 33), repetitive_prompt(2, 17)])
+
+
+@pytest.mark.parametrize("mode,options", MODES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_is_lossless_in_every_mode(mode, options, batch):
+    model = peaked(seed=3, num_layers=6, idle_layers=(2, 3))
+    ids, mask = prompts_of_three()
+    ids, mask = ids[:batch], mask[:batch]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="layerskip", mode=mode, stop_below=0.0, **options)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    assert torch.equal(got, expected)
+    stats = model.treedec.last_stats
+    assert stats["layerskip_drafted"] > 0 and stats["draft_seconds"] > 0
+    if mode != "exit":  # skipping idle layers drafts exactly what the model says
+        assert stats["tau"] > 1.5 and stats["layerskip_acceptance"] > 0.3
+
+
+def test_sampling_is_exact_with_layerskip():
+    from test_sampling import sample_token_by_token
+
+    model = peaked(seed=5, num_layers=4, idle_layers=(1,))
+    prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19)]
+    ids, mask = left_padded(prompts)
+    torch.manual_seed(11)
+    expected = sample_token_by_token(model, prompts, 20, eos=2, pad=0, temperature=0.8, top_k=10)
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[1], stop_below=0.0)
+    torch.manual_seed(11)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=10)
+    assert torch.equal(got, expected)
+
+
+def test_eos_and_max_new_tokens_inside_drafted_chains():
+    model = peaked(seed=7, num_layers=4, idle_layers=(1, 2))
+    ids, mask = prompts_of_three()
+    for new in (1, 2, 7):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=5)
+        treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[1, 2], stop_below=0.0)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=5)
+        treedec.unpatch(model)
+        assert torch.equal(got, expected)
+
+
+def test_cache_after_every_step_equals_plain_decoding(monkeypatch):
+    """Draft forwards write rows past the committed prefix for the layers they run; after each
+    step's verification and compaction, every committed row of every layer must hold what a plain
+    forward over the same tokens computes."""
+    model = peaked(seed=3, num_layers=4, idle_layers=(2,))
+    ids, mask = prompts_of_three()
+    snapshots = []  # (sequence ids, committed rows, keys and values per layer) at each step's start
+    original = layerskip.LayerSkipDrafter.draft_batch
+
+    def spy(self, runner, cache, rows, roots):
+        snapshots.append((list(rows), cache.prefix_len.clone(), cache.kv_start.clone(),
+                          [k.clone() for k in cache.keys], [v.clone() for v in cache.values]))
+        return original(self, runner, cache, rows, roots)
+
+    monkeypatch.setattr(layerskip.LayerSkipDrafter, "draft_batch", spy)
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=0.0)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert model.treedec.last_stats["tau"] > 1.5  # drafts were accepted, so compaction moved rows
+    treedec.unpatch(model)
+
+    full_mask = torch.cat([mask, torch.ones(out.shape[0], out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(out, attention_mask=full_mask, position_ids=positions, use_cache=True).past_key_values
+    assert len(snapshots) > 3
+    for rows, prefix_len, kv_start, keys, values in snapshots:
+        for batch_row, seq in enumerate(rows):
+            lo, hi = int(kv_start[batch_row]), int(prefix_len[batch_row])
+            for layer in range(len(keys)):
+                want_k = plain.layers[layer].keys[seq, :, lo:hi]
+                want_v = plain.layers[layer].values[seq, :, lo:hi]
+                torch.testing.assert_close(keys[layer][batch_row, :, lo:hi], want_k, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(values[layer][batch_row, :, lo:hi], want_v, atol=1e-5, rtol=1e-4)
+
+
+def test_swift_search_skips_the_layers_that_do_nothing():
+    model = treedec.patch(peaked(seed=4, num_layers=8, idle_layers=(3, 4, 5)), drafter="layerskip")
+    runner = model.treedec.runner
+    window = torch.tensor(repetitive_prompt(9, 32))
+    plan = search(runner, window, depth=4, budget_seconds=30.0)
+    skipped = plan.skipped(runner.num_layers)
+    assert plan.agreement == 1.0 and set(skipped) == {3, 4, 5}
+    assert all(plan.layer_scores[i] == 1.0 for i in (3, 4, 5)) and plan.forwards == 1 + 6 + 4
+    assert plan.expected_gain == pytest.approx(expected_gain(1.0, draft_cost_ratio(runner, 5), 4))
+
+
+def test_swift_drafts_with_the_found_set_and_searches_once_per_model():
+    model = peaked(seed=4, num_layers=8, idle_layers=(3, 4, 5))
+    ids, mask = prompts_of_three()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter="layerskip", stop_below=0.0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False), expected)
+    first = model.treedec.last_stats
+    assert first["layerskip_search_seconds"] > 0 and first["layerskip_kept_layers"] == [0, 1, 2, 6, 7]
+    assert first["tau"] > 2
+    treedec.patch(model, drafter="layerskip", stop_below=0.0)  # re-patching keeps what the model learned
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False), expected)
+    assert model.treedec.last_stats["layerskip_search_seconds"] == 0.0
+
+
+def test_swift_drafts_nothing_when_no_set_pays():
+    model = peaked(seed=6, num_layers=6)  # every layer matters in a random model
+    ids = torch.tensor([repetitive_prompt(5, 30)])
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    treedec.patch(model, drafter="layerskip")
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    stats = model.treedec.last_stats  # the best set tried agreed on 2/3 of tokens: modelled at 0.6x
+    assert stats["layerskip_kept_layers"] is None and stats["layerskip_expected_gain"] < 1.05
+    assert stats["layerskip_drafted"] == 0 and stats["mean_tree_nodes"] == 1.0
+
+
+def test_search_budget_bounds_its_cost():
+    model = treedec.patch(peaked(seed=4, num_layers=8), drafter="layerskip")
+    plan = search(model.treedec.runner, torch.tensor(repetitive_prompt(1, 32)), depth=4, budget_seconds=0.0)
+    assert plan.forwards <= 2 and plan.kept is None
+
+
+def test_short_prompts_wait_for_enough_tokens_to_search():
+    model = peaked(seed=4, num_layers=8, idle_layers=(3, 4, 5))
+    ids = torch.tensor([[5, 6, 7]])
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="layerskip", stop_below=0.0)
+    assert torch.equal(model.generate(ids, max_new_tokens=30, do_sample=False), expected)
+    assert model.treedec.last_stats["layerskip_kept_layers"] == [0, 1, 2, 6, 7]  # searched mid-call
+
+
+def test_stop_below_one_drafts_nothing_and_branching_adds_siblings(monkeypatch):
+    model = peaked(seed=3, num_layers=4, idle_layers=(2,))
+    ids = torch.tensor([repetitive_prompt(0, 20)])
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=1.0)
+    model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert model.treedec.last_stats["layerskip_drafted"] == 0
+    tries = []
+    original = layerskip.LayerSkipDrafter.propose
+    monkeypatch.setattr(layerskip.LayerSkipDrafter, "propose",
+                        lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=0.0,
+                  branch_below=1.0, branch_k=3, draft_depth=2)
+    model.generate(ids, max_new_tokens=10, do_sample=False)
+    first = tries[0]
+    assert len(first) == 1 + 2 * 3  # two depths, three candidates each (the chain follows the top-1)
+    assert [key[2] for key in first.keys[1:4]] == [1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"mode": "medusa"}, "mode"),
+        ({"mode": "swift", "skip_layers": [1]}, "skip_layers"),
+        ({"mode": "fixed"}, "skip_layers"),
+        ({"mode": "fixed", "skip_layers": "1,2"}, "skip_layers"),
+        ({"mode": "swift", "exit_layer": 3}, "exit_layer"),
+        ({"stop_below": 1.5}, "stop_below"),
+        ({"branch_k": 0}, "branch_k"),
+        ({"draft_depth": 0}, "draft_depth"),
+        ({"search_seconds": -1}, "search_seconds"),
+        ({"recycling_width": 4}, "unknown option"),
+    ],
+)
+def test_bad_options_raise_at_patch(options, message):
+    with pytest.raises(ValueError, match=message):
+        treedec.patch(tiny_llama(), drafter="layerskip", **options)
+
+
+@pytest.mark.parametrize("options", [{"mode": "fixed", "skip_layers": [0, 1]}, {"mode": "fixed", "skip_layers": [7]},
+                                     {"mode": "exit", "exit_layer": 2}])
+def test_layer_indices_outside_the_model_raise_at_generate(options):
+    model = treedec.patch(tiny_llama(num_layers=2), drafter="layerskip", **options)
+    with pytest.raises(ValueError, match="layer"):
+        model.generate(torch.tensor([repetitive_prompt(0, 20)]), max_new_tokens=4, do_sample=False)

@@ -149,4 +149,28 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("openmp") = false;
 #endif
+
+  m.def(
+      "gather_rows",
+      [](int64_t src, int64_t dst, int64_t index, int64_t A, int64_t B, int64_t row_bytes, int64_t src_stride,
+         int64_t dst_stride, int num_threads) {
+        return treedec::gather_rows(ptr<const void>(src), ptr<void>(dst), ptr<const int64_t>(index), A, B, row_bytes,
+                                    src_stride, dst_stride, num_threads);
+      },
+      py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("index_ptr"), py::arg("A"), py::arg("B"), py::arg("row_bytes"),
+      py::arg("src_stride"), py::arg("dst_stride"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>(),
+      "dst row i <- src row index[i] (strides in bytes). Returns -1, or the position of the first index outside [0, B).");
+
+  m.def(
+      "scatter_rows",
+      [](int64_t block, int64_t dst, int64_t index, int64_t A, int64_t B, int64_t row_bytes, int64_t block_stride,
+         int64_t dst_stride, int num_threads) {
+        return treedec::scatter_rows(ptr<const void>(block), ptr<void>(dst), ptr<const int64_t>(index), A, B,
+                                     row_bytes, block_stride, dst_stride, num_threads);
+      },
+      py::arg("block_ptr"), py::arg("dst_ptr"), py::arg("index_ptr"), py::arg("A"), py::arg("B"), py::arg("row_bytes"),
+      py::arg("block_stride"), py::arg("dst_stride"), py::arg("num_threads") = 1,
+      py::call_guard<py::gil_scoped_release>(),
+      "dst row index[i] <- block row i (strides in bytes). Returns -1, or the position of the first index outside "
+      "[0, B) or repeated.");
 }

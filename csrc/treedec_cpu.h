@@ -63,4 +63,13 @@ void lm_head_topk(const void* hidden, const void* weight, float* values, int64_t
 void linear_rows(const void* x, const void* weight, const float* bias, void* y, int64_t N, int64_t O, int64_t H,
                  int64_t ldx, int64_t ldw, Dtype dtype, Isa isa, int num_threads);
 
+// Row gather / scatter for layer-skip batching. Rows are `row_bytes` contiguous bytes, `*_stride`
+// bytes apart. gather: dst row i <- src row index[i], i < A. scatter: dst row index[i] <- block row i.
+// Nothing is written unless every index lies in [0, B) (and, for scatter, none repeats: the result
+// would depend on the order); otherwise returns the position of the first bad index, else -1.
+int64_t gather_rows(const void* src, void* dst, const int64_t* index, int64_t A, int64_t B, int64_t row_bytes,
+                    int64_t src_stride, int64_t dst_stride, int num_threads);
+int64_t scatter_rows(const void* block, void* dst, const int64_t* index, int64_t A, int64_t B, int64_t row_bytes,
+                     int64_t block_stride, int64_t dst_stride, int num_threads);
+
 }  // namespace treedec

@@ -335,3 +335,30 @@ def test_fp32_lm_head_on_gpu_goes_to_torch(monkeypatch):
     assert lm_head.lm_head_backend(cuda, torch.bfloat16) == "triton"
     monkeypatch.setenv("TREEDEC_BACKEND", "triton")
     assert lm_head.lm_head_backend(cuda, torch.float32) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# Row gather / scatter (layer-skip batching)
+
+from triton_kernels import rows as rows_mod  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape,count", [((1, 1), 1), ((5, 3), 0), ((7, 2, 33), 3), ((9, 1100), 9), ((4, 3, 2), 2)])
+def test_rows_gather_scatter_match_reference(dtype, shape, count):
+    generator = torch.Generator().manual_seed(shape[0] * 10 + count)
+    x = (torch.randn(shape, generator=generator) * 50).to(dtype).to(DEVICE)
+    index = torch.randperm(shape[0], generator=generator)[:count].to(DEVICE)
+    block = rows_mod.gather_rows(x, index)
+    assert torch.equal(block.cpu(), reference.gather_rows(x.cpu(), index.cpu()))
+    update = (torch.randn(block.shape, generator=generator) * 50).to(dtype).to(DEVICE)
+    expected = x.cpu().clone()
+    reference.scatter_rows(expected, index.cpu(), update.cpu())
+    rows_mod.scatter_rows(x, index, update)
+    assert torch.equal(x.cpu(), expected)
+
+
+def test_rows_gather_with_repeats():
+    x = torch.randn(6, 5).to(DEVICE)
+    index = torch.tensor([2, 2, 5, 0]).to(DEVICE)
+    assert torch.equal(rows_mod.gather_rows(x, index).cpu(), x.cpu()[index.cpu()])

@@ -10,6 +10,7 @@ from .attention import tree_attention
 from .compact import compact_kv
 from .linear import linear_rows
 from .lm_head import lm_head_backend, lm_head_topk
+from .rows import gather_rows, scatter_rows
 from .sample import sample_tokens
 from .tree import build_tree
 from .verify import verify_greedy, verify_sample
@@ -19,11 +20,13 @@ __all__ = [
     "build_tree",
     "choose_backend",
     "compact_kv",
+    "gather_rows",
     "linear_rows",
     "lm_head_backend",
     "lm_head_topk",
     "requested_backend",
     "sample_tokens",
+    "scatter_rows",
     "tree_attention",
     "verify_greedy",
     "verify_sample",

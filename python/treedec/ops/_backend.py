@@ -3,10 +3,10 @@
 Backends and the ops each one implements:
 
 - ``reference``: every op, any device (pure torch, the oracle).
-- ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk, linear_rows on
-  CPU tensors.
+- ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk, linear_rows,
+  gather_rows, scatter_rows on CPU tensors.
 - ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, sample_tokens, compact_kv on CUDA tensors.
-- ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk on CUDA tensors, and on CPU
+- ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk, gather_rows, scatter_rows on CUDA tensors, and on CPU
   tensors under ``TRITON_INTERPRET=1``.
 
 ``TREEDEC_BACKEND=auto`` (the default) picks, per op and device, the first of cpp (CPU) or
@@ -23,11 +23,17 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
-OPS = ("build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk", "linear_rows")
+OPS = (
+    "build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk", "linear_rows",
+    "gather_rows", "scatter_rows",
+)
 NATIVE_OPS = {
-    "cpp": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk", "linear_rows"}),
+    "cpp": frozenset({
+        "build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk", "linear_rows", "gather_rows",
+        "scatter_rows",
+    }),
     "cuda": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv"}),
-    "triton": frozenset({"tree_attention", "lm_head_topk"}),
+    "triton": frozenset({"tree_attention", "lm_head_topk", "gather_rows", "scatter_rows"}),
 }
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 

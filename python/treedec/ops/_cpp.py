@@ -127,3 +127,36 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x.dtype == torch.bfloat16, os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(),
     )  # fmt: skip
     return out
+
+
+def _row_view(x: torch.Tensor) -> tuple[int, int]:
+    """(row bytes, row stride in bytes) of x [B, ...] with B >= 1."""
+    return x[0].numel() * x.element_size(), x.stride(0) * x.element_size()
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows that are not contiguous in memory (a strided view) take the reference path."""
+    if index.numel() == 0 or not x[0].is_contiguous():
+        return reference.gather_rows(x, index)
+    module = _native.require_cpp()
+    index = index.contiguous()
+    out = torch.empty((index.shape[0], *x.shape[1:]), dtype=x.dtype)
+    row_bytes, stride = _row_view(x)
+    bad = module.gather_rows(x.data_ptr(), out.data_ptr(), index.data_ptr(), index.shape[0], x.shape[0], row_bytes,
+                             stride, row_bytes, num_threads())
+    if bad >= 0:
+        raise ValueError(f"index[{bad}] = {int(index[bad])} is outside [0, {x.shape[0]}) (kernel check)")
+    return out
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> None:
+    """x is contiguous (the public op checks it)."""
+    if index.numel() == 0:
+        return
+    module = _native.require_cpp()
+    index, block = index.contiguous(), block.contiguous()
+    row_bytes, stride = _row_view(x)
+    bad = module.scatter_rows(block.data_ptr(), x.data_ptr(), index.data_ptr(), index.shape[0], x.shape[0],
+                              row_bytes, row_bytes, stride, num_threads())
+    if bad >= 0:
+        raise ValueError(f"index[{bad}] = {int(index[bad])} is outside [0, {x.shape[0]}) or repeated (kernel check)")

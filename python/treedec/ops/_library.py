@@ -24,6 +24,8 @@ _IMPLEMENTATIONS = {
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
     "linear_rows": {"reference": reference.linear_rows, "cpp": _cpp.linear_rows},
+    "gather_rows": {"reference": reference.gather_rows, "cpp": _cpp.gather_rows, "triton": _triton.gather_rows},
+    "scatter_rows": {"reference": reference.scatter_rows, "cpp": _cpp.scatter_rows, "triton": _triton.scatter_rows},
 }
 
 
@@ -143,6 +145,29 @@ def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @linear_rows_op.register_fake
 def _(x, weight, bias, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# -- gather_rows / scatter_rows (layer-skip batching) -----------------------------------------------
+
+
+@torch.library.custom_op("treedec::gather_rows", mutates_args=())
+def gather_rows_op(x: torch.Tensor, index: torch.Tensor, backend: str) -> torch.Tensor:
+    return implementation("gather_rows", backend)(x, index)
+
+
+@gather_rows_op.register_fake
+def _(x, index, backend):
+    return x.new_empty((index.shape[0], *x.shape[1:]))
+
+
+@torch.library.custom_op("treedec::scatter_rows", mutates_args=("x",))
+def scatter_rows_op(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor, backend: str) -> None:
+    implementation("scatter_rows", backend)(x, index, block)
+
+
+@scatter_rows_op.register_fake
+def _(x, index, block, backend):
+    return None
 
 
 def compiling() -> bool:

@@ -24,6 +24,8 @@ PACKAGE = "treedec_triton"
 KERNELS = {
     "tree_attention": ("tree_attention", "tree_attention"),
     "lm_head_topk": ("lm_head_topk", "lm_head_topk"),
+    "gather_rows": ("rows", "gather_rows"),
+    "scatter_rows": ("rows", "scatter_rows"),
 }
 
 
@@ -103,3 +105,16 @@ def tree_attention(
 def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = kernel("lm_head_topk")(hidden, weight, k)
     return values.float(), indices.long()
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows that are not contiguous in memory (a strided view) take the reference path."""
+    if x.shape[0] == 0 or not x[0].is_contiguous():
+        from .. import reference
+
+        return reference.gather_rows(x, index)
+    return kernel("gather_rows")(x, index)
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> None:
+    kernel("scatter_rows")(x, index, block)

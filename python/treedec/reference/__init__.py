@@ -9,6 +9,7 @@ from .attention import dense_tree_mask, tree_attention
 from .compact import compact_kv
 from .linear import linear_rows
 from .lm_head import lm_head_topk
+from .rows import gather_rows, scatter_rows
 from .tree import build_tree
 from .verify import sample_tokens, verify_greedy, verify_sample
 
@@ -16,9 +17,11 @@ __all__ = [
     "build_tree",
     "compact_kv",
     "dense_tree_mask",
+    "gather_rows",
     "linear_rows",
     "lm_head_topk",
     "sample_tokens",
+    "scatter_rows",
     "tree_attention",
     "verify_greedy",
     "verify_sample",

@@ -200,3 +200,86 @@ def test_layer_indices_outside_the_model_raise_at_generate(options):
     model = treedec.patch(tiny_llama(num_layers=2), drafter="layerskip", **options)
     with pytest.raises(ValueError, match="layer"):
         model.generate(torch.tensor([repetitive_prompt(0, 20)]), max_new_tokens=4, do_sample=False)
+
+
+def _record_tries(monkeypatch):
+    tries = {}
+    original = layerskip.LayerSkipDrafter.propose
+
+    def spy(self, seq, root):
+        trie = original(self, seq, root)
+        tries.setdefault(seq, []).append(list(trie.tokens))
+        return trie
+
+    monkeypatch.setattr(layerskip.LayerSkipDrafter, "propose", spy)
+    return tries
+
+
+def test_sequences_with_their_own_skip_sets_draft_as_if_alone(monkeypatch):
+    """Layer-skip batching: one batch, three skip sets; each sequence drafts what it drafts alone."""
+    model = peaked(seed=3, num_layers=6, idle_layers=(2, 3))
+    ids, mask = prompts_of_three()
+    sets = [[2, 3], [1], [2, 4]]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    tries = _record_tries(monkeypatch)
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=sets, stop_below=0.0, draft_depth=3)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False), expected)
+    batched = {seq: found[0] for seq, found in tries.items()}
+    for seq, skipped in enumerate(sets):
+        tries.clear()
+        alone = ids[seq : seq + 1, int((mask[seq] == 0).sum()) :]
+        treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=skipped, stop_below=0.0, draft_depth=3)
+        model.generate(alone, max_new_tokens=16, do_sample=False)
+        assert tries[0][0] == batched[seq]  # the first step's draft tree, token for token
+
+
+def test_per_sequence_sets_must_match_the_batch():
+    model = treedec.patch(peaked(seed=3), drafter="layerskip", mode="fixed", skip_layers=[[1], [2]])
+    ids, mask = prompts_of_three()
+    with pytest.raises(ValueError, match="2 skip sets for a batch of 3"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+
+
+def test_forward_rows_equals_each_row_alone():
+    """ModelRunner.forward_rows with per-row layer sets against plain forwards of each row with
+    its own layers; all rows active is the plain forward; KV is written only for running rows."""
+    from treedec.attention import TreeStep
+    from treedec.cache import TreeCache
+    from treedec.decoding import chain_tree_mask
+
+    model = treedec.patch(peaked(seed=2, num_layers=5), drafter=None)
+    runner = model.treedec.runner
+    tokens = torch.tensor([[5, 9, 11], [7, 3, 2], [4, 4, 8]])
+    positions = torch.arange(3).expand(3, -1)
+
+    def fresh():
+        cache = TreeCache(5, 3, 2, 16, max_len=8, dtype=torch.float32, devices=torch.device("cpu"))
+        cache.begin_step(3)
+        return cache, TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(3, 3))
+
+    active = torch.ones(5, 3, dtype=torch.bool)
+    active[[1, 3], 0] = False  # row 0 skips layers 1 and 3
+    active[:, 2] = False  # row 2 runs nothing
+    active[2, 1] = False  # row 1 skips layer 2
+    with torch.inference_mode():
+        cache, step = fresh()
+        got = runner.forward_rows(tokens, positions, cache, step, active)
+        for row in (0, 1):
+            kept = tuple(int(i) for i in active[:, row].nonzero().flatten())
+            alone_cache, alone_step = fresh()
+            want = runner.forward(tokens, positions, alone_cache, alone_step, layers=runner.layer_subset(kept))
+            torch.testing.assert_close(got[row], want[row], atol=1e-5, rtol=1e-5)
+            for layer in range(5):
+                written = cache.keys[layer][row, :, :3]
+                if active[layer, row]:
+                    torch.testing.assert_close(written, alone_cache.keys[layer][row, :, :3], atol=1e-5, rtol=1e-5)
+                else:
+                    assert torch.count_nonzero(written) == 0
+        assert all(torch.count_nonzero(k[2]) == 0 for k in cache.keys)  # row 2 wrote no KV
+        embedded = runner.base.norm(runner.base.embed_tokens(tokens[2:3]))
+        torch.testing.assert_close(got[2:3], embedded)  # and kept its (normed) embedding
+        full_cache, full_step = fresh()
+        full = runner.forward(tokens, positions, full_cache, full_step)
+        cache, step = fresh()
+        torch.testing.assert_close(runner.forward_rows(tokens, positions, cache, step, torch.ones(5, 3, dtype=torch.bool)),
+                                   full, atol=1e-5, rtol=1e-5)

@@ -29,6 +29,9 @@ class TreeStep:
     prefix_len: torch.Tensor
     kv_start: torch.Tensor
     tree_mask: torch.Tensor
+    # int64 [A] or None: the step runs only these batch rows of the cache (layer-skip batching);
+    # prefix_len, kv_start and tree_mask then hold those rows' entries, in this order.
+    cache_rows: torch.Tensor | None = None
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
@@ -42,9 +45,15 @@ class TreeStep:
             return self
         if device not in self._per_device:
             self._per_device[device] = TreeStep(
-                self.prefix_len.to(device), self.kv_start.to(device), self.tree_mask.to(device)
+                self.prefix_len.to(device), self.kv_start.to(device), self.tree_mask.to(device),
+                None if self.cache_rows is None else self.cache_rows.to(device),
             )
         return self._per_device[device]
+
+    def subset(self, rows: torch.Tensor) -> TreeStep:
+        """This step for the batch rows `rows` (int64 [A], ascending) only."""
+        host = rows.cpu()
+        return TreeStep(self.prefix_len[host], self.kv_start[host], self.tree_mask[host], host)
 
     def dense_mask(self) -> torch.Tensor:
         """bool [B, 1, T, max(prefix_len) + T] for the reference path; built once per step and device."""
@@ -58,6 +67,8 @@ class TreeStep:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""
         step = self.on(q.device)
+        if step.cache_rows is not None:  # a row subset: its sequences' cache rows, gathered
+            k, v = ops.gather_rows(k, step.cache_rows), ops.gather_rows(v, step.cache_rows)
         if ops.choose_backend(q.device, "tree_attention") == "reference":
             return reference.tree_attention(
                 q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, dense_mask=step.dense_mask()

@@ -7,6 +7,8 @@ and `compact` keeps the accepted path. Rows below kv_start[b] are left padding, 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import compat, ops
@@ -39,6 +41,7 @@ class TreeCache(Cache):
         self._rows: dict[torch.device, torch.Tensor] = {}  # this step's write rows [B, T] per device
         self._num_nodes = 0
         self._uniform_prefix: int | None = None
+        self._write_rows: torch.Tensor | None = None  # int64 [A]: the sequences the next writes cover
 
     # -- transformers' Cache protocol -------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -47,7 +50,12 @@ class TreeCache(Cache):
         num_nodes = key_states.shape[2]
         if num_nodes != self._num_nodes:
             raise RuntimeError(f"TreeCache.begin_step was given T={self._num_nodes}; the model wrote {num_nodes}")
-        if self._uniform_prefix is not None:  # one slice copy when every sequence is at the same row
+        if self._write_rows is not None:  # layer-skip batching: only these sequences run this layer
+            sub = self._write_rows.to(keys.device)
+            rows = self._rows_on(keys.device).index_select(0, sub)
+            keys[sub.view(-1, 1), :, rows] = key_states.transpose(1, 2)
+            values[sub.view(-1, 1), :, rows] = value_states.transpose(1, 2)
+        elif self._uniform_prefix is not None:  # one slice copy when every sequence is at the same row
             start = self._uniform_prefix
             keys[:, :, start : start + num_nodes] = key_states
             values[:, :, start : start + num_nodes] = value_states
@@ -105,6 +113,16 @@ class TreeCache(Cache):
         shortest = int(self.prefix_len.min())
         self._uniform_prefix = longest if longest == shortest else None
         self._rows = {}
+
+    @contextlib.contextmanager
+    def writing_rows(self, rows: torch.Tensor):
+        """Within the block, `update` takes key/value states for the sequences `rows` (int64 [A],
+        distinct) only, and writes only their rows: a layer that runs on part of the batch."""
+        self._write_rows = rows
+        try:
+            yield
+        finally:
+            self._write_rows = None
 
     def _rows_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._rows:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers, ops, sizing
+from . import compat, layers, ops, sizing
 from .attention import TreeStep
 from .cache import TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
@@ -105,6 +105,46 @@ class ModelRunner:
                 **kwargs,
             )
         return out.last_hidden_state
+
+    def supports_row_subsets(self) -> bool:
+        """`forward_rows` runs the decoder layers itself: it needs the Llama-family layout."""
+        return all(hasattr(self.base, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
+
+    def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                     active: torch.Tensor) -> torch.Tensor:
+        """Like `forward`, but layer l runs only on the batch rows where active[l] (bool [L, B]) is
+        true: layer-skip batching, for rows with different skip sets or exit layers. Each such
+        layer gathers its rows into a dense block (ops.gather_rows), runs on it, writes KV for those
+        rows alone, and scatters the block back (ops.scatter_rows); the other rows keep their
+        hidden state, as if the layer were skipped. Returns the normed last hidden state [B, T, H]."""
+        if not self.supports_row_subsets():
+            raise ValueError(f"{type(self.base).__name__} lacks the Llama-family layout that layer-skip batching needs")
+        base, device = self.base, self.input_device()
+        batch = tokens.shape[0]
+        if tuple(active.shape) != (self.num_layers, batch):
+            raise ValueError(f"active has shape {tuple(active.shape)}; expected ({self.num_layers}, {batch})")
+        position_ids = positions.to(device)
+        hidden = base.embed_tokens(tokens.to(device)).contiguous()
+        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+        mask = step.tree_mask.unsqueeze(1).to(device)
+        for index, layer in enumerate(base.layers):
+            rows = active[index].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            cache_kwarg = {compat.cache_kwarg_name(layer): cache}
+            if rows.numel() == batch:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids,
+                               use_cache=True, treedec_step=step, **cache_kwarg)
+                continue
+            on_device = rows.to(hidden.device)
+            with cache.writing_rows(rows):
+                block = layer(ops.gather_rows(hidden, on_device), attention_mask=mask[on_device],
+                              position_embeddings=(cos[on_device], sin[on_device]),
+                              position_ids=position_ids[on_device], use_cache=True, treedec_step=step.subset(rows),
+                              **cache_kwarg)
+            hidden = hidden.contiguous()
+            ops.scatter_rows(hidden, on_device, block.contiguous())
+        return base.norm(hidden)
 
     @contextlib.contextmanager
     def only_layers(self, layers: torch.nn.ModuleList | None):

@@ -36,6 +36,10 @@ MIN_SEARCH_TOKENS = 16  # below this a window says too little about a skip set
 CONFIDENCE_K = 16
 
 
+def _is_index_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
 def _probability(name: str, value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} = {value!r} must be a number in [0, 1]")
@@ -71,12 +75,17 @@ class LayerSkipDrafter(Drafter):
             raise ValueError("skip_layers is required by mode='fixed' and applies to it only")
         if exit_layer is not None and mode != "exit":
             raise ValueError("exit_layer applies to mode='exit' only")
+        self.per_sequence = None  # fixed mode with one skip set per sequence: [sorted set, ...]
         if skip_layers is not None:
-            if isinstance(skip_layers, (str, bytes)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in skip_layers
-            ):
-                raise ValueError(f"skip_layers = {skip_layers!r} must be a list of layer indices")
-            skip_layers = sorted(set(skip_layers))
+            if _is_index_list(skip_layers):
+                skip_layers = sorted(set(skip_layers))
+            elif isinstance(skip_layers, (list, tuple)) and skip_layers and all(map(_is_index_list, skip_layers)):
+                self.per_sequence = [sorted(set(s)) for s in skip_layers]
+                skip_layers = sorted({i for s in skip_layers for i in s})
+            else:
+                raise ValueError(
+                    f"skip_layers = {skip_layers!r} must be a list of layer indices, or one such list per sequence"
+                )
         if exit_layer is not None:
             _positive_int("exit_layer", exit_layer)
         if not isinstance(search_seconds, (int, float)) or isinstance(search_seconds, bool) or search_seconds < 0:
@@ -131,11 +140,27 @@ class LayerSkipDrafter(Drafter):
         plan = self._plan_for(runner, rows)
         if plan is None or plan.kept is None:
             return
-        if self._layers is None:
+        if self.per_sequence is not None:
+            self._check_per_sequence(runner)
+        elif self._layers is None:
             self._layers = runner.layer_subset(plan.kept)
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         self.drafts = tries
         self._draft_chains(runner, cache, rows, roots, tries)
+
+    def _kept_mask(self, runner, rows: list[int], drafting: list[bool]) -> torch.Tensor | None:
+        """bool [L, B]: which layer runs for which batch row this draft forward (None: the plan's
+        layers for every row, the plain forward's fast path). Rows that stopped drafting run
+        nothing, and with per-sequence skip sets each row runs its own layers."""
+        if self.per_sequence is None and all(drafting):
+            return None
+        active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
+        for b, seq in enumerate(rows):
+            if drafting[b]:
+                skipped = self.per_sequence[seq] if self.per_sequence is not None else self.plan.skipped(runner.num_layers)
+                active[:, b] = True
+                active[skipped, b] = False
+        return active
 
     @torch.inference_mode()
     def _draft_chains(self, runner, cache, rows, roots, tries) -> None:
@@ -146,13 +171,18 @@ class LayerSkipDrafter(Drafter):
         one_node = torch.ones(batch, 1, 1, dtype=torch.int32)  # a node sees itself
         node = [0] * batch
         drafting = [True] * batch
+        batched = runner.supports_row_subsets()
         try:
             for depth in range(1, self.draft_depth + 1):
                 if int(cache.prefix_len.max()) + 1 > cache.max_len:
                     break
                 step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
                 cache.begin_step(1)
-                hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
+                active = self._kept_mask(runner, rows, drafting) if batched else None
+                if active is None:
+                    hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
+                else:  # layer-skip batching: each layer on the rows that run it
+                    hidden = runner.forward_rows(tokens, positions, cache, step, active)
                 cache.advance(1)  # the next draft token attends to this one
                 # Confidence from the fused LM-head top-k: softmax over the CONFIDENCE_K best logits,
                 # an upper bound on the full top-1 probability (the full softmax would cost another
@@ -179,6 +209,14 @@ class LayerSkipDrafter(Drafter):
         finally:
             cache.prefix_len.copy_(committed)  # the tree step rewrites these rows for every layer
 
+    def _check_per_sequence(self, runner) -> None:
+        if not runner.supports_row_subsets():
+            raise ValueError("one skip set per sequence needs layer-skip batching, which this model's layout lacks")
+        if len(self.per_sequence) != len(self.histories):
+            raise ValueError(
+                f"skip_layers has {len(self.per_sequence)} skip sets for a batch of {len(self.histories)} sequences"
+            )
+
     def _plan_for(self, runner, rows: list[int]) -> SkipPlan | None:
         """The layers to run, from the mode: fixed and exit at once; swift from the per-model
         search, run once a sequence has enough tokens to score on."""
@@ -191,11 +229,12 @@ class LayerSkipDrafter(Drafter):
             self.plan = cached
             return cached
         if self.mode == "fixed":
-            bad = [i for i in self.skip_layers if not 0 <= i < num_layers]
-            if bad or len(self.skip_layers) >= num_layers:
-                raise ValueError(
-                    f"skip_layers = {self.skip_layers} must name some, not all, of the model's layers 0..{num_layers - 1}"
-                )
+            for skipped in self.per_sequence or [self.skip_layers]:
+                bad = [i for i in skipped if not 0 <= i < num_layers]
+                if bad or len(skipped) >= num_layers:
+                    raise ValueError(
+                        f"skip_layers = {skipped} must name some, not all, of the model's layers 0..{num_layers - 1}"
+                    )
             plan = SkipPlan(tuple(i for i in range(num_layers) if i not in self.skip_layers))
         elif self.mode == "exit":
             exit_layer = self.exit_layer if self.exit_layer is not None else max(1, num_layers // 2)

@@ -17,6 +17,8 @@ p80_us, gbps). Peers run in the same process and the same loop:
   and, on CPU, at one thread (``torch_matmul_topk_1thread``);
 - linear_rows: torch's nn.Linear (``torch_linear``) over 30 distinct weights per call (one
   projection of every layer of SmolLM2, so each weight comes from memory, as in a decode step);
+- layer_rows (layer-skip batching): a SmolLM2 decoder layer over all rows with a mask
+  (``masked_all_rows``) against gather -> layer on the active rows -> scatter (``gathered_<backend>``);
 - build_tree / verify_greedy / verify_sample: the reference. Native kernels appear twice: the backend alone
   (``cpp``) and behind the public, validating ``treedec.ops`` function (``cpp+ops``).
 
@@ -346,6 +348,52 @@ def bench_linear_rows(device, quick):
                 yield "linear_rows", shape, moved, methods
 
 
+def bench_layer_rows(device, quick):
+    """Layer-skip batching: one SmolLM2-sized decoder layer over a batch where only some rows run
+    it. Peer: the layer over every row, its output kept where a boolean mask says (``masked_all_rows``,
+    what a batch without row gathering does). Native methods: gather the active rows (the backend's
+    gather_rows), run the layer on that block, scatter it back. GB/s counts the rows moved."""
+    from treedec.models import tiny_llama
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    config = dict(vocab_size=64, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                  num_key_value_heads=3, num_layers=1)
+    model = tiny_llama(seed=0, **config).to(device=device, dtype=dtype)
+    layer, rotary = model.model.layers[0], model.model.rotary_emb
+    generator = torch.Generator().manual_seed(6)
+    grid = [(8, 1), (32, 4), (64, 8)] if quick else [(8, 1), (8, 8), (32, 1), (32, 4), (64, 1), (64, 8)]
+    for batch, tokens in grid:
+        for fraction in (0.25, 0.5) if not quick else (0.5,):
+            x = torch.randn(batch, tokens, 576, generator=generator).to(device=device, dtype=dtype)
+            count = max(1, round(batch * fraction))
+            rows = torch.randperm(batch, generator=generator)[:count].sort().values.to(device)
+            mask = torch.zeros(batch, dtype=torch.bool, device=device)
+            mask[rows] = True
+            positions = torch.arange(tokens, device=device).expand(batch, -1)
+            cos, sin = rotary(x, position_ids=positions)
+
+            def masked(x=x, mask=mask, cos=cos, sin=sin):
+                with torch.inference_mode():
+                    out = layer(x, attention_mask=None, position_embeddings=(cos, sin))
+                    return torch.where(mask.view(-1, 1, 1), out, x)
+
+            methods = {"masked_all_rows": masked}
+            for backend in ["reference", *native_backends(device, "gather_rows")]:
+                gather = _library.implementation("gather_rows", backend)
+                scatter = _library.implementation("scatter_rows", backend)
+
+                def batched(gather=gather, scatter=scatter, x=x, rows=rows, cos=cos, sin=sin):
+                    with torch.inference_mode():
+                        block = layer(gather(x, rows), attention_mask=None,
+                                      position_embeddings=(gather(cos, rows), gather(sin, rows)))
+                        scatter(x, rows, block)
+
+                methods[f"gathered_{backend}"] = batched
+            moved = 2 * count * tokens * 576 * x.element_size()
+            shape = f"smollm2-layer,B={batch},T={tokens},active={count}/{batch},{str(dtype)[6:]}"
+            yield "layer_rows", shape, moved, methods
+
+
 def bench_tree_attention(device, quick):
     generator = torch.Generator().manual_seed(4)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -402,6 +450,7 @@ BENCHES = {
     "compact_kv": bench_compact_kv,
     "lm_head_topk": bench_lm_head_topk,
     "linear_rows": bench_linear_rows,
+    "layer_rows": bench_layer_rows,
     "tree_attention": bench_tree_attention,
 }
 

@@ -140,6 +140,29 @@ def cmd_bench_e2e(args) -> int:
     return 0
 
 
+def cmd_bench_skipdecode(args) -> int:
+    from .prompts import load_questions
+    from .skipdecode import compare
+
+    prompts = load_questions(args.questions, args.limit_per_category)
+    if not prompts:
+        print(f"no questions in {args.questions}", file=sys.stderr)
+        return 2
+    schedules = []
+    for text in args.exits:
+        try:
+            first, last = (int(part) for part in text.split(":"))
+        except ValueError:
+            print(f"--exits takes FIRST:LAST layer pairs, got {text!r}", file=sys.stderr)
+            return 2
+        schedules.append((first, last))
+    model, tokenizer = _load(args.dtype, args.threads, args.device)
+    print("SkipDecode is LOSSY: its tokens are not the model's greedy output. Agreement says how far they differ.")
+    for result in compare(model, tokenizer, prompts, schedules, args.max_new_tokens):
+        print(result.row())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import ALL_METHODS
 
@@ -173,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
     common(e2e, 128)
     e2e.set_defaults(func=cmd_bench_e2e)
+    skip = bench_sub.add_parser("skipdecode", help="SkipDecode (lossy early exit): agreement with greedy, and speed")
+    skip.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    skip.add_argument("--limit-per-category", type=int, default=1)
+    skip.add_argument("--exits", nargs="+", default=["30:24", "30:18"],
+                      help="FIRST:LAST exit layers, one schedule each (linear, never increasing)")
+    skip.add_argument("--max-new-tokens", type=int, default=64)
+    skip.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    skip.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    skip.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    skip.set_defaults(func=cmd_bench_skipdecode)
     return parser
 
 

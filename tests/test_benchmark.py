@@ -52,3 +52,17 @@ def test_sampling_report_checks_treedec_methods_against_none():
     assert summary["hf"]["identical"] == 0
     last = report.table().splitlines()[-1]
     assert last.count(" 2/2") == 3 and "  -  " in last
+
+
+def test_layerskip_runs_with_options_and_reports_its_drafting():
+    """peaked_llama has 2 layers: skipping layer 1 drafts from layer 0 alone."""
+    model, tokenizer, prompts = setup()
+    options = {"layerskip": {"mode": "fixed", "skip_layers": [1], "stop_below": 0.0}}
+    report = run_benchmark(model, tokenizer, prompts, ["layerskip"], max_new_tokens=12, progress=False,
+                           options=options)
+    assert report.summary()["layerskip"]["identical"] == 2
+    drafting = report.to_json()["drafting"]["layerskip"]
+    runs = [r for r in report.runs if r.method == "layerskip"]
+    assert drafting["drafted"] == sum(r.drafted for r in runs) > 0
+    assert 0 <= drafting["acceptance"] <= 1 and drafting["draft_seconds"] > 0
+    assert "hf" not in report.to_json()["drafting"]

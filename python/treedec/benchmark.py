@@ -38,6 +38,9 @@ class Run:
     identical: bool
     first_diff: int | None = None  # first generated position that differs from HF greedy
     logit_gap: float | None = None  # HF's top-2 logit gap there: a near-tie means fp rounding, not a bug
+    draft_seconds: float = 0.0  # a model drafter's (layerskip's) own drafting time within `seconds`
+    drafted: int = 0  # tokens a model drafter drafted (its chains)
+    accepted: int = 0  # tokens accepted from them
 
 
 @dataclass
@@ -65,6 +68,20 @@ class Report:
                 "identical": sum(r.identical for r in runs),
             }
         return rows
+
+    def drafting(self, method: str) -> dict:
+        """A model drafter's figures over all prompts: acceptance of its drafted tokens and the
+        ratio of drafting time to the rest of decoding (verification, mostly)."""
+        runs = [r for r in self.runs if r.method == method]
+        draft = sum(r.draft_seconds for r in runs)
+        rest = sum(r.seconds for r in runs) - draft
+        drafted = sum(r.drafted for r in runs)
+        return {
+            "draft_seconds": draft,
+            "draft_to_verify": draft / rest if rest > 0 else float("nan"),
+            "drafted": drafted,
+            "acceptance": sum(r.accepted for r in runs) / drafted if drafted else float("nan"),
+        }
 
     def categories(self) -> list[str]:
         seen: list[str] = []
@@ -96,6 +113,8 @@ class Report:
             "methods": self.methods,
             "summary": {c or "overall": self.summary(c) for c in self.categories() + [None]},
             "runs": [asdict(r) for r in self.runs],
+            "drafting": {m: self.drafting(m) for m in self.methods if any(r.draft_seconds for r in self.runs
+                                                                          if r.method == m)},
         }
 
 
@@ -133,10 +152,12 @@ def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
 
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
-    progress: bool = True, warmup: bool = True, sampling: dict | None = None,
+    progress: bool = True, warmup: bool = True, sampling: dict | None = None, options: dict | None = None,
 ) -> Report:
     """Time HF and treedec generation per prompt on the model's own device (CUDA work is
-    synchronised before each clock read, so the figures are wall-clock)."""
+    synchronised before each clock read, so the figures are wall-clock). `options` maps a treedec
+    method to its `treedec.patch` options (e.g. {"layerskip": {"mode": "exit"}})."""
+    options = options or {}
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -157,7 +178,7 @@ def run_benchmark(
                 unpatch(model)
             kwargs = HF_METHODS[method]
         else:
-            patch(model, drafter=TREEDEC_METHODS[method])
+            patch(model, drafter=TREEDEC_METHODS[method], **options.get(method, {}))
             kwargs = {}
         torch.manual_seed(seed)
         _synchronize(device)
@@ -165,8 +186,9 @@ def run_benchmark(
         out = model.generate(**inputs, max_new_tokens=new_tokens, **decoding, **kwargs)
         _synchronize(device)
         seconds = time.perf_counter() - started
-        steps = model.treedec.last_stats["steps"] if method in TREEDEC_METHODS else out.shape[1] - inputs["input_ids"].shape[1]
-        return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, steps
+        new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
+        stats = model.treedec.last_stats if method in TREEDEC_METHODS else {"steps": new_tokens}
+        return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, stats
 
     if warmup and prompts:
         inputs = _encode(tokenizer, prompts[0]).to(device)
@@ -176,7 +198,7 @@ def run_benchmark(
         inputs = _encode(tokenizer, prompt).to(device)
         reference = sampled_reference = None
         for method in methods:
-            tokens, seconds, steps = generate(method, inputs, max_new_tokens, seed=index)
+            tokens, seconds, stats = generate(method, inputs, max_new_tokens, seed=index)
             if method == "hf":
                 reference = tokens
             if method == "none":
@@ -188,8 +210,11 @@ def run_benchmark(
                 diff = _first_diff(tokens, reference)
                 gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
                 identical = diff is None
+            drafted = stats.get("layerskip_drafted") or 0
+            acceptance = stats.get("layerskip_acceptance") or 0.0
             report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
-                                   len(tokens), seconds, steps, identical, diff, gap))
+                                   len(tokens), seconds, stats["steps"], identical, diff, gap,
+                                   stats.get("draft_seconds", 0.0), drafted, round(acceptance * drafted)))
         if progress:
             mine = report.runs[-len(methods):]
             hf_rate = mine[0].new_tokens / mine[0].seconds  # tokens/s: sampled lengths differ

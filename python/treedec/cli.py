@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -55,6 +56,11 @@ def cmd_demo(args) -> int:
           f"{args.dtype}, {_where(args)}")
     print("x = speedup over HF generate; same = outputs identical to HF greedy\n")
     print(report.table())
+    for method, found in report.to_json()["drafting"].items():
+        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
+              f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
+    if "layerskip" in args.methods:
+        _print_layerskip_search(model)
     rows = report.summary()
     lossless = all(r["identical"] == r["prompts"] for m, r in rows.items() if m != "hf_pld")
     print("\nall treedec outputs identical to HF greedy:", "yes" if lossless else "NO")
@@ -115,7 +121,15 @@ def cmd_bench_e2e(args) -> int:
         print(f"no questions in {args.questions}", file=sys.stderr)
         return 2
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args))
+    options = {}
+    if args.layerskip_options:
+        try:
+            options["layerskip"] = json.loads(args.layerskip_options)
+        except json.JSONDecodeError as error:
+            print(f"--layerskip-options is not JSON: {error}", file=sys.stderr)
+            return 2
+    report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args),
+                           options=options)
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
     print()
     print(f"Spec-Bench e2e: {len(prompts)} prompts, {_mode(args)}, max_new_tokens={args.max_new_tokens}, "
@@ -124,6 +138,11 @@ def cmd_bench_e2e(args) -> int:
             else "same = outputs identical to HF greedy")
     print(f"x = tokens/s over HF generate's; {same}\n")
     print(report.table())
+    for method, found in report.to_json()["drafting"].items():
+        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
+              f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
+    if "layerskip" in args.methods:
+        _print_layerskip_search(model)
     differing = [] if args.sample else [r for r in report.runs if not r.identical]
     for run in differing:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
@@ -138,6 +157,20 @@ def cmd_bench_e2e(args) -> int:
         except ImportError:
             print("matplotlib is not installed; no plot (pip install matplotlib)", file=sys.stderr)
     return 0
+
+
+def _print_layerskip_search(model) -> None:
+    """What the per-model SWIFT search decided (it runs once, in the benchmark's warm-up)."""
+    from .patching import learned_tables
+
+    for key, plan in learned_tables(model).items():
+        if key[:2] != ("layerskip", "swift"):
+            continue
+        skipped = plan.skipped(model.config.num_hidden_layers) if plan.kept is not None else None
+        best = "" if plan.agreement is None else (
+            f"; the best set tried agreed on {plan.agreement:.1%} of tokens, modelled at {plan.expected_gain:.2f}x")
+        print(f"layerskip search: {plan.forwards} forwards in {plan.seconds:.1f} s; "
+              f"{'skips layers ' + str(skipped) if skipped else 'drafts nothing (no set pays)'}{best}")
 
 
 def cmd_bench_skipdecode(args) -> int:
@@ -194,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
     e2e.add_argument("--json", help="write per-prompt results and the summary here")
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
+    e2e.add_argument("--layerskip-options", help='JSON of treedec.patch options for layerskip, e.g. '
+                     '\'{"mode": "fixed", "skip_layers": [17]}\'')
     common(e2e, 128)
     e2e.set_defaults(func=cmd_bench_e2e)
     skip = bench_sub.add_parser("skipdecode", help="SkipDecode (lossy early exit): agreement with greedy, and speed")

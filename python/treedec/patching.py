@@ -124,6 +124,13 @@ def patch(model, drafter: str | None = "auto", **options):
     return model
 
 
+def learned_tables(model) -> dict:
+    """What drafters learned about `model` across calls and patches (recycling's table, the
+    layer-skip search's result), kept while the model lives."""
+    learned = _LEARNED.get(model)
+    return learned.tables if learned is not None else {}
+
+
 def _drafter_for(drafter, options: dict, vocab_size: int, learned: LearnedState) -> Drafter:
     if isinstance(drafter, Drafter):
         return drafter

@@ -100,3 +100,40 @@ def test_sampling_equals_token_by_token_on_spec_bench(embedded):
             finally:
                 treedec.unpatch(model)
             assert torch.equal(got, expected), (drafter, prompts[i].category)
+
+
+@pytest.mark.parametrize("options", [{"mode": "swift"}, {"mode": "fixed", "skip_layers": [17], "stop_below": 0.0},
+                                     {"mode": "exit", "exit_layer": 20, "stop_below": 0.0}])
+def test_layerskip_greedy_equals_hf(embedded, options):
+    """Self-speculation on the real model, batch 1: every lossless mode. The swift search runs on
+    the first prompt (and on this model finds no set worth drafting with: see README); the fixed
+    and exit modes draft on every step."""
+    model, _, prompts, encoded, references = embedded
+    treedec.patch(model, drafter="layerskip", **options)
+    try:
+        for i in (0, 4, 11):  # writing, coding, math_reasoning
+            got = model.generate(**encoded[i], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            assert torch.equal(got, references[i]), (options, prompts[i].category)
+            if options["mode"] != "swift":
+                assert model.treedec.last_stats["layerskip_drafted"] > 0
+    finally:
+        treedec.unpatch(model)
+
+
+def test_layerskip_batch_of_three_with_own_skip_sets(embedded):
+    """Layer-skip batching on the real model: three sequences, three skip sets, one batch."""
+    model, tokenizer, _, encoded, references = embedded
+    chosen = [2, 4, 8]
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[[17], [5, 17], [26]], stop_below=0.0)
+    try:
+        out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        assert model.treedec.last_stats["layerskip_drafted"] > 0
+    finally:
+        treedec.unpatch(model)
+    for row, i in enumerate(chosen):
+        prompt_len = encoded[i]["input_ids"].shape[1]
+        generated = references[i][0, prompt_len:].tolist()
+        assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated

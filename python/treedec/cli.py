@@ -57,6 +57,9 @@ def cmd_demo(args) -> int:
     print("x = speedup over HF generate; same = outputs identical to HF greedy\n")
     print(report.table())
     for method, found in report.to_json()["drafting"].items():
+        if not found["drafted"]:
+            print(f"{method}: drafted nothing")
+            continue
         print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
               f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
     if "layerskip" in args.methods:
@@ -139,6 +142,9 @@ def cmd_bench_e2e(args) -> int:
     print(f"x = tokens/s over HF generate's; {same}\n")
     print(report.table())
     for method, found in report.to_json()["drafting"].items():
+        if not found["drafted"]:
+            print(f"{method}: drafted nothing")
+            continue
         print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
               f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
     if "layerskip" in args.methods:

@@ -9,9 +9,9 @@ Modes (option `mode`):
 
 Each step drafts a chain for every active sequence at once, one token per skipped-model forward.
 A sequence stops drafting when its draft's top-1 probability (softmax over the 16 best logits)
-falls below `stop_below` (Kangaroo's second early exit), and where it is unsure (top-1 below `branch_below`) the next `branch_k - 1`
-candidates join the tree as siblings. The verification step runs the full model over the whole
-tree, so the output is the model's own.
+falls below `stop_below` (Kangaroo's second early exit); where it is unsure (top-1 below
+`branch_below`) the next `branch_k - 1` candidates join the tree as siblings. The verification
+step runs the full model over the whole tree, so the output is the model's own.
 
 KV: a draft forward writes keys and values only for the layers it runs, into the rows after the
 committed prefix, the rows the tree step writes next. The verification step rewrites those rows
@@ -102,6 +102,7 @@ class LayerSkipDrafter(Drafter):
         self.drafts: dict[int, DraftTrie] = {}
         self.plan: SkipPlan | None = None
         self.searched_this_call = 0.0
+        self.drafted = self.accepted = 0  # candidates drafted, tokens accepted (this call)
         self._layers = None  # the kept layers as a ModuleList, built once per plan
 
     # -- the Drafter protocol ----------------------------------------------------------------
@@ -109,7 +110,7 @@ class LayerSkipDrafter(Drafter):
         self.histories = [list(h) for h in histories]
         self.drafts = {}
         self.searched_this_call = 0.0
-        self.drafted = self.accepted = 0  # chain tokens drafted, tree tokens accepted (this call)
+        self.drafted = self.accepted = 0
 
     def extend(self, seq, new_tokens):
         self.histories[seq].extend(new_tokens)
@@ -155,11 +156,11 @@ class LayerSkipDrafter(Drafter):
         if self.per_sequence is None and all(drafting):
             return None
         active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
+        shared = self.plan.skipped(runner.num_layers)
         for b, seq in enumerate(rows):
             if drafting[b]:
-                skipped = self.per_sequence[seq] if self.per_sequence is not None else self.plan.skipped(runner.num_layers)
                 active[:, b] = True
-                active[skipped, b] = False
+                active[self.per_sequence[seq] if self.per_sequence is not None else shared, b] = False
         return active
 
     @torch.inference_mode()
@@ -197,11 +198,11 @@ class LayerSkipDrafter(Drafter):
                         drafting[b] = False
                         continue
                     trie = tries[seq]
-                    if float(top_p[b, 0]) < self.branch_below:
-                        for rank in range(1, self.branch_k):
-                            trie.child(node[b], int(top_ids[b, rank]), ("layerskip", depth, rank))
+                    ranks = self.branch_k if float(top_p[b, 0]) < self.branch_below else 1
+                    for rank in range(1, ranks):
+                        trie.child(node[b], int(top_ids[b, rank]), ("layerskip", depth, rank))
                     node[b] = trie.child(node[b], int(top_ids[b, 0]), ("layerskip", depth, 0))
-                    self.drafted += 1
+                    self.drafted += ranks
                 if not any(drafting):
                     break
                 tokens = top_ids[:, :1].clone()

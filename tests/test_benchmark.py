@@ -66,3 +66,38 @@ def test_layerskip_runs_with_options_and_reports_its_drafting():
     assert drafting["drafted"] == sum(r.drafted for r in runs) > 0
     assert 0 <= drafting["acceptance"] <= 1 and drafting["draft_seconds"] > 0
     assert "hf" not in report.to_json()["drafting"]
+
+
+def _stub_cli(monkeypatch):
+    """The CLI on a tiny model: its loader returns peaked_llama and a stub tokenizer."""
+    import treedec.cli
+    import treedec.prompts
+
+    model, tokenizer, prompts = setup()
+    monkeypatch.setattr(treedec.cli, "_load", lambda *args: (model, tokenizer))
+    monkeypatch.setattr(treedec.prompts, "BUILTIN_PROMPTS", prompts)
+    return model, treedec.cli
+
+
+def test_demo_command_runs_end_to_end(monkeypatch, capsys):
+    model, cli = _stub_cli(monkeypatch)
+    assert cli.main(["demo", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "all treedec outputs identical to HF greedy: yes" in out and "sampling" in out
+
+
+def test_bench_e2e_command_with_layerskip_options(monkeypatch, capsys, tmp_path):
+    import json
+
+    model, cli = _stub_cli(monkeypatch)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"category": c, "turns": [t], "question_id": i})
+                                   for i, (c, t) in enumerate([("writing", "a"), ("coding", "b")])))
+    options = json.dumps({"mode": "fixed", "skip_layers": [1], "stop_below": 0.0})
+    out_json = tmp_path / "r.json"
+    assert cli.main(["bench", "e2e", "--questions", str(questions), "--methods", "hf", "layerskip",
+                     "--max-new-tokens", "8", "--layerskip-options", options, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "layerskip: drafted" in out and "accepted" in out
+    assert json.loads(out_json.read_text())["drafting"]["layerskip"]["drafted"] > 0
+    assert cli.main(["bench", "e2e", "--questions", str(questions), "--layerskip-options", "{oops"]) == 2

@@ -50,20 +50,14 @@ def cmd_demo(args) -> int:
     from .prompts import BUILTIN_PROMPTS
 
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), list(ALL_METHODS), args.max_new_tokens)
+    # layerskip drafts nothing on this model (README, "Layer skipping"): the demo leaves it out
+    methods = [m for m in ALL_METHODS if m != "layerskip"]
+    report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), methods, args.max_new_tokens)
     print()
     print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "
           f"{args.dtype}, {_where(args)}")
     print("x = speedup over HF generate; same = outputs identical to HF greedy\n")
     print(report.table())
-    for method, found in report.to_json()["drafting"].items():
-        if not found["drafted"]:
-            print(f"{method}: drafted nothing")
-            continue
-        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
-              f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
-    if "layerskip" in args.methods:
-        _print_layerskip_search(model)
     rows = report.summary()
     lossless = all(r["identical"] == r["prompts"] for m, r in rows.items() if m != "hf_pld")
     print("\nall treedec outputs identical to HF greedy:", "yes" if lossless else "NO")
@@ -141,14 +135,7 @@ def cmd_bench_e2e(args) -> int:
             else "same = outputs identical to HF greedy")
     print(f"x = tokens/s over HF generate's; {same}\n")
     print(report.table())
-    for method, found in report.to_json()["drafting"].items():
-        if not found["drafted"]:
-            print(f"{method}: drafted nothing")
-            continue
-        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
-              f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
-    if "layerskip" in args.methods:
-        _print_layerskip_search(model)
+    _print_drafting(report, model)
     differing = [] if args.sample else [r for r in report.runs if not r.identical]
     for run in differing:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
@@ -163,6 +150,18 @@ def cmd_bench_e2e(args) -> int:
         except ImportError:
             print("matplotlib is not installed; no plot (pip install matplotlib)", file=sys.stderr)
     return 0
+
+
+def _print_drafting(report, model) -> None:
+    """Model drafters' own figures (drafted, accepted, drafting time) and layerskip's search."""
+    for method, found in report.to_json()["drafting"].items():
+        if not found["drafted"]:
+            print(f"{method}: drafted nothing")
+            continue
+        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
+              f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
+    if "layerskip" in report.methods:
+        _print_layerskip_search(model)
 
 
 def _print_layerskip_search(model) -> None:

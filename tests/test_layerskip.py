@@ -79,10 +79,10 @@ def test_cache_after_every_step_equals_plain_decoding(monkeypatch):
     snapshots = []  # (sequence ids, committed rows, keys and values per layer) at each step's start
     original = layerskip.LayerSkipDrafter.draft_batch
 
-    def spy(self, runner, cache, rows, roots):
+    def spy(self, runner, cache, rows, roots, hidden=None):
         snapshots.append((list(rows), cache.prefix_len.clone(), cache.kv_start.clone(),
                           [k.clone() for k in cache.keys], [v.clone() for v in cache.values]))
-        return original(self, runner, cache, rows, roots)
+        return original(self, runner, cache, rows, roots, hidden)
 
     monkeypatch.setattr(layerskip.LayerSkipDrafter, "draft_batch", spy)
     treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=0.0)

@@ -214,6 +214,10 @@ class TreeDecoder:
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
         self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
         self.sampler: Sampler | None = None  # set per call from the request
+        # [B, H] per active row: the last hidden state whose LM-head output was the row's root (the
+        # prefill's last position, then each step's last accepted node); None before one exists.
+        self.context_hidden: torch.Tensor | None = None
+        self._verify_hidden: torch.Tensor | None = None
 
     # -- one call ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -253,7 +257,8 @@ class TreeDecoder:
             emitted = [len(generated[s]) for s in active]
             draft_seconds = 0.0
             if with_drafts and self.drafter.uses_model:
-                self.drafter.draft_batch(self.runner, cache, active, [roots[s] for s in active])
+                self.drafter.draft_batch(self.runner, cache, active, [roots[s] for s in active],
+                                         hidden=self.context_hidden)
                 draft_seconds = time.perf_counter() - step_started
                 stats.draft_seconds += draft_seconds
             if with_drafts:
@@ -265,6 +270,10 @@ class TreeDecoder:
             parents, tokens = pack_tries(tries, kept, num_nodes)
             verified = self._verify_step(cache, parents, tokens, active, emitted)
             accept_len, accept_nodes, bonus, topk, topk_probs = verified
+            if self.drafter.uses_model:  # the state each row's next root (the bonus) came from
+                last = accept_nodes[torch.arange(len(active)), accept_len.long()].long()
+                device = self._verify_hidden.device
+                self.context_hidden = self._verify_hidden[torch.arange(len(active), device=device), last.to(device)]
 
             self.drafter.observe(
                 StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs)
@@ -300,6 +309,8 @@ class TreeDecoder:
                 active = [active[r] for r in keep]
                 if active:
                     cache.select(torch.tensor(keep, dtype=torch.int64))
+                    if self.context_hidden is not None:
+                        self.context_hidden = self.context_hidden[torch.tensor(keep, device=self.context_hidden.device)]
         if request.streamer is not None:
             request.streamer.end()
         stats.seconds = time.perf_counter() - started
@@ -334,8 +345,9 @@ class TreeDecoder:
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
             positions = (torch.arange(prefill_len).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
             cache.begin_step(prefill_len)
-            runner.forward(input_ids[:, :prefill_len], positions, cache, step)
+            hidden = runner.forward(input_ids[:, :prefill_len], positions, cache, step)
             cache.advance(prefill_len)
+            self.context_hidden = hidden[:, -1]  # it predicted each prompt's last token, the first root
         return cache
 
     def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
@@ -350,6 +362,7 @@ class TreeDecoder:
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
         cache.begin_step(tokens.shape[1])
         hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
+        self._verify_hidden = hidden  # [B, T, H]: model drafters continue from the accepted path's end
         if self.sampler is None:
             topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())

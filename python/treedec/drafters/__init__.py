@@ -6,13 +6,15 @@ import inspect
 
 from .auto import AutoDrafter
 from .base import Drafter, DraftTrie, StepOutcome
+from .heads import HeadsDrafter
 from .layerskip import LayerSkipDrafter
 from .layerskip import OPTIONS as LAYERSKIP_OPTIONS
 from .lookup import LookupDrafter
 from .none import NoDrafter
 from .recycling import RecyclingDrafter, RecyclingTable
 
-DRAFTERS = ("auto", "lookup", "recycling", "layerskip", None)
+DRAFTERS = ("auto", "lookup", "recycling", "layerskip", "medusa", "hydra", None)
+HEADS_OPTIONS = ("heads", "widths")
 LOOKUP_OPTIONS = tuple(inspect.signature(LookupDrafter).parameters)
 RECYCLING_OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 
@@ -25,6 +27,8 @@ def drafter_options(name: str | None) -> tuple[str, ...]:
         "recycling": RECYCLING_OPTIONS,
         "auto": LOOKUP_OPTIONS + RECYCLING_OPTIONS,
         "layerskip": LAYERSKIP_OPTIONS,
+        "medusa": HEADS_OPTIONS,
+        "hydra": HEADS_OPTIONS,
     }[name]
 
 
@@ -38,6 +42,8 @@ def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict)
     check_drafter_name(name)
     if name is None:
         return NoDrafter()
+    if name in ("medusa", "hydra"):
+        return HeadsDrafter(_heads_for(name, options.get("heads"), tables), options.get("widths"))
     if name == "layerskip":  # its skip-set search result lives in the model's tables
         return LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
     lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}
@@ -57,11 +63,30 @@ def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict)
     return LookupDrafter(**lookup_kwargs)
 
 
+def _heads_for(kind: str, path, tables: dict):
+    """Heads loaded from `path` once per model (kept in its tables)."""
+    from ..heads import load
+
+    if path is None:
+        raise ValueError(
+            f"drafter={kind!r} needs heads=PATH: a directory written by `treedec train-heads --kind {kind}` "
+            "(no heads ship with treedec yet)"
+        )
+    key = ("heads", str(path))
+    if key not in tables:
+        heads = load(path)
+        if heads.config.kind != kind:
+            raise ValueError(f"{path} holds {heads.config.kind} heads, not {kind}")
+        tables[key] = heads
+    return tables[key]
+
+
 __all__ = [
     "DRAFTERS",
     "AutoDrafter",
     "DraftTrie",
     "Drafter",
+    "HeadsDrafter",
     "LayerSkipDrafter",
     "LookupDrafter",
     "NoDrafter",

@@ -99,11 +99,12 @@ class Drafter:
     def observe(self, outcome: StepOutcome) -> None:
         """The verified tree and the model's top-k after each of its nodes."""
 
-    def draft_batch(self, runner, cache, rows: list[int], roots: list[int]) -> None:
+    def draft_batch(self, runner, cache, rows: list[int], roots: list[int], hidden=None) -> None:
         """(`uses_model` drafters) Draft for the sequences `rows` (the cache's batch rows, in
         order) whose roots are `roots`, with `runner` (decoding.ModelRunner) over `cache`
-        (cache.TreeCache). Whatever it writes past the committed rows, it must leave
-        `cache.prefix_len` as it found it: the verification step overwrites those rows."""
+        (cache.TreeCache). `hidden` [B, H] (or None) is the model's last hidden state whose LM-head
+        output was each root, what draft heads read. Whatever it writes past the committed rows,
+        it must leave `cache.prefix_len` as it found it: the verification step overwrites them."""
 
     def report(self) -> dict:
         """Figures about the last call for `model.treedec.last_stats` (e.g. a search's cost)."""

@@ -136,7 +136,7 @@ class LayerSkipDrafter(Drafter):
         return found
 
     # -- drafting ------------------------------------------------------------------------------
-    def draft_batch(self, runner, cache, rows: list[int], roots: list[int]) -> None:
+    def draft_batch(self, runner, cache, rows: list[int], roots: list[int], hidden=None) -> None:
         self.drafts = {}
         plan = self._plan_for(runner, rows)
         if plan is None or plan.kept is None:

@@ -1,0 +1,94 @@
+"""drafter="medusa" / "hydra": trained draft heads on the model's last hidden state (treedec.heads).
+
+Each step the heads read the hidden state whose LM-head output was the root (the previous step's
+last accepted node, or the prefill's last position) and guess the tokens after the root:
+- medusa: head k's top `widths[k]` tokens at depth k+1, under every kept node of depth k (the
+  heads do not see the path, so every branch of a depth gets the same guesses);
+- hydra: depth by depth over the frontier, head k reading each node's own state and token, so
+  each branch gets its own guesses (one batched call per depth over all frontier nodes).
+Node keys are (kind, depth, rank): the loop learns each one's acceptance and keeps the nodes
+worth their cost, as with every drafter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..heads import DraftHeads
+from .base import Drafter, DraftTrie
+
+DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
+
+
+class HeadsDrafter(Drafter):
+    uses_model = True
+
+    def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None):
+        self.heads = heads
+        self.kind = heads.config.kind
+        self.name = self.kind
+        widths = tuple(widths) if widths is not None else DEFAULT_WIDTHS[: heads.config.num_heads]
+        if not widths or len(widths) > heads.config.num_heads or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths
+        ):
+            raise ValueError(f"widths = {widths!r} must be 1 to {heads.config.num_heads} ints >= 1 (one per head)")
+        self.widths = widths
+        self.drafts: dict[int, DraftTrie] = {}
+        self._checked = False
+
+    def propose(self, seq: int, root_token: int) -> DraftTrie:
+        return self.drafts.pop(seq, None) or DraftTrie(root_token)
+
+    @torch.inference_mode()
+    def draft_batch(self, runner, cache, rows, roots, hidden=None) -> None:
+        self.drafts = {}
+        if hidden is None:  # a one-token prompt: nothing to read yet
+            return
+        self._check(runner, hidden)
+        heads = self.heads
+        tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
+        if self.kind == "medusa":
+            states = heads.states(hidden)  # [B, K, H]
+            _, ids = runner.topk_values(states[:, : len(self.widths)], max(self.widths))
+            ids = ids.cpu()
+            for b, seq in enumerate(rows):
+                level = [0]
+                for depth, width in enumerate(self.widths):
+                    level = [tries[seq].child(parent, int(ids[b, depth, rank]), (self.kind, depth + 1, rank))
+                             for parent in level for rank in range(width)]
+        else:
+            self._hydra(runner, hidden, rows, roots, tries)
+        self.drafts = tries
+
+    def _hydra(self, runner, hidden, rows, roots, tries) -> None:
+        embed = runner.base.embed_tokens
+        device = hidden.device
+        # frontier: (batch row, trie node, token at that node); states [F, H] in the same order
+        frontier = [(b, 0, root) for b, root in enumerate(roots)]
+        states = hidden
+        for depth, width in enumerate(self.widths):
+            tokens = torch.tensor([token for _, _, token in frontier], device=device)
+            states = self.heads.step(depth, states, embed(tokens).to(states.dtype))
+            _, ids = runner.topk_values(states.unsqueeze(1), width)
+            ids = ids[:, 0].cpu()
+            next_frontier, parents = [], []
+            for f, (b, node, _) in enumerate(frontier):
+                for rank in range(width):
+                    token = int(ids[f, rank])
+                    child = tries[rows[b]].child(node, token, (self.kind, depth + 1, rank))
+                    next_frontier.append((b, child, token))
+                    parents.append(f)
+            frontier = next_frontier
+            states = states[torch.tensor(parents, device=device)]
+
+    def _check(self, runner, hidden) -> None:
+        if self._checked:
+            return
+        config = self.heads.config
+        if config.hidden_size != hidden.shape[-1] or config.vocab_size != runner.vocab_size:
+            raise ValueError(
+                f"these {config.kind} heads were trained for hidden size {config.hidden_size} and vocabulary "
+                f"{config.vocab_size}; the model has {hidden.shape[-1]} and {runner.vocab_size}"
+            )
+        self.heads.to(device=hidden.device, dtype=hidden.dtype)
+        self._checked = True

@@ -1,0 +1,133 @@
+"""The head modules, their config, and saving / loading them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HEAD_KINDS = ("medusa", "hydra")
+CONFIG_NAME = "heads.json"
+WEIGHTS_NAME = "heads.safetensors"
+
+
+@dataclass
+class HeadsConfig:
+    kind: str  # "medusa" | "hydra"
+    num_heads: int  # K: tokens guessed ahead of the LM head's own
+    hidden_size: int
+    vocab_size: int
+    num_blocks: int = 1  # residual SiLU blocks per head
+    base_model: str = ""  # what they were trained on (a name, for the user)
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"kind = {self.kind!r} must be one of {', '.join(map(repr, HEAD_KINDS))}")
+        for name in ("num_heads", "hidden_size", "vocab_size", "num_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be an int >= 1")
+
+
+class ResidualBlock(nn.Module):
+    """x + SiLU(W x + b), W zero-initialised, so an untrained head starts as the identity
+    (head k then guesses what the LM head guesses, a reasonable start, as in Medusa)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class DraftHeads(nn.Module):
+    """Base: `states(...)` gives each head's state; the LM head (not owned) turns it into logits."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+
+
+class MedusaHeads(DraftHeads):
+    def __init__(self, config: HeadsConfig):
+        super().__init__(config)
+        self.heads = nn.ModuleList(
+            nn.Sequential(*[ResidualBlock(config.hidden_size) for _ in range(config.num_blocks)])
+            for _ in range(config.num_heads)
+        )
+
+    def states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> [N, K, H]: head k's state guesses token t+1+k (k = 1..K)."""
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+
+class HydraHeads(DraftHeads):
+    """Head k: s_k = blocks_k(W_k [s_{k-1}; e(x_{k})]), s_0 = h, x_1 the token the LM head chose
+    from h (the step's root), x_k the token drafted from s_{k-1}; s_k guesses x_{k+1}."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__(config)
+        size = config.hidden_size
+        self.inputs = nn.ModuleList(nn.Linear(2 * size, size) for _ in range(config.num_heads))
+        for layer in self.inputs:  # start as "keep the state": [I, 0]
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+            with torch.no_grad():
+                layer.weight[:, :size].copy_(torch.eye(size))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResidualBlock(size) for _ in range(config.num_blocks)]) for _ in range(config.num_heads)
+        )
+
+    def step(self, head: int, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """One head over a frontier: state [N, H] (s_{k-1}), token_embedding [N, H] (e(x_k)) -> s_k.
+        `head` is 0-based (head 0 guesses token t+2)."""
+        return self.blocks[head](self.inputs[head](torch.cat([state, token_embedding], dim=-1)))
+
+    def states(self, hidden: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced (training): hidden [N, H], token_embeddings [N, K, H] (e(x_1) .. e(x_K))
+        -> [N, K, H]."""
+        state, out = hidden, []
+        for head in range(self.config.num_heads):
+            state = self.step(head, state, token_embeddings[:, head])
+            out.append(state)
+        return torch.stack(out, dim=1)
+
+
+def build_heads(config: HeadsConfig) -> DraftHeads:
+    return (MedusaHeads if config.kind == "medusa" else HydraHeads)(config)
+
+
+def save(heads: DraftHeads, directory: str | Path, extra: dict | None = None) -> Path:
+    """Weights as safetensors and the config (plus `extra`, e.g. accuracies) as JSON in `directory`."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, directory / WEIGHTS_NAME)
+    (directory / CONFIG_NAME).write_text(json.dumps({**asdict(heads.config), **(extra or {})}, indent=2) + "\n")
+    return directory
+
+
+def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -> DraftHeads:
+    """Heads saved by `save`; ValueError naming what is missing or does not fit."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.exists() or not weights_path.exists():
+        raise ValueError(f"{directory} does not hold draft heads ({CONFIG_NAME} and {WEIGHTS_NAME})")
+    raw = json.loads(config_path.read_text())
+    fields = HeadsConfig.__dataclass_fields__
+    config = HeadsConfig(**{k: v for k, v in raw.items() if k in fields})
+    heads = build_heads(config)
+    state = load_file(weights_path)
+    missing, unexpected = heads.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return heads.to(device=device, dtype=dtype).eval()

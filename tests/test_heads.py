@@ -1,0 +1,123 @@
+"""Draft heads (medusa, hydra): modules, save/load, lossless decoding with them, training."""
+
+import pytest
+import torch
+
+import treedec
+from test_decoding import left_padded, repetitive_prompt
+from test_layerskip import peaked
+from treedec.heads import HeadsConfig, build_heads, load, save
+
+
+def random_heads(kind: str, model, num_heads: int = 3, seed: int = 0):
+    """Heads with random (not identity) blocks, so drafts vary and get rejected too."""
+    config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, base_model="tiny")
+    heads = build_heads(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in heads.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return heads
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_head_states_shapes_and_identity_start(kind):
+    heads = build_heads(HeadsConfig(kind, 4, 16, 50))
+    hidden = torch.randn(5, 16)
+    if kind == "medusa":
+        states = heads.states(hidden)
+    else:
+        states = heads.states(hidden, torch.randn(5, 4, 16))
+    assert states.shape == (5, 4, 16)
+    torch.testing.assert_close(states[:, 2], hidden)  # untrained heads keep the state (Medusa's start)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_save_load_round_trip(kind, tmp_path):
+    model = peaked(seed=1)
+    heads = random_heads(kind, model)
+    save(heads, tmp_path / "h", extra={"top1": [0.5, 0.25, 0.1]})
+    loaded = load(tmp_path / "h")
+    assert type(loaded) is type(heads) and loaded.config == heads.config
+    for (name, a), (_, b) in zip(heads.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="does not hold draft heads"):
+        load(tmp_path / "nothing")
+
+
+def test_bad_configs_and_options_raise(tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        HeadsConfig("eagle", 2, 8, 8)
+    with pytest.raises(ValueError, match="num_heads"):
+        HeadsConfig("medusa", 0, 8, 8)
+    with pytest.raises(ValueError, match="heads=PATH"):
+        treedec.patch(peaked(seed=1), drafter="medusa")
+    model = peaked(seed=1)
+    save(random_heads("hydra", model), tmp_path / "hydra")
+    with pytest.raises(ValueError, match="holds hydra heads, not medusa"):
+        treedec.patch(model, drafter="medusa", heads=tmp_path / "hydra")
+    with pytest.raises(ValueError, match="widths"):
+        treedec.patch(model, drafter="hydra", heads=tmp_path / "hydra", widths=[2, 2, 2, 2])
+    other = build_heads(HeadsConfig("medusa", 2, 32, model.config.vocab_size))
+    save(other, tmp_path / "wide")
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "wide")
+    with pytest.raises(ValueError, match="hidden size 32"):
+        model.generate(torch.tensor([repetitive_prompt(1, 12)]), max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_is_lossless_with_random_heads(kind, batch, tmp_path):
+    model = peaked(seed=3)
+    save(random_heads(kind, model, seed=batch), tmp_path / kind)
+    ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
+    ids, mask = ids[:batch], mask[:batch]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False), expected)
+    assert model.treedec.last_stats["mean_tree_nodes"] > 1  # the heads' drafts reached the verifier
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_sampling_is_exact_with_heads(kind, tmp_path):
+    from test_sampling import sample_token_by_token
+
+    model = peaked(seed=5)
+    save(random_heads(kind, model), tmp_path / kind)
+    prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19)]
+    ids, mask = left_padded(prompts)
+    torch.manual_seed(11)
+    expected = sample_token_by_token(model, prompts, 20, eos=2, pad=0, temperature=0.8, top_k=10)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    torch.manual_seed(11)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=10)
+    assert torch.equal(got, expected)
+
+
+def test_hydra_branches_follow_their_path(monkeypatch, tmp_path):
+    """Medusa gives every branch of a depth the same guesses; Hydra's depend on the branch."""
+    from treedec.drafters import heads as heads_drafter
+
+    model = peaked(seed=3)
+    found = {}
+    for kind in ("medusa", "hydra"):
+        heads = random_heads(kind, model, seed=7)
+        if kind == "hydra":  # the tiny model's embeddings are small (std 0.02): make them count
+            size = model.config.hidden_size
+            with torch.no_grad():
+                for layer in heads.inputs:
+                    layer.weight[:, size:].mul_(300.0)
+        save(heads, tmp_path / kind)
+        tries = []
+        original = heads_drafter.HeadsDrafter.propose
+        monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
+                            lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind, widths=[3, 2])
+        model.generate(torch.tensor([repetitive_prompt(2, 15)]), max_new_tokens=3, do_sample=False)
+        trie = tries[0]
+        assert len(trie) == 1 + 3 + 6
+        found[kind] = [tuple(trie.tokens[i] for i in range(len(trie)) if trie.parents[i] == parent)
+                       for parent in (1, 2, 3)]
+        monkeypatch.undo()
+    assert len(set(found["medusa"])) == 1  # the same two guesses under each depth-1 node
+    assert len(set(found["hydra"])) > 1

@@ -121,3 +121,67 @@ def test_hydra_branches_follow_their_path(monkeypatch, tmp_path):
         monkeypatch.undo()
     assert len(set(found["medusa"])) == 1  # the same two guesses under each depth-1 node
     assert len(set(found["hydra"])) > 1
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_a_few_training_steps_reduce_the_loss_and_resume(kind, tmp_path):
+    from treedec.heads.training import train_heads
+
+    model = peaked(seed=4)
+    prompts = [repetitive_prompt(s, 10) for s in range(4)]
+    heads, reports = train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / kind, epochs=3,
+                                 lr=3e-3, batch_size=16, max_new_tokens=40, base_model="tiny", progress=False)
+    assert len(reports) == 3 and reports[-1].loss < reports[0].loss
+    assert all(0 <= a <= b <= 1 for a, b in zip(reports[-1].top1, reports[-1].top5))
+    loaded = load(tmp_path / kind)
+    assert loaded.config.kind == kind and loaded.config.num_heads == 2
+    # resuming: the data and the checkpoint are reused, two more epochs continue from epoch 3
+    _, more = train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / kind, epochs=5,
+                          lr=3e-3, batch_size=16, progress=False)
+    assert [r.epoch for r in more] == [1, 2, 3, 4, 5] and more[2].loss == reports[2].loss
+    ids = torch.tensor([repetitive_prompt(1, 10)])
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), expected)
+
+
+def test_training_targets_are_the_tokens_after_the_root():
+    """h_t's LM-head token is t+1 (the root at decode time); head k (0-based) learns token t+2+k,
+    and Hydra's head k reads token t+1+k."""
+    from treedec.heads.training import Example, _batches
+
+    tokens = torch.arange(10, 20)
+    example = Example(tokens, torch.arange(10).float().view(10, 1).expand(10, 3), generated_from=4)
+    hidden, targets, inputs = next(_batches([example], 3, 100, torch.Generator().manual_seed(0)))
+    for row in range(hidden.shape[0]):
+        t = int(hidden[row, 0])
+        assert 3 <= t <= 7
+        assert targets[row].tolist() == [int(tokens[i]) if i < 10 else -100 for i in (t + 2, t + 3, t + 4)]
+        assert inputs[row, 0] == tokens[t + 1]
+    assert hidden.shape[0] == 5  # positions 3..7
+
+
+def test_train_heads_command(monkeypatch, tmp_path, capsys):
+    """`treedec train-heads` on a tiny model (the loader stubbed): heads, data and log land in --out."""
+    import treedec.cli
+    from test_benchmark import ChatStub
+    from treedec.prompts import BUILTIN_PROMPTS
+
+    model = peaked(seed=4)
+    texts = {p.text: repetitive_prompt(i, 10) for i, p in enumerate(BUILTIN_PROMPTS)}
+    stub = ChatStub({**texts, "hello": repetitive_prompt(9, 12)})
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"category": "writing", "turns": ["hello"]}\n')
+    stub.chat_template = "stub"
+    original = stub.apply_chat_template
+    stub.apply_chat_template = lambda messages, **kwargs: {"input_ids": original(messages)["input_ids"][0].tolist()}
+    monkeypatch.setattr(treedec.cli, "_load", lambda *args: (model, stub))
+    out = tmp_path / "heads"
+    assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
+                             "--out", str(out), "--questions", str(tmp_path / "none.jsonl")]) == 2
+    assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
+                             "--max-new-tokens", "20", "--out", str(out), "--questions", str(questions)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    assert load(out).config.kind == "hydra"
+    assert {p.name for p in out.iterdir()} >= {"heads.json", "heads.safetensors", "distill_data.pt", "checkpoint.pt",
+                                               "train_log.json"}

@@ -201,6 +201,50 @@ def cmd_bench_skipdecode(args) -> int:
     return 0
 
 
+DEFAULT_QUESTIONS = "../shared/data/spec_bench/dev.jsonl"
+
+
+def cmd_train_heads(args) -> int:
+    from pathlib import Path
+
+    from .heads.training import train_heads
+    from .prompts import BUILTIN_PROMPTS, load_questions
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        name = str(args.model)
+    else:
+        model, tokenizer = _load("fp32", args.threads)
+        name = "SmolLM2-135M-Instruct (embedded)"
+    prompts = list(BUILTIN_PROMPTS)
+    if Path(args.questions).exists():
+        prompts = load_questions(args.questions) + prompts
+    elif args.questions != DEFAULT_QUESTIONS:
+        print(f"no questions file at {args.questions}", file=sys.stderr)
+        return 2
+    prompt_ids = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt.text}]
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt.text)["input_ids"]
+        prompt_ids.append(list(ids))
+    print(f"training {args.heads} {args.kind} heads on {name}: {args.tokens} self-distilled tokens from "
+          f"{len(prompt_ids)} prompts, {args.epochs} epochs -> {args.out}")
+    _, reports = train_heads(model, prompt_ids, args.kind, args.heads, args.tokens, args.out, args.epochs, args.lr,
+                             args.batch_size, args.max_new_tokens, base_model=name)
+    if reports:
+        last = reports[-1]
+        print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
+              + ", ".join(f"{a:.1%}" for a in last.top1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import ALL_METHODS
 
@@ -223,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions and available kernel backends")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train-heads", help="train Medusa/Hydra draft heads by self-distillation")
+    train.add_argument("--kind", choices=("medusa", "hydra"), required=True)
+    train.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
+    train.add_argument("--heads", type=int, default=4, help="number of heads K (default 4)")
+    train.add_argument("--tokens", type=int, default=20000, help="self-distilled tokens to collect (default 20000)")
+    train.add_argument("--out", required=True, help="directory for the heads, the collected data and checkpoints")
+    train.add_argument("--questions", default=DEFAULT_QUESTIONS,
+                       help="JSONL of prompts (Spec-Bench format), used with the built-in instructions")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--max-new-tokens", type=int, default=128, help="per prompt while collecting")
+    train.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    train.set_defaults(func=cmd_train_heads)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..heads import DraftHeads
 from .base import Drafter, DraftTrie
 
@@ -47,9 +48,9 @@ class HeadsDrafter(Drafter):
         self._check(runner, hidden)
         heads = self.heads
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
-        if self.kind == "medusa":
-            states = heads.states(hidden)  # [B, K, H]
-            _, ids = runner.topk_values(states[:, : len(self.widths)], max(self.widths))
+        if self.kind == "medusa":  # every head at once, no [B, K, V] logits
+            weights, biases = self._stacked
+            _, ids, _ = ops.draft_heads_topk(hidden, weights, biases, runner.lm_head.weight, max(self.widths))
             ids = ids.cpu()
             for b, seq in enumerate(rows):
                 level = [0]
@@ -66,11 +67,12 @@ class HeadsDrafter(Drafter):
         # frontier: (batch row, trie node, token at that node); states [F, H] in the same order
         frontier = [(b, 0, root) for b, root in enumerate(roots)]
         states = hidden
-        for depth, width in enumerate(self.widths):
+        for depth, width in enumerate(self.widths):  # one call per depth over the whole frontier
             tokens = torch.tensor([token for _, _, token in frontier], device=device)
-            states = self.heads.step(depth, states, embed(tokens).to(states.dtype))
-            _, ids = runner.topk_values(states.unsqueeze(1), width)
-            ids = ids[:, 0].cpu()
+            joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
+            weights, biases = self._stacked[depth]
+            _, ids, states = ops.draft_heads_topk(joined, weights, biases, runner.lm_head.weight, width)
+            ids, states = ids[:, 0].cpu(), states[:, 0]
             next_frontier, parents = [], []
             for f, (b, node, _) in enumerate(frontier):
                 for rank in range(width):
@@ -91,4 +93,8 @@ class HeadsDrafter(Drafter):
                 f"{config.vocab_size}; the model has {hidden.shape[-1]} and {runner.vocab_size}"
             )
         self.heads.to(device=hidden.device, dtype=hidden.dtype)
+        if self.kind == "medusa":
+            self._stacked = self.heads.stacked()
+        else:
+            self._stacked = [self.heads.stacked(depth) for depth in range(len(self.widths))]
         self._checked = True

@@ -66,6 +66,12 @@ class MedusaHeads(DraftHeads):
         """hidden [N, H] -> [N, K, H]: head k's state guesses token t+1+k (k = 1..K)."""
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks as `ops.draft_heads_topk` takes them: weights [K, L, H, H], biases [K, L, H]."""
+        weights = torch.stack([torch.stack([block.linear.weight for block in head]) for head in self.heads])
+        biases = torch.stack([torch.stack([block.linear.bias for block in head]) for head in self.heads])
+        return weights.detach(), biases.detach()
+
 
 class HydraHeads(DraftHeads):
     """Head k: s_k = blocks_k(W_k [s_{k-1}; e(x_{k})]), s_0 = h, x_1 the token the LM head chose
@@ -83,6 +89,13 @@ class HydraHeads(DraftHeads):
         self.blocks = nn.ModuleList(
             nn.Sequential(*[ResidualBlock(size) for _ in range(config.num_blocks)]) for _ in range(config.num_heads)
         )
+
+    def stacked(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head `head`'s blocks as `ops.draft_heads_topk` takes them: [1, L, H, H], [1, L, H]."""
+        blocks = self.blocks[head]
+        weights = torch.stack([block.linear.weight for block in blocks]).unsqueeze(0)
+        biases = torch.stack([block.linear.bias for block in blocks]).unsqueeze(0)
+        return weights.detach(), biases.detach()
 
     def step(self, head: int, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
         """One head over a frontier: state [N, H] (s_{k-1}), token_embedding [N, H] (e(x_k)) -> s_k.

@@ -8,6 +8,7 @@ backend directly, so native kernels slot in here without changing them.
 from ._backend import available_backends, choose_backend, requested_backend
 from .attention import tree_attention
 from .compact import compact_kv
+from .heads import draft_heads_topk
 from .linear import linear_rows
 from .lm_head import lm_head_backend, lm_head_topk
 from .rows import gather_rows, scatter_rows
@@ -20,6 +21,7 @@ __all__ = [
     "build_tree",
     "choose_backend",
     "compact_kv",
+    "draft_heads_topk",
     "gather_rows",
     "linear_rows",
     "lm_head_backend",

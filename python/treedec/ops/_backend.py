@@ -4,7 +4,7 @@ Backends and the ops each one implements:
 
 - ``reference``: every op, any device (pure torch, the oracle).
 - ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk, linear_rows,
-  gather_rows, scatter_rows on CPU tensors.
+  gather_rows, scatter_rows, draft_heads_topk (composed of linear_rows and lm_head_topk) on CPU tensors.
 - ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, sample_tokens, compact_kv on CUDA tensors.
 - ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk, gather_rows, scatter_rows on CUDA tensors, and on CPU
   tensors under ``TRITON_INTERPRET=1``.
@@ -25,12 +25,12 @@ import torch
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 OPS = (
     "build_tree", "verify_greedy", "sample_tokens", "compact_kv", "tree_attention", "lm_head_topk", "linear_rows",
-    "gather_rows", "scatter_rows",
+    "gather_rows", "scatter_rows", "draft_heads_topk",
 )
 NATIVE_OPS = {
     "cpp": frozenset({
         "build_tree", "verify_greedy", "sample_tokens", "compact_kv", "lm_head_topk", "linear_rows", "gather_rows",
-        "scatter_rows",
+        "scatter_rows", "draft_heads_topk",
     }),
     "cuda": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv"}),
     "triton": frozenset({"tree_attention", "lm_head_topk", "gather_rows", "scatter_rows"}),

@@ -24,6 +24,7 @@ _IMPLEMENTATIONS = {
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
     "linear_rows": {"reference": reference.linear_rows, "cpp": _cpp.linear_rows},
+    "draft_heads_topk": {"reference": reference.draft_heads_topk, "cpp": _cpp.draft_heads_topk},
     "gather_rows": {"reference": reference.gather_rows, "cpp": _cpp.gather_rows, "triton": _triton.gather_rows},
     "scatter_rows": {"reference": reference.scatter_rows, "cpp": _cpp.scatter_rows, "triton": _triton.scatter_rows},
 }

@@ -7,6 +7,7 @@ the data contracts in DESIGN.md; argument checking lives in `treedec.ops`, not h
 
 from .attention import dense_tree_mask, tree_attention
 from .compact import compact_kv
+from .heads import draft_heads_topk
 from .linear import linear_rows
 from .lm_head import lm_head_topk
 from .rows import gather_rows, scatter_rows
@@ -17,6 +18,7 @@ __all__ = [
     "build_tree",
     "compact_kv",
     "dense_tree_mask",
+    "draft_heads_topk",
     "gather_rows",
     "linear_rows",
     "lm_head_topk",

@@ -185,3 +185,45 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     assert load(out).config.kind == "hydra"
     assert {p.name for p in out.iterdir()} >= {"heads.json", "heads.safetensors", "distill_data.pt", "checkpoint.pt",
                                                "train_log.json"}
+
+
+def test_best_tree_on_a_hand_computed_example():
+    """Head 1: ranks 0.6, 0.2; head 2: 0.5, 0.3. Node probabilities: (0)=.6, (1)=.2, (0,0)=.3,
+    (0,1)=.18, (1,0)=.1, (1,1)=.06. The best 3 nodes: (0), (0,0), (1) -> 1.1 expected tokens; the
+    best 4 add (0,1) -> 1.28; no 4-node tree does better."""
+    import itertools
+
+    from treedec.heads.tree import best_tree, expected_accepted
+
+    accuracies = [[0.6, 0.2], [0.5, 0.3]]
+    assert best_tree(accuracies, 3) == [(0,), (0, 0), (1,)]
+    assert expected_accepted(accuracies, best_tree(accuracies, 3)) == pytest.approx(1.1)
+    four = best_tree(accuracies, 4)
+    assert four == [(0,), (0, 0), (1,), (0, 1)] and expected_accepted(accuracies, four) == pytest.approx(1.28)
+    nodes = [(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)]
+    closed = [t for t in itertools.combinations(nodes, 4) if all(p[:-1] in t or len(p) == 1 for p in t)]
+    assert max(expected_accepted(accuracies, list(t)) for t in closed) == pytest.approx(1.28)
+    assert best_tree(accuracies, 100) == best_tree(accuracies, 6)  # at most every node
+    with pytest.raises(ValueError):
+        best_tree([[1.5]], 2)
+
+
+def test_medusa_with_measured_accuracies_drafts_the_static_tree(monkeypatch, tmp_path):
+    from treedec.drafters import heads as heads_drafter
+    from treedec.heads.tree import best_tree
+
+    model = peaked(seed=3)
+    accuracies = [[0.5, 0.2, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02], [0.2, 0.05, 0.02, 0.01]]
+    save(random_heads("medusa", model, seed=2), tmp_path / "m", extra={"rank_accuracy": accuracies})
+    tries = []
+    original = heads_drafter.HeadsDrafter.propose
+    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
+                        lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+    ids = torch.tensor([repetitive_prompt(2, 15)])
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "m")
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    paths = best_tree(accuracies, heads_drafter.STATIC_TREE_NODES)
+    trie = tries[0]
+    assert len(trie) == 1 + len(paths)
+    assert [key[1:] for key in trie.keys[1:]] == [(len(p), p[-1]) for p in paths]  # (depth, rank), in order

@@ -16,15 +16,18 @@ import torch
 
 from .. import ops
 from ..heads import DraftHeads
+from ..heads.tree import best_tree
 from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
+STATIC_TREE_NODES = 48  # the loop's sizer then keeps the T worth their measured cost
 
 
 class HeadsDrafter(Drafter):
     uses_model = True
 
     def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None):
+        given_widths = widths
         self.heads = heads
         self.kind = heads.config.kind
         self.name = self.kind
@@ -34,6 +37,13 @@ class HeadsDrafter(Drafter):
         ):
             raise ValueError(f"widths = {widths!r} must be 1 to {heads.config.num_heads} ints >= 1 (one per head)")
         self.widths = widths
+        # Medusa with measured per-rank accuracies and no widths given: the static tree with the
+        # largest expected accepted length (heads/tree.py); rank paths, parents first.
+        accuracies = heads.meta.get("rank_accuracy")
+        self.paths = None
+        if self.kind == "medusa" and accuracies and given_widths is None:
+            self.paths = best_tree(accuracies, STATIC_TREE_NODES)
+            self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
         self.drafts: dict[int, DraftTrie] = {}
         self._checked = False
 
@@ -53,6 +63,13 @@ class HeadsDrafter(Drafter):
             _, ids, _ = ops.draft_heads_topk(hidden, weights, biases, runner.lm_head.weight, max(self.widths))
             ids = ids.cpu()
             for b, seq in enumerate(rows):
+                if self.paths is not None:
+                    node_of = {(): 0}
+                    for path in self.paths:
+                        depth, rank = len(path) - 1, path[-1]
+                        node_of[path] = tries[seq].child(node_of[path[:-1]], int(ids[b, depth, rank]),
+                                                         (self.kind, depth + 1, rank))
+                    continue
                 level = [0]
                 for depth, width in enumerate(self.widths):
                     level = [tries[seq].child(parent, int(ids[b, depth, rank]), (self.kind, depth + 1, rank))

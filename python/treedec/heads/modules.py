@@ -52,6 +52,7 @@ class DraftHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
         self.config = config
+        self.meta: dict = {}  # what `load` found beside the config: accuracies, training cost
 
 
 class MedusaHeads(DraftHeads):
@@ -139,6 +140,7 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -
     fields = HeadsConfig.__dataclass_fields__
     config = HeadsConfig(**{k: v for k, v in raw.items() if k in fields})
     heads = build_heads(config)
+    heads.meta = {k: v for k, v in raw.items() if k not in fields}  # training figures (accuracies, cost)
     state = load_file(weights_path)
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:

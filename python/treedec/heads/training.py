@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .modules import DraftHeads, HeadsConfig, build_heads, save
 
 DATA_NAME = "distill_data.pt"
+RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -44,6 +45,7 @@ class EpochReport:
     loss: float
     top1: list[float] = field(default_factory=list)  # per head
     top5: list[float] = field(default_factory=list)
+    rank_accuracy: list[list[float]] = field(default_factory=list)  # [head][rank < RANKS]: rank r right
     seconds: float = 0.0
 
 
@@ -143,8 +145,7 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
         began = time.perf_counter()
         generator = torch.Generator().manual_seed(seed + epoch)
         total_loss = total_rows = 0.0
-        hits1 = torch.zeros(num_heads)
-        hits5 = torch.zeros(num_heads)
+        hits = torch.zeros(num_heads, RANKS)
         counts = torch.zeros(num_heads)
         batches = list(_batches(examples, num_heads, batch_size, generator))
         for hidden, targets, inputs in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress):
@@ -156,14 +157,14 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
             optimizer.step()
             with torch.no_grad():
                 valid = targets != -100
-                top5 = logits.topk(5, dim=-1).indices
-                hits1 += ((top5[..., 0] == targets) & valid).sum(0).float()
-                hits5 += ((top5 == targets.unsqueeze(-1)).any(-1) & valid).sum(0).float()
+                ranked = logits.topk(RANKS, dim=-1).indices  # [N, K, RANKS]
+                hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
                 counts += valid.sum(0).float()
                 total_loss += float(loss) * int(valid.sum())
                 total_rows += int(valid.sum())
-        report = EpochReport(epoch + 1, total_loss / max(total_rows, 1), (hits1 / counts.clamp(min=1)).tolist(),
-                             (hits5 / counts.clamp(min=1)).tolist(), time.perf_counter() - began)
+        per_rank = hits / counts.clamp(min=1).unsqueeze(-1)
+        report = EpochReport(epoch + 1, total_loss / max(total_rows, 1), per_rank[:, 0].tolist(),
+                             per_rank[:, :5].sum(-1).tolist(), per_rank.tolist(), time.perf_counter() - began)
         reports.append(report)
         if progress:
             heads_line = "  ".join(f"head {k + 1}: {a:.1%}/{b:.1%}" for k, (a, b) in enumerate(zip(report.top1,
@@ -203,6 +204,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
         "train_seconds": round(sum(r.seconds for r in reports), 1),
         "top1": reports[-1].top1 if reports else [],
         "top5": reports[-1].top5 if reports else [],
+        "rank_accuracy": reports[-1].rank_accuracy if reports else [],
         "loss": reports[-1].loss if reports else None,
     }
     save(heads, out, extra)

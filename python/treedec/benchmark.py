@@ -22,7 +22,9 @@ from .patching import patch, unpatch
 from .prompts import Prompt
 
 HF_METHODS = {"hf": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}
-TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto", "layerskip": "layerskip"}
+TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto", "layerskip": "layerskip",
+                   "medusa": "medusa", "hydra": "hydra"}
+NEEDS_OPTIONS = {"medusa": "heads", "hydra": "heads"}  # methods that cannot run without this option
 ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
 
 
@@ -161,6 +163,10 @@ def run_benchmark(
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    options = options or {}
+    for method, option in NEEDS_OPTIONS.items():
+        if method in methods and option not in options.get(method, {}):
+            raise ValueError(f"method {method!r} needs its {option!r} option (e.g. --{method}-heads DIR)")
     # HF is the reference for every other method; when sampling, `none` (if run) is the reference
     # for the other treedec methods: they sample with the same uniforms, so they must agree with it.
     methods = ["hf"] + [m for m in methods if m == "none"] + [m for m in methods if m not in ("hf", "none")]

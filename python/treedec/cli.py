@@ -50,8 +50,8 @@ def cmd_demo(args) -> int:
     from .prompts import BUILTIN_PROMPTS
 
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    # layerskip drafts nothing on this model (README, "Layer skipping"): the demo leaves it out
-    methods = [m for m in ALL_METHODS if m != "layerskip"]
+    # layerskip drafts nothing on this model (README, "Layer skipping"), and no heads ship yet
+    methods = [m for m in ALL_METHODS if m not in ("layerskip", "medusa", "hydra")]
     report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), methods, args.max_new_tokens)
     print()
     print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "
@@ -118,7 +118,8 @@ def cmd_bench_e2e(args) -> int:
         print(f"no questions in {args.questions}", file=sys.stderr)
         return 2
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    options = {}
+    options = {method: {"heads": path} for method, path in (("medusa", args.medusa_heads),
+                                                              ("hydra", args.hydra_heads)) if path}
     if args.layerskip_options:
         try:
             options["layerskip"] = json.loads(args.layerskip_options)
@@ -288,9 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench_sub.add_parser("e2e", help="end-to-end decoding speed on Spec-Bench questions")
     e2e.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
     e2e.add_argument("--limit-per-category", type=int, default=None)
-    e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS,
+                     default=[m for m in ALL_METHODS if m not in ("medusa", "hydra")])
     e2e.add_argument("--json", help="write per-prompt results and the summary here")
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
+    e2e.add_argument("--medusa-heads", help="heads directory for the medusa method (treedec train-heads)")
+    e2e.add_argument("--hydra-heads", help="heads directory for the hydra method")
     e2e.add_argument("--layerskip-options", help='JSON of treedec.patch options for layerskip, e.g. '
                      '\'{"mode": "fixed", "skip_layers": [17]}\'')
     common(e2e, 128)

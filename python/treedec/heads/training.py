@@ -8,7 +8,8 @@
    frozen LM head). Hydra heads are teacher-forced with the true tokens t+1 .. t+k.
 
 Only positions in the generated part are used: that is the model's own text, the distribution the
-heads meet when drafting. Everything is resumable: the collected data and a checkpoint after each
+heads meet when drafting. Every 10th sequence is held out: the reported loss and accuracies (and
+the static tree built from them) come from text the heads never trained on. Everything is resumable: the collected data and a checkpoint after each
 epoch live in the output directory.
 """
 
@@ -26,6 +27,7 @@ from .modules import DraftHeads, HeadsConfig, build_heads, save
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
+HOLD_OUT = 10  # every 10th collected sequence measures accuracy instead of training
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -126,9 +128,33 @@ def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Te
     return torch.nn.functional.linear(states, lm_head.weight.float())
 
 
+@torch.no_grad()
+def evaluate(heads: DraftHeads, model, examples: list[Example], batch_size: int = 64) -> tuple[float, torch.Tensor]:
+    """Loss and per-head per-rank accuracy [K, RANKS] on `examples` (held-out sequences)."""
+    num_heads = heads.config.num_heads
+    hits, counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)
+    total_loss = total_rows = 0.0
+    was_training = heads.training
+    heads.eval()
+    for hidden, targets, inputs in _batches(examples, num_heads, batch_size, torch.Generator().manual_seed(0)):
+        logits = head_logits(heads, model, hidden, inputs)
+        valid = targets != -100
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total_loss, total_rows = total_loss + float(loss), total_rows + int(valid.sum())
+        ranked = logits.topk(RANKS, dim=-1).indices
+        hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
+        counts += valid.sum(0).float()
+    heads.train(was_training)
+    return total_loss / max(total_rows, 1), hits / counts.clamp(min=1).unsqueeze(-1)
+
+
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
-          batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True) -> list[EpochReport]:
-    """Train `heads` on `examples`; with `out`, a checkpoint after every epoch and resuming from one."""
+          batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True,
+          held_out: list[Example] | None = None) -> list[EpochReport]:
+    """Train `heads` on `examples`; with `out`, a checkpoint after every epoch and resuming from one.
+    With `held_out`, each epoch's reported loss and accuracies are measured on those sequences
+    (the training set's would flatter heads that memorise)."""
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     start_epoch, reports = 0, []
     checkpoint = None if out is None else Path(out) / CHECKPOINT_NAME
@@ -163,13 +189,18 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
                 total_loss += float(loss) * int(valid.sum())
                 total_rows += int(valid.sum())
         per_rank = hits / counts.clamp(min=1).unsqueeze(-1)
-        report = EpochReport(epoch + 1, total_loss / max(total_rows, 1), per_rank[:, 0].tolist(),
-                             per_rank[:, :5].sum(-1).tolist(), per_rank.tolist(), time.perf_counter() - began)
+        epoch_loss = total_loss / max(total_rows, 1)
+        if held_out:
+            epoch_loss, per_rank = evaluate(heads, model, held_out, batch_size)
+        report = EpochReport(epoch + 1, epoch_loss, per_rank[:, 0].tolist(), per_rank[:, :5].sum(-1).tolist(),
+                             per_rank.tolist(), time.perf_counter() - began)
         reports.append(report)
         if progress:
             heads_line = "  ".join(f"head {k + 1}: {a:.1%}/{b:.1%}" for k, (a, b) in enumerate(zip(report.top1,
                                                                                                    report.top5)))
-            print(f"epoch {report.epoch}: loss {report.loss:.3f}; top-1/top-5 {heads_line} ({report.seconds:.0f} s)")
+            where = "held-out" if held_out else "training"
+            print(f"epoch {report.epoch}: {where} loss {report.loss:.3f}; top-1/top-5 {heads_line} "
+                  f"({report.seconds:.0f} s)")
         if checkpoint is not None:
             torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                         "reports": [r.__dict__ for r in reports]}, checkpoint)
@@ -195,10 +226,14 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     collected_seconds = time.perf_counter() - began
     config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, base_model=base_model)
     heads = build_heads(config)
-    reports = train(heads, model, examples, epochs, lr, batch_size, out=out, progress=progress)
+    # every HOLD_OUT-th sequence is kept out of training and measures the accuracies
+    held_out = examples[::HOLD_OUT] if len(examples) >= 2 * HOLD_OUT else []
+    training = [e for i, e in enumerate(examples) if not held_out or i % HOLD_OUT]
+    reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out)
     generated = sum(len(e.tokens) - e.generated_from for e in examples)
     extra = {
         "trained_on_tokens": generated,
+        "accuracy_on": "held-out sequences" if held_out else "training sequences",
         "epochs": epochs,
         "collect_seconds": round(collected_seconds, 1),
         "train_seconds": round(sum(r.seconds for r in reports), 1),

@@ -98,6 +98,6 @@ def test_bench_e2e_command_with_layerskip_options(monkeypatch, capsys, tmp_path)
     assert cli.main(["bench", "e2e", "--questions", str(questions), "--methods", "hf", "layerskip",
                      "--max-new-tokens", "8", "--layerskip-options", options, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "layerskip: drafted" in out and "accepted" in out
+    assert "layerskip: proposed" in out and "accepted" in out
     assert json.loads(out_json.read_text())["drafting"]["layerskip"]["drafted"] > 0
     assert cli.main(["bench", "e2e", "--questions", str(questions), "--layerskip-options", "{oops"]) == 2

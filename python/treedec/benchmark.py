@@ -40,8 +40,8 @@ class Run:
     identical: bool
     first_diff: int | None = None  # first generated position that differs from HF greedy
     logit_gap: float | None = None  # HF's top-2 logit gap there: a near-tie means fp rounding, not a bug
-    draft_seconds: float = 0.0  # a model drafter's (layerskip's) own drafting time within `seconds`
-    drafted: int = 0  # tokens a model drafter drafted (its chains)
+    draft_seconds: float = 0.0  # a model drafter's (layerskip's, heads') own drafting time within `seconds`
+    drafted: int = 0  # candidate tokens a model drafter proposed (before the sizer prunes)
     accepted: int = 0  # tokens accepted from them
 
 
@@ -216,8 +216,8 @@ def run_benchmark(
                 diff = _first_diff(tokens, reference)
                 gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
                 identical = diff is None
-            drafted = stats.get("layerskip_drafted") or 0
-            acceptance = stats.get("layerskip_acceptance") or 0.0
+            drafted = stats.get("drafted") or 0  # model drafters (layerskip, heads) report these
+            acceptance = stats.get("draft_acceptance") or 0.0
             report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
                                    len(tokens), seconds, stats["steps"], identical, diff, gap,
                                    stats.get("draft_seconds", 0.0), drafted, round(acceptance * drafted)))

@@ -157,9 +157,10 @@ def _print_drafting(report, model) -> None:
     """Model drafters' own figures (drafted, accepted, drafting time) and layerskip's search."""
     for method, found in report.to_json()["drafting"].items():
         if not found["drafted"]:
-            print(f"{method}: drafted nothing")
+            print(f"{method}: proposed nothing")
             continue
-        print(f"{method}: drafted {found['drafted']} tokens, {found['acceptance']:.1%} accepted; drafting took "
+        print(f"{method}: proposed {found['drafted']} candidate tokens, {found['acceptance']:.1%} of them accepted; "
+              f"drafting took "
               f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
     if "layerskip" in report.methods:
         _print_layerskip_search(model)

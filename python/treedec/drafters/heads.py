@@ -45,10 +45,23 @@ class HeadsDrafter(Drafter):
             self.paths = best_tree(accuracies, STATIC_TREE_NODES)
             self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
         self.drafts: dict[int, DraftTrie] = {}
+        self.drafted = self.accepted = 0
         self._checked = False
 
+    def start(self, histories) -> None:
+        self.drafts = {}
+        self.drafted = self.accepted = 0  # candidate nodes proposed, tokens accepted (this call)
+
     def propose(self, seq: int, root_token: int) -> DraftTrie:
-        return self.drafts.pop(seq, None) or DraftTrie(root_token)
+        trie = self.drafts.pop(seq, None) or DraftTrie(root_token)
+        self.drafted += len(trie) - 1
+        return trie
+
+    def observe(self, outcome) -> None:
+        self.accepted += int(outcome.accept_len.sum())
+
+    def report(self) -> dict:
+        return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None}
 
     @torch.inference_mode()
     def draft_batch(self, runner, cache, rows, roots, hidden=None) -> None:

@@ -124,6 +124,8 @@ class LayerSkipDrafter(Drafter):
     def report(self) -> dict:
         plan = self.plan
         found = {
+            "drafted": self.drafted,  # generic keys every model drafter reports (bench e2e reads them)
+            "draft_acceptance": self.accepted / self.drafted if self.drafted else None,
             "layerskip_mode": self.mode,
             "layerskip_drafted": self.drafted,
             "layerskip_acceptance": self.accepted / self.drafted if self.drafted else None,

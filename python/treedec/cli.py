@@ -228,6 +228,12 @@ def cmd_train_heads(args) -> int:
     elif args.questions != DEFAULT_QUESTIONS:
         print(f"no questions file at {args.questions}", file=sys.stderr)
         return 2
+    # round-robin over categories, so that a collection that stops early still covers them all
+    by_category: dict[str, list] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    queues = list(by_category.values())
+    prompts = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
     prompt_ids = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt.text}]

@@ -54,7 +54,7 @@ class EpochReport:
 @torch.inference_mode()
 def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128,
             progress: bool = True) -> list[Example]:
-    """Greedy continuations of the prompts (in order, cycling if needed) until `tokens` new ones."""
+    """Greedy continuations of the prompts, in order, until `tokens` new ones (or the prompts run out)."""
     import treedec
 
     patched = hasattr(model, "treedec")
@@ -65,8 +65,9 @@ def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int
     bar = tqdm(total=tokens, desc="self-distillation: generating", unit="tok", disable=not progress)
     try:
         index = 0
-        while gathered < tokens and prompt_ids:
-            prompt = prompt_ids[index % len(prompt_ids)]
+        # one pass over the prompts: greedy continuations of a prompt seen again would repeat
+        while gathered < tokens and index < len(prompt_ids):
+            prompt = prompt_ids[index]
             index += 1
             ids = torch.tensor([prompt])
             out = model.generate(ids, max_new_tokens=min(max_new_tokens, tokens - gathered + 1), do_sample=False)
@@ -77,12 +78,13 @@ def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int
             examples.append(Example(sequence, hidden_states(model, sequence), len(prompt)))
             gathered += new
             bar.update(new)
-            if index >= 10 * len(prompt_ids) and gathered == 0:
-                break
     finally:
         bar.close()
         if not patched:
             treedec.unpatch(model)
+    if gathered < tokens and progress:
+        print(f"the {len(prompt_ids)} prompts gave {gathered} of the {tokens} tokens asked for "
+              "(more prompts or a larger --max-new-tokens give more)")
     return examples
 
 

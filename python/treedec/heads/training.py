@@ -130,25 +130,40 @@ def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Te
     return torch.nn.functional.linear(states, lm_head.weight.float())
 
 
+class _Tally:
+    """Loss and per-head per-rank hits summed over batches (training and evaluation alike)."""
+
+    def __init__(self, num_heads: int):
+        self.hits, self.counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)
+        self.loss = self.rows = 0.0
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: float) -> None:
+        valid = targets != -100
+        ranked = logits.topk(RANKS, dim=-1).indices  # [N, K, RANKS]
+        self.hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
+        self.counts += valid.sum(0).float()
+        self.loss, self.rows = self.loss + loss_sum, self.rows + int(valid.sum())
+
+    def result(self) -> tuple[float, torch.Tensor]:
+        """Mean loss per target, and accuracy per head and rank [K, RANKS]."""
+        return self.loss / max(self.rows, 1), self.hits / self.counts.clamp(min=1).unsqueeze(-1)
+
+
 @torch.no_grad()
 def evaluate(heads: DraftHeads, model, examples: list[Example], batch_size: int = 64) -> tuple[float, torch.Tensor]:
     """Loss and per-head per-rank accuracy [K, RANKS] on `examples` (held-out sequences)."""
     num_heads = heads.config.num_heads
-    hits, counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)
-    total_loss = total_rows = 0.0
+    tally = _Tally(num_heads)
     was_training = heads.training
     heads.eval()
     for hidden, targets, inputs in _batches(examples, num_heads, batch_size, torch.Generator().manual_seed(0)):
         logits = head_logits(heads, model, hidden, inputs)
-        valid = targets != -100
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
-        total_loss, total_rows = total_loss + float(loss), total_rows + int(valid.sum())
-        ranked = logits.topk(RANKS, dim=-1).indices
-        hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
-        counts += valid.sum(0).float()
+        tally.add(logits, targets, float(loss))
     heads.train(was_training)
-    return total_loss / max(total_rows, 1), hits / counts.clamp(min=1).unsqueeze(-1)
+    return tally.result()
 
 
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
@@ -172,9 +187,7 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         generator = torch.Generator().manual_seed(seed + epoch)
-        total_loss = total_rows = 0.0
-        hits = torch.zeros(num_heads, RANKS)
-        counts = torch.zeros(num_heads)
+        tally = _Tally(num_heads)
         batches = list(_batches(examples, num_heads, batch_size, generator))
         for hidden, targets, inputs in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress):
             logits = head_logits(heads, model, hidden, inputs)
@@ -183,15 +196,8 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                valid = targets != -100
-                ranked = logits.topk(RANKS, dim=-1).indices  # [N, K, RANKS]
-                hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
-                counts += valid.sum(0).float()
-                total_loss += float(loss) * int(valid.sum())
-                total_rows += int(valid.sum())
-        per_rank = hits / counts.clamp(min=1).unsqueeze(-1)
-        epoch_loss = total_loss / max(total_rows, 1)
+            tally.add(logits, targets, float(loss.detach()) * int((targets != -100).sum()))
+        epoch_loss, per_rank = tally.result()
         if held_out:
             epoch_loss, per_rank = evaluate(heads, model, held_out, batch_size)
         report = EpochReport(epoch + 1, epoch_loss, per_rank[:, 0].tolist(), per_rank[:, :5].sum(-1).tolist(),

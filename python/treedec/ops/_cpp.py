@@ -164,14 +164,6 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> N
 
 def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The blocks through linear_rows (C++), then one lm_head_topk pass for all heads' rows."""
-    rows, heads = hidden.shape[0], weights.shape[0]
-    states = []
-    for head in range(heads):
-        x = hidden
-        for block in range(weights.shape[1]):
-            x = x + torch.nn.functional.silu(linear_rows(x, weights[head, block], biases[head, block]))
-        states.append(x)
-    states = torch.stack(states, dim=1)
-    values, ids = lm_head_topk(states.reshape(rows * heads, -1).contiguous(), lm_weight, k)
-    return values.view(rows, heads, k), ids.view(rows, heads, k), states
+    """The reference's loop with the C++ kernels: blocks through linear_rows, then one lm_head_topk
+    pass for all heads' rows."""
+    return reference.draft_heads_topk(hidden, weights, biases, lm_weight, k, linear=linear_rows, topk=lm_head_topk)

@@ -36,24 +36,26 @@ void copy_rows(const char* src, char* dst, const int64_t* index, int64_t A, int6
   }
 }
 
+// Checks the indices (nothing is written when one is bad), then copies.
+int64_t checked_copy(const void* src, void* dst, const int64_t* index, int64_t A, int64_t B, int64_t row_bytes,
+                     int64_t src_stride, int64_t dst_stride, bool gather, int num_threads) {
+  const int64_t bad = first_bad_index(index, A, B, /*unique=*/!gather);
+  if (bad >= 0) return bad;
+  copy_rows(static_cast<const char*>(src), static_cast<char*>(dst), index, A, row_bytes, src_stride, dst_stride,
+            gather, num_threads);
+  return -1;
+}
+
 }  // namespace
 
 int64_t gather_rows(const void* src, void* dst, const int64_t* index, int64_t A, int64_t B, int64_t row_bytes,
                     int64_t src_stride, int64_t dst_stride, int num_threads) {
-  const int64_t bad = first_bad_index(index, A, B, false);
-  if (bad >= 0) return bad;
-  copy_rows(static_cast<const char*>(src), static_cast<char*>(dst), index, A, row_bytes, src_stride, dst_stride,
-            true, num_threads);
-  return -1;
+  return checked_copy(src, dst, index, A, B, row_bytes, src_stride, dst_stride, true, num_threads);
 }
 
 int64_t scatter_rows(const void* block, void* dst, const int64_t* index, int64_t A, int64_t B, int64_t row_bytes,
                      int64_t block_stride, int64_t dst_stride, int num_threads) {
-  const int64_t bad = first_bad_index(index, A, B, true);
-  if (bad >= 0) return bad;
-  copy_rows(static_cast<const char*>(block), static_cast<char*>(dst), index, A, row_bytes, block_stride, dst_stride,
-            false, num_threads);
-  return -1;
+  return checked_copy(block, dst, index, A, B, row_bytes, block_stride, dst_stride, false, num_threads);
 }
 
 }  // namespace treedec

@@ -82,6 +82,15 @@ class ModelRunner:
         """Each layer's cache lives where its attention weights live (device_map may split them)."""
         return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
 
+    def new_cache(self, padding: torch.Tensor, max_len: int) -> TreeCache:
+        """An empty TreeCache for this model: one row per sequence, `padding` int64 [B] left-pad
+        rows each (never read), room for `max_len` rows, each layer's buffers on its device."""
+        dtype = next(self.base.parameters()).dtype
+        cache = TreeCache(self.num_layers, padding.shape[0], self.num_kv_heads, self.head_dim, max_len=max_len,
+                          dtype=dtype, devices=self.layer_devices())
+        cache.kv_start = padding.to(torch.int32)
+        return cache
+
     def input_device(self) -> torch.device:
         return self.base.embed_tokens.weight.device
 
@@ -179,6 +188,19 @@ class ModelRunner:
         return self.lm_head(hidden.to(self.lm_head.weight.device))
 
 
+def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Pad tokens before each left-padded prompt: int64 [B] on the CPU."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int64)
+    return length - attention_mask.cpu().long().sum(1)
+
+
+def prompt_positions(length: int, padding: torch.Tensor) -> torch.Tensor:
+    """Position ids of the first `length` columns of left-padded prompts (0 on padding): [B, length]."""
+    return (torch.arange(length).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
+
+
 def chain_tree_mask(batch: int, num_nodes: int) -> torch.Tensor:
     """Packed ancestor mask of a chain (a causal block) without walking the tree: int32 [B, T, W]."""
     index = torch.arange(num_nodes)
@@ -234,10 +256,7 @@ class TreeDecoder:
         stats = DecodeStats(sequences=request.input_ids.shape[0])
         input_ids = request.input_ids.cpu()
         batch, length = input_ids.shape
-        if request.attention_mask is None:
-            padding = torch.zeros(batch, dtype=torch.int64)
-        else:
-            padding = length - request.attention_mask.cpu().long().sum(1)
+        padding = left_padding(input_ids, request.attention_mask)
         prompts = [input_ids[b, int(padding[b]) :].tolist() for b in range(batch)]
         if request.streamer is not None:
             request.streamer.put(input_ids)
@@ -329,21 +348,11 @@ class TreeDecoder:
         """Cache every prompt token but the last (the first step's root) as one causal chain."""
         batch, length = input_ids.shape
         runner = self.runner
-        first = next(runner.base.parameters())
-        cache = TreeCache(
-            runner.num_layers,
-            batch,
-            runner.num_kv_heads,
-            runner.head_dim,
-            max_len=length + max_new_tokens + max(self.max_nodes, 1) + 1,
-            dtype=first.dtype,
-            devices=runner.layer_devices(),
-        )
-        cache.kv_start = padding.to(torch.int32)
+        cache = runner.new_cache(padding, max_len=length + max_new_tokens + max(self.max_nodes, 1) + 1)
         if length > 1:
             prefill_len = length - 1
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
-            positions = (torch.arange(prefill_len).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
+            positions = prompt_positions(prefill_len, padding)
             cache.begin_step(prefill_len)
             hidden = runner.forward(input_ids[:, :prefill_len], positions, cache, step)
             cache.advance(prefill_len)

@@ -20,8 +20,7 @@ import torch
 
 from . import attention, compat
 from .attention import TreeStep
-from .cache import TreeCache
-from .decoding import ModelRunner, chain_tree_mask
+from .decoding import ModelRunner, chain_tree_mask, left_padding, prompt_positions
 
 
 def exit_schedule(max_new_tokens: int, num_layers: int, first_exit: int | None = None,
@@ -82,11 +81,8 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, first_exit, last
     schedule = exit_schedule(max_new_tokens, runner.num_layers, first_exit, last_exit)
     batch, length = input_ids.shape
     ids = input_ids.cpu()
-    padding = torch.zeros(batch, dtype=torch.int64) if attention_mask is None else length - attention_mask.cpu().long().sum(1)
-    first = next(model.parameters())
-    cache = TreeCache(runner.num_layers, batch, runner.num_kv_heads, runner.head_dim, length + max_new_tokens,
-                      dtype=first.dtype, devices=runner.layer_devices())
-    cache.kv_start = padding.to(torch.int32)
+    padding = left_padding(ids, attention_mask)
+    cache = runner.new_cache(padding, max_len=length + max_new_tokens)
     subsets: dict[int, torch.nn.ModuleList] = {}
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, exit_layer: int) -> torch.Tensor:
@@ -99,7 +95,7 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, first_exit, last
         cache.advance(steps)
         return runner.topk(hidden[:, -1:], 1)[:, 0, 0]
 
-    positions = (torch.arange(length).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
+    positions = prompt_positions(length, padding)
     token = forward(ids, positions, schedule[0])  # the prompt: no later token reads deeper layers
     done = torch.zeros(batch, dtype=torch.bool)
     generated = []

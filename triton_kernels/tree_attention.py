@@ -220,6 +220,10 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms_on(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _choose_splits(device: torch.device, programs: int, cache_len: int, block_n: int) -> int:
     """Split the prefix only when the grid would not fill the GPU, up to about one wave.
 
@@ -230,7 +234,7 @@ def _choose_splits(device: torch.device, programs: int, cache_len: int, block_n:
     choice never syncs."""
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sms_on(device)
     if programs >= sms:
         return 1
     return max(1, min(sms // programs, cache_len // (4 * block_n), 32))
@@ -254,7 +258,7 @@ def _tile_config(device: torch.device, dtype: torch.dtype, rows: int, programs_a
     elif (
         device.type == "cuda"
         and sixteen_bit
-        and programs_at_64 >= _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        and programs_at_64 >= _sms_on(device)
     ):
         block_m = 128
     else:

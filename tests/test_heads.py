@@ -150,16 +150,17 @@ def test_a_few_training_steps_reduce_the_loss_and_resume(kind, tmp_path):
 def test_training_targets_are_the_tokens_after_the_root():
     """h_t's LM-head token is t+1 (the root at decode time); head k (0-based) learns token t+2+k,
     and Hydra's head k reads token t+1+k."""
-    from treedec.heads.training import Example, _batches
+    from treedec.heads.training import Example, flatten
 
     tokens = torch.arange(10, 20)
     example = Example(tokens, torch.arange(10).float().view(10, 1).expand(10, 3), generated_from=4)
-    hidden, targets, inputs = next(_batches([example], 3, 100, torch.Generator().manual_seed(0)))
+    positions = flatten([example], 3)
+    hidden, targets, inputs = positions.hidden, positions.targets, positions.inputs
     for row in range(hidden.shape[0]):
         t = int(hidden[row, 0])
-        assert 3 <= t <= 7
+        assert t == 3 + row
         assert targets[row].tolist() == [int(tokens[i]) if i < 10 else -100 for i in (t + 2, t + 3, t + 4)]
-        assert inputs[row, 0] == tokens[t + 1]
+        assert inputs[row].tolist() == [int(tokens[i]) if i < 10 else 0 for i in (t + 1, t + 2, t + 3)]
     assert hidden.shape[0] == 5  # positions 3..7
 
 

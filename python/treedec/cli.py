@@ -216,15 +216,25 @@ def cmd_train_heads(args) -> int:
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device is available here")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         name = str(args.model)
     else:
-        model, tokenizer = _load("fp32", args.threads)
+        model, tokenizer = _load("fp32", args.threads, args.device)
         name = "SmolLM2-135M-Instruct (embedded)"
     prompts = list(BUILTIN_PROMPTS)
     if Path(args.questions).exists():
-        prompts = load_questions(args.questions) + prompts
+        questions = load_questions(args.questions)
+        if not args.include_bench_prompts:
+            # `bench e2e` measures the first question of each category: heads that trained on its
+            # continuations would be measured on text they memorised
+            measured = set(load_questions(args.questions, limit_per_category=1))
+            questions = [q for q in questions if q not in measured]
+            print(f"left out the {len(measured)} prompts `treedec bench e2e` measures on "
+                  "(--include-bench-prompts keeps them)")
+        prompts = questions + prompts
     elif args.questions != DEFAULT_QUESTIONS:
         print(f"no questions file at {args.questions}", file=sys.stderr)
         return 2
@@ -242,10 +252,15 @@ def cmd_train_heads(args) -> int:
         else:
             ids = tokenizer(prompt.text)["input_ids"]
         prompt_ids.append(list(ids))
-    print(f"training {args.heads} {args.kind} heads on {name}: {args.tokens} self-distilled tokens from "
-          f"{len(prompt_ids)} prompts, {args.epochs} epochs -> {args.out}")
+    print(f"training {args.heads} {args.kind} heads on {name} ({args.device}): {args.tokens} self-distilled tokens "
+          f"from {len(prompt_ids)} prompts (greedy + {args.samples} sampled each), {args.epochs} epochs "
+          f"-> {args.out}")
     _, reports = train_heads(model, prompt_ids, args.kind, args.heads, args.tokens, args.out, args.epochs, args.lr,
-                             args.batch_size, args.max_new_tokens, base_model=name)
+                             args.batch_size, args.max_new_tokens, base_model=name, samples=args.samples,
+                             temperature=args.temperature, collect_batch=args.collect_batch,
+                             num_blocks=args.blocks,
+                             collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
+                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype])
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -284,10 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="directory for the heads, the collected data and checkpoints")
     train.add_argument("--questions", default=DEFAULT_QUESTIONS,
                        help="JSONL of prompts (Spec-Bench format), used with the built-in instructions")
+    train.add_argument("--include-bench-prompts", action="store_true",
+                       help="also train on the prompts `bench e2e` measures (left out by default)")
+    train.add_argument("--samples", type=int, default=0,
+                       help="sampled continuations per prompt, after the greedy one (default 0)")
+    train.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
+    train.add_argument("--collect-batch", type=int, default=8, help="prompts per generate call (default 8)")
+    train.add_argument("--collect-minutes", type=float, default=None,
+                       help="start no new generate batch after this long (default: no limit)")
+    train.add_argument("--blocks", type=int, default=1, help="residual blocks per head (default 1)")
     train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--max-new-tokens", type=int, default=128, help="per prompt while collecting")
+    train.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
+    train.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
+    train.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
     train.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     train.set_defaults(func=cmd_train_heads)
 

@@ -1,21 +1,27 @@
 """Self-distillation for draft heads: the base model writes the text, the heads learn to guess it.
 
-1. `collect`: the model continues each prompt greedily (through treedec's lossless loop, which
-   is faster than HF's and writes the same tokens) until `tokens` new tokens are gathered.
-2. `hidden_states`: one plain forward per sequence gives the last hidden state at every position
-   (what the heads read at decode time: the normed state the LM head turns into the next token).
-3. `train`: head k at position t learns the model's own token t+1+k (cross-entropy through the
-   frozen LM head). Hydra heads are teacher-forced with the true tokens t+1 .. t+k.
+1. `collect`: the model continues each prompt (batched `generate`): once greedily (the text greedy
+   decoding meets) and `samples` more times by sampling at `temperature` (more of the model's own
+   text from the same prompts), until `tokens` new tokens are gathered.
+2. `hidden_states`: one plain forward per batch of sequences gives the last hidden state at every
+   position (what the heads read at decode time: the normed state the LM head turns into the next
+   token).
+3. `train`: head k at position t learns the model's own token t+2+k (cross-entropy through the
+   frozen LM head; the LM head's own token t+1 is the step's root). Hydra heads are teacher-forced
+   with the true tokens t+1 .. t+1+k. AdamW with a cosine learning-rate decay over all epochs.
 
 Only positions in the generated part are used: that is the model's own text, the distribution the
-heads meet when drafting. Every 10th sequence is held out: the reported loss and accuracies (and
-the static tree built from them) come from text the heads never trained on. Everything is resumable: the collected data and a checkpoint after each
-epoch live in the output directory.
+heads meet when drafting. Every 10th prompt is held out, with all its continuations: the reported
+loss and accuracies (and the static tree built from them) come from prompts the heads never
+trained on. Everything is resumable: the collected data and a checkpoint after each epoch live in
+the output directory. Collection and training run where the model is (`model.to("cuda")` first
+for a GPU).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +33,19 @@ from .modules import DraftHeads, HeadsConfig, build_heads, save
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
-HOLD_OUT = 10  # every 10th collected sequence measures accuracy instead of training
+HOLD_OUT = 10  # every 10th prompt measures accuracy instead of training
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
 class Example:
-    """One sequence: tokens int64 [L] (prompt then the model's continuation), hidden [L, H], and
-    where the continuation starts."""
+    """One sequence: tokens int64 [L] (prompt then the model's continuation), hidden [L, H], where
+    the continuation starts, and which prompt it continues (the held-out split is by prompt)."""
 
     tokens: torch.Tensor
     hidden: torch.Tensor
     generated_from: int
+    prompt: int = 0
 
 
 @dataclass
@@ -51,72 +58,137 @@ class EpochReport:
     seconds: float = 0.0
 
 
-@torch.inference_mode()
-def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128,
-            progress: bool = True) -> list[Example]:
-    """Greedy continuations of the prompts, in order, until `tokens` new ones (or the prompts run out)."""
-    import treedec
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
-    patched = hasattr(model, "treedec")
-    if not patched:
-        treedec.patch(model, drafter="auto")
+
+@torch.inference_mode()
+def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128, samples: int = 0,
+            temperature: float = 0.8, batch_size: int = 8, seed: int = 0, progress: bool = True,
+            max_seconds: float | None = None) -> list[Example]:
+    """Continuations of the prompts until `tokens` new ones: every prompt greedily first, then
+    `samples` rounds of sampled ones (plain multinomial at `temperature`), `batch_size` prompts per
+    `generate` call. A continuation ends at the model's EOS (kept) or at `max_new_tokens`. With
+    `max_seconds`, no new batch starts once that much time has gone."""
+    if samples < 0 or temperature <= 0 or batch_size < 1 or max_new_tokens < 2:
+        raise ValueError(f"collect needs samples >= 0 (got {samples}), temperature > 0 (got {temperature}), "
+                         f"batch_size >= 1 (got {batch_size}) and max_new_tokens >= 2 (got {max_new_tokens})")
+    device = next(model.parameters()).device
+    eos = _eos_ids(model)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else min(eos) if eos else 0
+    # round 0 greedy, then the sampled rounds; each round shortest prompt first, so that a batch's
+    # prompts are of similar length (less left padding)
+    by_length = sorted(range(len(prompt_ids)), key=lambda p: len(prompt_ids[p]))
+    jobs = [(p, s > 0) for s in range(samples + 1) for p in by_length]
+    torch.manual_seed(seed)  # HF's sampling draws from the global generator: reproducible rounds
     examples: list[Example] = []
     gathered = 0
     bar = tqdm(total=tokens, desc="self-distillation: generating", unit="tok", disable=not progress)
-    try:
-        index = 0
-        # one pass over the prompts: greedy continuations of a prompt seen again would repeat
-        while gathered < tokens and index < len(prompt_ids):
-            prompt = prompt_ids[index]
-            index += 1
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, max_new_tokens=min(max_new_tokens, tokens - gathered + 1), do_sample=False)
-            new = out.shape[1] - ids.shape[1]
-            if new < 2:
-                continue
-            sequence = out[0].cpu()
-            examples.append(Example(sequence, hidden_states(model, sequence), len(prompt)))
-            gathered += new
-            bar.update(new)
-    finally:
-        bar.close()
-        if not patched:
-            treedec.unpatch(model)
+    start = 0
+    began = time.perf_counter()
+    while gathered < tokens and start < len(jobs):
+        if max_seconds is not None and time.perf_counter() - began > max_seconds:
+            if progress:
+                print(f"collection stopped at its {max_seconds:.0f} s budget")
+            break
+        # one generate call per batch of same-mode jobs (greedy and sampled calls cannot be mixed)
+        end = start + 1
+        while end < len(jobs) and end - start < batch_size and jobs[end][1] == jobs[start][1]:
+            end += 1
+        batch, start = jobs[start:end], end
+        prompts = [prompt_ids[p] for p, _ in batch]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding: every continuation starts at `width`
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        sampled = batch[0][1]
+        settings = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampled else \
+            dict(do_sample=False)
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **settings).cpu()
+        sequences = []
+        for row, ((p, _), prompt) in enumerate(zip(batch, prompts)):
+            new = out[row, width:].tolist()
+            ends = [i for i, t in enumerate(new) if t in eos]
+            new = new[: ends[0] + 1] if ends else new
+            if len(new) >= 2:
+                sequences.append((p, torch.tensor(prompt + new), len(prompt)))
+        for (p, sequence, generated_from), hidden in zip(sequences, hidden_states(model, [s for _, s, _ in sequences])):
+            examples.append(Example(sequence, hidden, generated_from, p))
+            count = len(sequence) - generated_from
+            gathered += count
+            bar.update(count)
+    bar.close()
     if gathered < tokens and progress:
         print(f"the {len(prompt_ids)} prompts gave {gathered} of the {tokens} tokens asked for "
-              "(more prompts or a larger --max-new-tokens give more)")
+              "(more --samples, more prompts or a larger --max-new-tokens give more)")
     return examples
 
 
 @torch.inference_mode()
-def hidden_states(model, sequence: torch.Tensor) -> torch.Tensor:
-    """The last (normed) hidden state at every position of `sequence` (int64 [L]) -> [L, H], CPU."""
+def hidden_states(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The last (normed) hidden state at every position of each sequence (int64 [L]) -> [L, H]
+    each, fp32 on the CPU. One right-padded forward for all of them (padding at the end changes
+    no earlier position)."""
+    if not sequences:
+        return []
     base = getattr(model, model.base_model_prefix)
     device = next(model.parameters()).device
-    return base(input_ids=sequence.view(1, -1).to(device), use_cache=False).last_hidden_state[0].float().cpu()
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    states = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    return [states[row, : len(s)].float().cpu() for row, s in enumerate(sequences)]
 
 
-def _batches(examples: list[Example], num_heads: int, batch_size: int, generator: torch.Generator):
-    """Shuffled (example, position) pairs of the generated part, as (hidden [N, H], targets
-    [N, K] with -100 past a sequence's end, token ids [N, K] for Hydra's teacher forcing)."""
-    pairs = []
-    for e, example in enumerate(examples):
-        last = len(example.tokens) - 3  # position t needs token t+2, head 1's target
-        pairs += [(e, t) for t in range(max(example.generated_from - 1, 0), last + 1)]
-    order = torch.randperm(len(pairs), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        chosen = [pairs[i] for i in order[start : start + batch_size]]
-        hidden = torch.stack([examples[e].hidden[t] for e, t in chosen])
-        targets = torch.full((len(chosen), num_heads), -100, dtype=torch.int64)
-        inputs = torch.zeros((len(chosen), num_heads), dtype=torch.int64)
-        for row, (e, t) in enumerate(chosen):
-            tokens = examples[e].tokens
-            for k in range(num_heads):  # h_t's LM-head token is t+1 (the root); head k guesses t+2+k
-                if t + 1 + k < len(tokens):
-                    inputs[row, k] = tokens[t + 1 + k]  # Hydra's head k reads the token before its own
-                if t + 2 + k < len(tokens):
-                    targets[row, k] = tokens[t + 2 + k]
-        yield hidden, targets, inputs
+@dataclass
+class Positions:
+    """Every training position of some examples, flattened: hidden [P, H]; targets [P, K] (token
+    t+2+k, -100 past a sequence's end); inputs [P, K] (token t+1+k, Hydra's teacher forcing)."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    inputs: torch.Tensor
+
+    def to(self, device) -> "Positions":
+        return Positions(self.hidden.to(device), self.targets.to(device), self.inputs.to(device))
+
+
+def flatten(examples: list[Example], num_heads: int) -> Positions:
+    """The positions t of each example's generated part that have at least head 1's target:
+    t from generated_from - 1 (whose LM-head token is the first generated one) to L - 3."""
+    hidden, targets, inputs = [], [], []
+    for example in examples:
+        first, last = max(example.generated_from - 1, 0), len(example.tokens) - 3
+        if last < first:
+            continue
+        # token i + j for position i and offset j, with -100 past the end
+        padded = torch.cat([example.tokens, torch.full((num_heads + 2,), -100, dtype=torch.int64)])
+        window = padded.unfold(0, num_heads + 2, 1)[first : last + 1]  # [P, K+2]: tokens t .. t+K+1
+        hidden.append(example.hidden[first : last + 1])
+        targets.append(window[:, 2:])
+        inputs.append(window[:, 1:-1].clamp(min=0))  # an input past the end only feeds an ignored target
+    if not hidden:
+        return Positions(torch.zeros(0, 1), torch.zeros(0, num_heads, dtype=torch.int64),
+                         torch.zeros(0, num_heads, dtype=torch.int64))
+    return Positions(torch.cat(hidden), torch.cat(targets), torch.cat(inputs))
+
+
+def _batches(positions: Positions, batch_size: int, generator: torch.Generator | None):
+    """(hidden, targets, inputs) batches, shuffled with `generator` (in order without one)."""
+    count = positions.hidden.shape[0]
+    order = torch.arange(count) if generator is None else torch.randperm(count, generator=generator)
+    order = order.to(positions.hidden.device)
+    for start in range(0, count, batch_size):
+        chosen = order[start : start + batch_size]
+        yield positions.hidden[chosen], positions.targets[chosen], positions.inputs[chosen]
 
 
 def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -134,15 +206,15 @@ class _Tally:
     """Loss and per-head per-rank hits summed over batches (training and evaluation alike)."""
 
     def __init__(self, num_heads: int):
-        self.hits, self.counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)
+        self.hits, self.counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)  # on the CPU
         self.loss = self.rows = 0.0
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: float) -> None:
         valid = targets != -100
         ranked = logits.topk(RANKS, dim=-1).indices  # [N, K, RANKS]
-        self.hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float()
-        self.counts += valid.sum(0).float()
+        self.hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float().cpu()
+        self.counts += valid.sum(0).float().cpu()
         self.loss, self.rows = self.loss + loss_sum, self.rows + int(valid.sum())
 
     def result(self) -> tuple[float, torch.Tensor]:
@@ -151,13 +223,12 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, model, examples: list[Example], batch_size: int = 64) -> tuple[float, torch.Tensor]:
-    """Loss and per-head per-rank accuracy [K, RANKS] on `examples` (held-out sequences)."""
-    num_heads = heads.config.num_heads
-    tally = _Tally(num_heads)
+def evaluate(heads: DraftHeads, model, positions: Positions, batch_size: int = 64) -> tuple[float, torch.Tensor]:
+    """Loss and per-head per-rank accuracy [K, RANKS] on `positions` (held-out prompts')."""
+    tally = _Tally(heads.config.num_heads)
     was_training = heads.training
     heads.eval()
-    for hidden, targets, inputs in _batches(examples, num_heads, batch_size, torch.Generator().manual_seed(0)):
+    for hidden, targets, inputs in _batches(positions, batch_size, None):
         logits = head_logits(heads, model, hidden, inputs)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
@@ -166,17 +237,29 @@ def evaluate(heads: DraftHeads, model, examples: list[Example], batch_size: int 
     return tally.result()
 
 
+def _learning_rate(lr: float, step: int, total: int) -> float:
+    """Cosine decay from `lr` to lr / 20 over `total` steps, after a 1% (at most 100-step) warmup."""
+    warmup = min(100, max(total // 100, 1))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True,
           held_out: list[Example] | None = None) -> list[EpochReport]:
-    """Train `heads` on `examples`; with `out`, a checkpoint after every epoch and resuming from one.
+    """Train `heads` (on the model's device) on `examples`; with `out`, a checkpoint after every
+    epoch and resuming from one (the learning-rate schedule spans the `epochs` asked for now).
     With `held_out`, each epoch's reported loss and accuracies are measured on those sequences
     (the training set's would flatter heads that memorise)."""
+    device = next(model.parameters()).device
+    heads.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     start_epoch, reports = 0, []
     checkpoint = None if out is None else Path(out) / CHECKPOINT_NAME
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, reports = state["epoch"], [EpochReport(**r) for r in state["reports"]]
@@ -184,12 +267,19 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
         parameter.requires_grad_(False)
     heads.train()
     num_heads = heads.config.num_heads
+    positions = flatten(examples, num_heads).to(device)
+    evaluation = flatten(held_out, num_heads).to(device) if held_out else None
+    steps_per_epoch = math.ceil(positions.hidden.shape[0] / batch_size)
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         generator = torch.Generator().manual_seed(seed + epoch)
         tally = _Tally(num_heads)
-        batches = list(_batches(examples, num_heads, batch_size, generator))
-        for hidden, targets, inputs in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress):
+        batches = _batches(positions, batch_size, generator)
+        for step, (hidden, targets, inputs) in enumerate(tqdm(batches, total=steps_per_epoch,
+                                                              desc=f"epoch {epoch + 1}/{epochs}",
+                                                              disable=not progress)):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(lr, epoch * steps_per_epoch + step, epochs * steps_per_epoch)
             logits = head_logits(heads, model, hidden, inputs)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=-100)
@@ -198,8 +288,8 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
             optimizer.step()
             tally.add(logits, targets, float(loss.detach()) * int((targets != -100).sum()))
         epoch_loss, per_rank = tally.result()
-        if held_out:
-            epoch_loss, per_rank = evaluate(heads, model, held_out, batch_size)
+        if evaluation is not None:
+            epoch_loss, per_rank = evaluate(heads, model, evaluation, batch_size)
         report = EpochReport(epoch + 1, epoch_loss, per_rank[:, 0].tolist(), per_rank[:, :5].sum(-1).tolist(),
                              per_rank.tolist(), time.perf_counter() - began)
         reports.append(report)
@@ -216,10 +306,21 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
     return reports
 
 
+def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(training, held-out): every HOLD_OUT-th prompt's continuations are held out, where there
+    are at least 2 * HOLD_OUT prompts (fewer leave nothing to spare: all train)."""
+    if len({e.prompt for e in examples}) < 2 * HOLD_OUT:
+        return examples, []
+    return [e for e in examples if e.prompt % HOLD_OUT], [e for e in examples if not e.prompt % HOLD_OUT]
+
+
 def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, tokens: int, out: str | Path,
                 epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, max_new_tokens: int = 128,
-                base_model: str = "", progress: bool = True) -> tuple[DraftHeads, list[EpochReport]]:
-    """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config."""
+                base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
+                collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
+                save_dtype: torch.dtype = torch.float32) -> tuple[DraftHeads, list[EpochReport]]:
+    """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
+    (weights in `save_dtype`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / DATA_NAME
@@ -229,27 +330,29 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
         if progress:
             print(f"reusing {len(examples)} collected sequences from {data_path}")
     else:
-        examples = collect(model, prompt_ids, tokens, max_new_tokens, progress)
+        examples = collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, collect_batch,
+                           progress=progress, max_seconds=collect_seconds)
         torch.save([e.__dict__ for e in examples], data_path)
     collected_seconds = time.perf_counter() - began
-    config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, base_model=base_model)
+    config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, num_blocks=num_blocks,
+                         base_model=base_model)
     heads = build_heads(config)
-    # every HOLD_OUT-th sequence is kept out of training and measures the accuracies
-    held_out = examples[::HOLD_OUT] if len(examples) >= 2 * HOLD_OUT else []
-    training = [e for i, e in enumerate(examples) if not held_out or i % HOLD_OUT]
+    training, held_out = split_held_out(examples)
     reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out)
-    generated = sum(len(e.tokens) - e.generated_from for e in examples)
+    generated = sum(len(e.tokens) - e.generated_from for e in training)
     extra = {
         "trained_on_tokens": generated,
-        "accuracy_on": "held-out sequences" if held_out else "training sequences",
+        "accuracy_on": "held-out prompts" if held_out else "training sequences",
+        "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
         "epochs": epochs,
         "collect_seconds": round(collected_seconds, 1),
         "train_seconds": round(sum(r.seconds for r in reports), 1),
+        "device": str(next(model.parameters()).device),
         "top1": reports[-1].top1 if reports else [],
         "top5": reports[-1].top5 if reports else [],
         "rank_accuracy": reports[-1].rank_accuracy if reports else [],
         "loss": reports[-1].loss if reports else None,
     }
-    save(heads, out, extra)
+    save(heads.to(save_dtype), out, extra)
     (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
     return heads, reports

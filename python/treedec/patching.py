@@ -17,6 +17,8 @@ import torch
 from . import attention, compat, sampling, sizing
 from .decoding import DecodeRequest, ModelRunner, TreeDecoder
 from .drafters import Drafter, check_drafter_name, drafter_options, make_drafter
+from .heads import HEAD_KINDS
+from .heads.shipped import shipped_heads
 
 compat.check_transformers_version()
 
@@ -108,6 +110,8 @@ def patch(model, drafter: str | None = "auto", **options):
     """Patch `model` in place for tree decoding and return it. See README for drafters and options."""
     _check_model(model)
     options = _check_options(drafter, options)
+    if drafter in HEAD_KINDS and options.get("heads") is None:  # the shipped heads, where they fit
+        options["heads"] = shipped_heads(drafter, model.config)
     learned = _LEARNED.get(model) or LearnedState()
     # Building the drafter once here surfaces bad option values before anything changes.
     _drafter_for(drafter, options, model.config.vocab_size, learned)

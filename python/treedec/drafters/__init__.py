@@ -69,8 +69,7 @@ def _heads_for(kind: str, path, tables: dict):
 
     if path is None:
         raise ValueError(
-            f"drafter={kind!r} needs heads=PATH: a directory written by `treedec train-heads --kind {kind}` "
-            "(no heads ship with treedec yet)"
+            f"drafter={kind!r} needs heads=PATH: a directory written by `treedec train-heads --kind {kind}`"
         )
     key = ("heads", str(path))
     if key not in tables:

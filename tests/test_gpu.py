@@ -76,6 +76,41 @@ def test_sampling_equals_token_by_token_on_gpu(top_k, monkeypatch):
     assert torch.equal(got.cpu(), expected)
 
 
+# layer skipping on the GPU: per-sequence skip sets go through forward_rows (the row kernels), the
+# others through plain partial forwards; each must write what greedy HF writes
+@pytest.mark.parametrize("options", [dict(mode="fixed", skip_layers=[[2], [2, 3], [3]]),
+                                     dict(mode="exit", exit_layer=4), dict(mode="swift")])
+def test_layerskip_lossless_batch_on_gpu(options):
+    from test_layerskip import peaked, prompts_of_three
+
+    native_backends_or_skip()
+    model = peaked(seed=3, num_layers=6, idle_layers=(2, 3)).cuda()
+    ids, mask = prompts_of_three()
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="layerskip", stop_below=0.0, **options)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False), expected)
+    assert model.treedec.last_stats["layerskip_drafted"] > 0
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_lossless_batch_on_gpu(kind, tmp_path):
+    from test_heads import random_heads
+    from test_layerskip import peaked
+    from treedec.heads import save
+
+    native_backends_or_skip()
+    model = peaked(seed=3)
+    save(random_heads(kind, model, seed=1), tmp_path / kind)
+    model = model.cuda()
+    ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False), expected)
+    assert model.treedec.last_stats["drafted"] > 0
+
+
 class VerifyStep:
     """One decode step on static CUDA tensors (every sequence at the same prefix length, so the cache
     writes are slices and nothing reads back to the host)."""

@@ -211,22 +211,29 @@ def test_best_tree_on_a_hand_computed_example():
         best_tree([[1.5]], 2)
 
 
-def test_medusa_with_measured_accuracies_drafts_the_static_tree(monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_with_measured_accuracies_draft_the_static_tree(kind, monkeypatch, tmp_path):
     from treedec.drafters import heads as heads_drafter
     from treedec.heads.tree import best_tree
 
     model = peaked(seed=3)
     accuracies = [[0.5, 0.2, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02], [0.2, 0.05, 0.02, 0.01]]
-    save(random_heads("medusa", model, seed=2), tmp_path / "m", extra={"rank_accuracy": accuracies})
+    save(random_heads(kind, model, seed=2), tmp_path / "m", extra={"rank_accuracy": accuracies})
     tries = []
     original = heads_drafter.HeadsDrafter.propose
     monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
                         lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
     ids = torch.tensor([repetitive_prompt(2, 15)])
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
-    treedec.patch(model, drafter="medusa", heads=tmp_path / "m")
+    treedec.patch(model, drafter=kind, heads=tmp_path / "m")
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
     paths = best_tree(accuracies, heads_drafter.STATIC_TREE_NODES)
     trie = tries[0]
-    assert len(trie) == 1 + len(paths)
-    assert [key[1:] for key in trie.keys[1:]] == [(len(p), p[-1]) for p in paths]  # (depth, rank), in order
+    # every node's rank path, from its key's rank and its parent's path: exactly the static tree
+    node_paths = [()]
+    for i in range(1, len(trie)):
+        node_paths.append(node_paths[trie.parents[i]] + (trie.keys[i][2],))
+        assert trie.keys[i][1] == len(node_paths[i])  # the key's depth
+    assert sorted(node_paths[1:]) == sorted(paths)
+    if kind == "medusa":  # Medusa drafts in the order the tree was built
+        assert node_paths[1:] == paths

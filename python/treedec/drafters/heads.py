@@ -6,6 +6,9 @@ last accepted node, or the prefill's last position) and guess the tokens after t
   heads do not see the path, so every branch of a depth gets the same guesses);
 - hydra: depth by depth over the frontier, head k reading each node's own state and token, so
   each branch gets its own guesses (one batched call per depth over all frontier nodes).
+With measured per-rank accuracies in the heads' config (what `treedec train-heads` saves) and no
+`widths` given, both draft the static tree with the largest expected accepted length instead of
+a full `widths` product (heads/tree.py).
 Node keys are (kind, depth, rank): the loop learns each one's acceptance and keeps the nodes
 worth their cost, as with every drafter.
 """
@@ -37,11 +40,12 @@ class HeadsDrafter(Drafter):
         ):
             raise ValueError(f"widths = {widths!r} must be 1 to {heads.config.num_heads} ints >= 1 (one per head)")
         self.widths = widths
-        # Medusa with measured per-rank accuracies and no widths given: the static tree with the
-        # largest expected accepted length (heads/tree.py); rank paths, parents first.
+        # Heads with measured per-rank accuracies and no widths given: the static tree with the
+        # largest expected accepted length (heads/tree.py); rank paths, parents first. Medusa's
+        # guesses are the same under every node of a depth, Hydra's follow each node's path.
         accuracies = heads.meta.get("rank_accuracy")
         self.paths = None
-        if self.kind == "medusa" and accuracies and given_widths is None:
+        if accuracies and given_widths is None:
             self.paths = best_tree(accuracies, STATIC_TREE_NODES)
             self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
         self.drafts: dict[int, DraftTrie] = {}
@@ -94,21 +98,33 @@ class HeadsDrafter(Drafter):
     def _hydra(self, runner, hidden, rows, roots, tries) -> None:
         embed = runner.base.embed_tokens
         device = hidden.device
-        # frontier: (batch row, trie node, token at that node); states [F, H] in the same order
-        frontier = [(b, 0, root) for b, root in enumerate(roots)]
+        # which ranks to expand under a node, by its rank path: the static tree's, or every rank
+        # below the depth's width
+        if self.paths is not None:
+            children: dict[tuple[int, ...], list[int]] = {}
+            for path in self.paths:
+                children.setdefault(path[:-1], []).append(path[-1])
+        # frontier: (batch row, trie node, token at that node, rank path); states [F, H] in order
+        frontier = [(b, 0, root, ()) for b, root in enumerate(roots)]
         states = hidden
         for depth, width in enumerate(self.widths):  # one call per depth over the whole frontier
-            tokens = torch.tensor([token for _, _, token in frontier], device=device)
+            if self.paths is not None:
+                keep = [f for f, node in enumerate(frontier) if node[3] in children]
+                if not keep:
+                    break
+                frontier = [frontier[f] for f in keep]
+                states = states[torch.tensor(keep, device=device)]
+            tokens = torch.tensor([node[2] for node in frontier], device=device)
             joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
             weights, biases = self._stacked[depth]
             _, ids, states = ops.draft_heads_topk(joined, weights, biases, runner.lm_head.weight, width)
             ids, states = ids[:, 0].cpu(), states[:, 0]
             next_frontier, parents = [], []
-            for f, (b, node, _) in enumerate(frontier):
-                for rank in range(width):
+            for f, (b, node, _, path) in enumerate(frontier):
+                for rank in (children[path] if self.paths is not None else range(width)):
                     token = int(ids[f, rank])
                     child = tries[rows[b]].child(node, token, (self.kind, depth + 1, rank))
-                    next_frontier.append((b, child, token))
+                    next_frontier.append((b, child, token, path + (rank,)))
                     parents.append(f)
             frontier = next_frontier
             states = states[torch.tensor(parents, device=device)]

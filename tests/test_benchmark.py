@@ -101,3 +101,26 @@ def test_bench_e2e_command_with_layerskip_options(monkeypatch, capsys, tmp_path)
     assert "layerskip: proposed" in out and "accepted" in out
     assert json.loads(out_json.read_text())["drafting"]["layerskip"]["drafted"] > 0
     assert cli.main(["bench", "e2e", "--questions", str(questions), "--layerskip-options", "{oops"]) == 2
+
+
+def test_bench_e2e_with_heads_prints_the_tree_size_curve(monkeypatch, capsys, tmp_path):
+    """With heads that carry per-rank accuracies, the bench prints expected tokens per step and per
+    second at each tree size T, priced by the run's measured verify cost, and marks the best T."""
+    import json
+
+    from test_heads import random_heads
+    from treedec.heads import save
+
+    model, cli = _stub_cli(monkeypatch)
+    accuracies = [[0.6, 0.2, 0.1], [0.4, 0.1, 0.05]]
+    save(random_heads("medusa", model, num_heads=2), tmp_path / "m", extra={"rank_accuracy": accuracies})
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"category": "writing", "turns": ["a"], "question_id": 1}))
+    assert cli.main(["bench", "e2e", "--questions", str(questions), "--methods", "hf", "medusa",
+                     "--max-new-tokens", "8", "--medusa-heads", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/step" in out and "tokens/s" in out
+    marked = [line for line in out.splitlines() if line.lstrip().startswith("->")]
+    assert len(marked) == 1
+    best = int(marked[0].split()[1])
+    assert f"T={best} tree (rank paths)" in out

@@ -164,6 +164,32 @@ def _print_drafting(report, model) -> None:
               f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
     if "layerskip" in report.methods:
         _print_layerskip_search(model)
+    _print_heads_tree_curve(model)
+
+
+def _print_heads_tree_curve(model) -> None:
+    """For the heads the run used: their static tree's expected tokens per step at each size T, this
+    run's measured verify cost at T (batch 1), and the T with the most expected tokens per second."""
+    from .heads.tree import best_tree, size_curve
+    from .patching import learned_state
+    from .sizing import TREE_SIZES
+
+    learned = learned_state(model)
+    if learned is None or not learned.cost.has(1):
+        return
+    for key, heads in learned.tables.items():
+        accuracies = heads.meta.get("rank_accuracy") if key[0] == "heads" else None
+        if not accuracies:
+            continue
+        rows = size_curve(accuracies, lambda size: learned.cost.cost(1, size), TREE_SIZES)
+        best = max(rows, key=lambda row: row[3])
+        print(f"{heads.config.kind} heads ({key[1]}): static tree from held-out per-rank accuracies, against this "
+              "run's measured verify cost (batch 1):")
+        print("      T  tokens/step  step ms  tokens/s")
+        for size, tokens, seconds, rate in rows:
+            print(f"  {'->' if size == best[0] else '  '}{size:>4}  {tokens:>11.2f}  {seconds * 1e3:>7.2f}  {rate:>8.1f}")
+        paths = best_tree(accuracies, best[0] - 1)
+        print(f"  T={best[0]} tree (rank paths): " + " ".join("(" + ",".join(map(str, p)) + ")" for p in paths))
 
 
 def _print_layerskip_search(model) -> None:

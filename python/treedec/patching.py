@@ -135,6 +135,11 @@ def learned_tables(model) -> dict:
     return learned.tables if learned is not None else {}
 
 
+def learned_state(model) -> LearnedState | None:
+    """Everything treedec learned about `model` (acceptance, step costs, drafter tables), or None."""
+    return _LEARNED.get(model)
+
+
 def _drafter_for(drafter, options: dict, vocab_size: int, learned: LearnedState) -> Drafter:
     if isinstance(drafter, Drafter):
         return drafter

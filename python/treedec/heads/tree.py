@@ -46,3 +46,19 @@ def expected_accepted(accuracies: list[list[float]], paths: list[tuple[int, ...]
             probability *= accuracies[depth][rank]
         total += probability
     return total
+
+
+def size_curve(accuracies: list[list[float]], step_seconds, sizes) -> list[tuple[int, float, float, float]]:
+    """For each tree size T in `sizes` (root included, T >= 1, up to the largest tree the ranks
+    allow): (T, expected tokens per step of the
+    best T-node tree, `step_seconds(T)`, expected tokens per second). The T to draft is the one
+    with the most tokens per second, not per step: a bigger tree accepts more but costs more."""
+    rows = []
+    for size in sizes:
+        paths = best_tree(accuracies, size - 1)
+        if len(paths) < size - 1:  # every rank of every head is in already: no larger tree exists
+            break
+        tokens = 1.0 + expected_accepted(accuracies, paths)
+        seconds = step_seconds(size)
+        rows.append((size, tokens, seconds, tokens / seconds))
+    return rows

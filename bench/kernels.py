@@ -17,6 +17,9 @@ p80_us, gbps). Peers run in the same process and the same loop:
   and, on CPU, at one thread (``torch_matmul_topk_1thread``);
 - linear_rows: torch's nn.Linear (``torch_linear``) over 30 distinct weights per call (one
   projection of every layer of SmolLM2, so each weight comes from memory, as in a decode step);
+- draft_heads_topk: each head's blocks through torch (F.linear per head and block), then the full
+  ``[N*K, V]`` logits and ``torch.topk`` (``torch_unfused``); on CUDA at the issue's target shape
+  (K=4 heads, Llama-3-8B's H=4096 and V=128256, bf16), on CPU at SmolLM2's;
 - layer_rows (layer-skip batching): a SmolLM2 decoder layer over all rows with a mask
   (``masked_all_rows``) against gather -> layer on the active rows -> scatter (``gathered_<backend>``);
 - build_tree / verify_greedy / verify_sample: the reference. Native kernels appear twice: the backend alone
@@ -348,6 +351,40 @@ def bench_linear_rows(device, quick):
                 yield "linear_rows", shape, moved, methods
 
 
+def bench_draft_heads_topk(device, quick):
+    """Medusa-style heads: K heads of L residual blocks, then each head's top-k over the vocabulary.
+    GB/s counts the heads' weights and the LM head read once, plus inputs and outputs."""
+    generator = torch.Generator().manual_seed(7)
+    heads, blocks, k = 4, 1, 8
+    if device.type == "cuda":
+        shapes = [("llama3-8b", 4096, 128256, torch.bfloat16)]
+        row_counts = (1, 8, 64) if not quick else (64,)
+    else:
+        shapes = [("smollm2-135m", 576, 49152, dtype) for dtype in (torch.float32, torch.bfloat16)]
+        row_counts = (1, 8, 64) if not quick else (8,)
+    for model, width, vocab, dtype in shapes:
+        weights = (torch.randn(heads, blocks, width, width, generator=generator) / width**0.5).to(device, dtype)
+        biases = (torch.randn(heads, blocks, width, generator=generator) * 0.1).to(device, dtype)
+        lm_weight = (torch.randn(vocab, width, generator=generator) / width**0.5).to(device, dtype)
+        for rows in row_counts:
+            hidden = torch.randn(rows, width, generator=generator).to(device, dtype)
+            element = hidden.element_size()
+            moved = (weights.numel() + biases.numel() + lm_weight.numel() + hidden.numel()) * element
+            moved += rows * heads * (width * element + k * 12)
+
+            def torch_unfused(hidden=hidden):
+                states = reference.heads.head_states(hidden, weights, biases)  # [N, K, H]
+                logits = states.reshape(rows * heads, width) @ lm_weight.T  # [N*K, V]
+                return torch.topk(logits.float(), k)
+
+            methods = {"torch_unfused": torch_unfused}
+            for backend in native_backends(device, "draft_heads_topk"):
+                run = _library.implementation("draft_heads_topk", backend)
+                methods[backend] = lambda run=run, hidden=hidden: run(hidden, weights, biases, lm_weight, k)
+            shape = f"{model},N={rows},K={heads},L={blocks},H={width},V={vocab},k={k},{str(dtype)[6:]}"
+            yield "draft_heads_topk", shape, moved, methods
+
+
 def bench_layer_rows(device, quick):
     """Layer-skip batching: one SmolLM2-sized decoder layer over a batch where only some rows run
     it. Peer: the layer over every row, its output kept where a boolean mask says (``masked_all_rows``,
@@ -450,6 +487,7 @@ BENCHES = {
     "compact_kv": bench_compact_kv,
     "lm_head_topk": bench_lm_head_topk,
     "linear_rows": bench_linear_rows,
+    "draft_heads_topk": bench_draft_heads_topk,
     "layer_rows": bench_layer_rows,
     "tree_attention": bench_tree_attention,
 }

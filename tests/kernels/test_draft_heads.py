@@ -1,12 +1,20 @@
-"""ops.draft_heads_topk against the reference (and the heads module), CPU backends."""
+"""ops.draft_heads_topk against the reference (and the heads module), CPU backends.
+
+The Triton backend joins them on CPU tensors when the run sets TRITON_INTERPRET=1 (its own tests,
+interpreter and GPU, are in test_triton.py)."""
+
+import os
 
 import pytest
 import torch
 
 from treedec import _native, ops, reference
 from treedec.heads import HeadsConfig, build_heads
+from treedec.ops import _backend
 
 BACKENDS = ["reference"] + (["cpp"] if _native.cpp() is not None else [])
+if os.environ.get("TRITON_INTERPRET") == "1" and _backend.implements("triton", "draft_heads_topk"):
+    BACKENDS.append("triton")
 
 
 def inputs(rows, heads, blocks, width, vocab, dtype, seed):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # triton_kernels/ 
 
 from treedec import reference  # noqa: E402
 from treedec.reference.tree import unpack_bits  # noqa: E402
+from triton_kernels import draft_heads as draft_heads_mod  # noqa: E402
 from triton_kernels import lm_head_topk as lm_head_mod  # noqa: E402
 from triton_kernels import tree_attention as attention_mod  # noqa: E402
 from helpers import make_parents  # noqa: E402
@@ -217,6 +218,124 @@ def test_lm_head_topk_k16_and_nan_does_not_crash():
     assert (indices[:, 0] == 123).all()  # NaN ranks first, as argmax does
 
 
+def test_lm_head_topk_backend_above_16_takes_the_reference(monkeypatch):
+    """The kernel holds at most 16 values per row; the triton backend answers k > 16 with torch."""
+    from treedec import ops
+
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(3, 24, generator=gen), torch.randn(37, 24, generator=gen)
+    values, indices = ops.lm_head_topk(hidden.to(DEVICE), weight.to(DEVICE), 20)
+    expected_values, expected_indices = reference.lm_head_topk(hidden, weight, 20)
+    torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
+    assert torch.equal(indices.cpu(), expected_indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# draft_heads_topk: all heads' residual blocks per layer in one launch, then lm_head_topk
+
+
+def heads_inputs(rows, heads, blocks, width, vocab, dtype, seed, device=DEVICE):
+    """As tests/kernels/test_draft_heads.py builds them (scaled so states stay O(1))."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=gen)
+    weights = torch.randn(heads, blocks, width, width, generator=gen) / width**0.5
+    biases = torch.randn(heads, blocks, width, generator=gen) * 0.1
+    lm_weight = torch.randn(vocab, width, generator=gen) / width**0.5
+    return tuple(t.to(device=device, dtype=dtype) for t in (hidden, weights, biases, lm_weight))
+
+
+def check_heads_topk(values, ids, states, lm_weight, k, atol=1e-4):
+    """The LM-head pass on the kernel's own states: values are the fp32 logits' top-k, and every id
+    is where its value sits (ids differ from torch.topk's only on ties)."""
+    rows, heads, width = states.shape
+    logits = (states.float().reshape(rows * heads, width) @ lm_weight.float().T).view(rows, heads, -1)
+    torch.testing.assert_close(values, torch.topk(logits, k).values, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(logits.gather(2, ids), values, atol=atol, rtol=1e-4)
+    assert ids.dtype == torch.int64 and ((ids >= 0) & (ids < lm_weight.shape[0])).all()
+
+
+@pytest.mark.parametrize("rows,heads,blocks,width", [(3, 2, 1, 24), (3, 3, 2, 24), (1, 1, 1, 8), (17, 2, 3, 70)])
+def test_head_states_match_reference(rows, heads, blocks, width):
+    hidden, weights, biases, _ = heads_inputs(rows, heads, blocks, width, 5, torch.float32, seed=rows * width + blocks)
+    states = draft_heads_mod.head_states(hidden, weights, biases)
+    expected = reference.heads.head_states(hidden.cpu(), weights.cpu(), biases.cpu())
+    assert states.shape == (rows, heads, width) and states.dtype == torch.float32 and states.is_contiguous()
+    torch.testing.assert_close(states.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_states_16bit(dtype):
+    """fp32 inside a block, rounded once per block: close to the fp32 reference of the same inputs."""
+    hidden, weights, biases, _ = heads_inputs(5, 3, 2, 40, 5, dtype, seed=7)
+    states = draft_heads_mod.head_states(hidden, weights, biases)
+    assert states.dtype == dtype
+    expected = reference.heads.head_states(hidden.float().cpu(), weights.float().cpu(), biases.float().cpu())
+    torch.testing.assert_close(states.float().cpu(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_head_states_strided_inputs_and_no_blocks():
+    hidden, weights, biases, _ = heads_inputs(4, 2, 2, 24, 5, torch.float32, seed=9)
+    wide = torch.randn(4, 48, device=DEVICE)
+    wide[:, ::2] = hidden  # hidden as a strided view
+    transposed = weights.transpose(2, 3).contiguous().transpose(2, 3)  # same values, (in, out) in memory
+    states = draft_heads_mod._launch(wide[:, ::2], transposed, biases, block_o=16, block_i=16)
+    expected = reference.heads.head_states(hidden.cpu(), weights.cpu(), biases.cpu())
+    torch.testing.assert_close(states.cpu(), expected, atol=1e-5, rtol=1e-5)
+    none = draft_heads_mod.head_states(hidden, weights[:, :0], biases[:, :0])
+    assert torch.equal(none.cpu(), hidden.cpu()[:, None].expand(4, 2, 24))
+    assert draft_heads_mod.head_states(hidden[:0], weights, biases).shape == (0, 2, 24)
+
+
+@pytest.mark.parametrize("rows,heads,blocks,k", [(3, 2, 1, 1), (3, 3, 2, 4), (5, 2, 2, 20)])
+def test_draft_heads_topk_backend_matches_reference(rows, heads, blocks, k, monkeypatch):
+    """Through treedec.ops with TREEDEC_BACKEND=triton (k=20 > 16: the LM-head pass takes torch)."""
+    from treedec import ops
+
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    args = heads_inputs(rows, heads, blocks, 24, 37, torch.float32, seed=rows + heads + k)
+    assert ops.heads.draft_heads_backend(args[0].device, torch.float32) == "triton"  # no silent fallback
+    values, ids, states = ops.draft_heads_topk(*args, k)
+    want_values, want_ids, want_states = reference.draft_heads_topk(*(t.cpu() for t in args), k)
+    assert values.shape == ids.shape == (rows, heads, k) and states.shape == (rows, heads, 24)
+    assert values.device == args[0].device
+    torch.testing.assert_close(states.cpu(), want_states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values.cpu(), want_values, atol=1e-4, rtol=1e-4)
+    gaps = (want_values[..., :-1] - want_values[..., 1:]).abs()
+    if k == 1 or bool((gaps > 1e-3).all()):  # ids agree wherever no two logits nearly tie
+        assert torch.equal(ids.cpu(), want_ids)
+    check_heads_topk(values, ids, states, args[3], k)
+
+
+def test_draft_heads_topk_backend_bf16(monkeypatch):
+    from treedec import ops
+
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    args = heads_inputs(3, 3, 2, 24, 37, torch.bfloat16, seed=12)
+    values, ids, states = ops.draft_heads_topk(*args, 4)
+    assert states.dtype == torch.bfloat16 and values.dtype == torch.float32
+    want_values, _, want_states = reference.draft_heads_topk(*(t.cpu() for t in args), 4)
+    torch.testing.assert_close(states.float().cpu(), want_states.float(), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(values.cpu(), want_values, atol=0.1, rtol=0.02)
+    check_heads_topk(values, ids, states, args[3], 4, atol=1e-3)
+
+
+def test_draft_heads_backend_choice(monkeypatch):
+    """On CUDA, auto runs the Triton kernels for bf16 and sends fp32 where lm_head_topk sends it."""
+    from treedec.ops import heads, lm_head
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(heads, "choose_backend", lambda device, op: "triton")
+    monkeypatch.delenv("TREEDEC_BACKEND", raising=False)
+    assert heads.draft_heads_backend(cuda, torch.bfloat16) == "triton"
+    assert heads.draft_heads_backend(cuda, torch.float32) == lm_head.FP32_GPU_BACKEND
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    assert heads.draft_heads_backend(cuda, torch.float32) == "triton"
+    from treedec.ops import _backend
+
+    assert "draft_heads_topk" in _backend.NATIVE_OPS["triton"] and _backend.implements("triton", "draft_heads_topk")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only: realistic sizes, 16-bit dtypes, compiled kernels
 
@@ -255,6 +374,23 @@ def test_lm_head_topk_gpu(dtype, num_rows, k):
     assert (indices.sort(1).values.diff(1) > 0).all() if k > 1 else True  # no repeats
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,heads,blocks,width,vocab", [(64, 4, 1, 4096, 32000), (9, 5, 2, 576, 49152)])
+def test_draft_heads_topk_gpu(dtype, rows, heads, blocks, width, vocab, monkeypatch):
+    from treedec import ops
+
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    args = heads_inputs(rows, heads, blocks, width, vocab, dtype, seed=rows, device="cuda")
+    values, ids, states = ops.draft_heads_topk(*args, 8)
+    hidden, weights, biases, _ = (t.float() for t in args)
+    expected = reference.heads.head_states(hidden, weights, biases)  # fp32 (TF32 off by default)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(states.float(), expected, atol=tol, rtol=tol)
+    check_heads_topk(values, ids, states, args[3], 8, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiled for real (no GPU needed): Triton's own ptxas builds the kernels for sm_90, which catches
 # what the interpreter forgives (layouts, shared memory, constructs the compiler rejects).
@@ -266,7 +402,7 @@ AOT_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton_kernels import lm_head_topk as lm, tree_attention as ta
+    from triton_kernels import draft_heads as dh, lm_head_topk as lm, tree_attention as ta
 
     def build(fn, types, constexprs, **options):
         names = fn.arg_names
@@ -285,6 +421,8 @@ AOT_SCRIPT = textwrap.dedent(
     build(lm._lm_head_topk_kernel, dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32",
           part_idx_ptr="*i32"), dict(K=16, KP=16, DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16,
           BLOCK_V=128, BLOCK_H=64), num_warps=4, num_stages=3)
+    build(dh._head_block_kernel, dict(x_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16"),
+          dict(DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=64, BLOCK_O=64, BLOCK_I=128), num_warps=8, num_stages=3)
     build(lm._merge_topk_kernel, dict(part_val_ptr="*fp32", part_idx_ptr="*i32", values_ptr="*fp32",
           indices_ptr="*i64"), dict(K=1, KP=2, BLOCK_E=512), num_warps=4)
     print("compiled")

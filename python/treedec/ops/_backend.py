@@ -6,8 +6,9 @@ Backends and the ops each one implements:
 - ``cpp`` (``treedec._C``): build_tree, verify_greedy, sample_tokens, compact_kv, lm_head_topk, linear_rows,
   gather_rows, scatter_rows, draft_heads_topk (composed of linear_rows and lm_head_topk) on CPU tensors.
 - ``cuda`` (``treedec._cuda``): build_tree, verify_greedy, sample_tokens, compact_kv on CUDA tensors.
-- ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk, gather_rows, scatter_rows on CUDA tensors, and on CPU
-  tensors under ``TRITON_INTERPRET=1``.
+- ``triton`` (``triton_kernels/``): tree_attention, lm_head_topk, gather_rows, scatter_rows, draft_heads_topk (all
+  heads' blocks per layer in one launch, then lm_head_topk) on CUDA tensors, and on CPU tensors under
+  ``TRITON_INTERPRET=1``.
 
 ``TREEDEC_BACKEND=auto`` (the default) picks, per op and device, the first of cpp (CPU) or
 cuda then triton (CUDA) that is built and implements the op, else the reference. Naming a backend
@@ -33,7 +34,7 @@ NATIVE_OPS = {
         "scatter_rows", "draft_heads_topk",
     }),
     "cuda": frozenset({"build_tree", "verify_greedy", "sample_tokens", "compact_kv"}),
-    "triton": frozenset({"tree_attention", "lm_head_topk", "gather_rows", "scatter_rows"}),
+    "triton": frozenset({"tree_attention", "lm_head_topk", "gather_rows", "scatter_rows", "draft_heads_topk"}),
 }
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 

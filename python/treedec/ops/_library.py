@@ -24,7 +24,9 @@ _IMPLEMENTATIONS = {
     "tree_attention": {"reference": reference.tree_attention, "triton": _triton.tree_attention},
     "lm_head_topk": {"reference": reference.lm_head_topk, "cpp": _cpp.lm_head_topk, "triton": _triton.lm_head_topk},
     "linear_rows": {"reference": reference.linear_rows, "cpp": _cpp.linear_rows},
-    "draft_heads_topk": {"reference": reference.draft_heads_topk, "cpp": _cpp.draft_heads_topk},
+    "draft_heads_topk": {
+        "reference": reference.draft_heads_topk, "cpp": _cpp.draft_heads_topk, "triton": _triton.draft_heads_topk
+    },
     "gather_rows": {"reference": reference.gather_rows, "cpp": _cpp.gather_rows, "triton": _triton.gather_rows},
     "scatter_rows": {"reference": reference.scatter_rows, "cpp": _cpp.scatter_rows, "triton": _triton.scatter_rows},
 }
@@ -146,6 +148,26 @@ def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 @linear_rows_op.register_fake
 def _(x, weight, bias, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# -- draft_heads_topk ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treedec::draft_heads_topk", mutates_args=())
+def draft_heads_topk_op(
+    hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor, k: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return implementation("draft_heads_topk", backend)(hidden, weights, biases, lm_weight, k)
+
+
+@draft_heads_topk_op.register_fake
+def _(hidden, weights, biases, lm_weight, k, backend):
+    rows, heads, width = hidden.shape[0], weights.shape[0], hidden.shape[1]
+    return (
+        hidden.new_empty(rows, heads, k, dtype=torch.float32),
+        hidden.new_empty(rows, heads, k, dtype=torch.int64),
+        hidden.new_empty(rows, heads, width),
+    )
 
 
 # -- gather_rows / scatter_rows (layer-skip batching) -----------------------------------------------

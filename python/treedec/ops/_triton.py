@@ -26,7 +26,9 @@ KERNELS = {
     "lm_head_topk": ("lm_head_topk", "lm_head_topk"),
     "gather_rows": ("rows", "gather_rows"),
     "scatter_rows": ("rows", "scatter_rows"),
+    "draft_heads_topk": ("draft_heads", "head_states"),  # the blocks; the LM-head top-k is lm_head_topk's
 }
+LM_HEAD_MAX_K = 16  # the streaming top-k keeps k values per row in registers
 
 
 def _checkout_dir() -> Path:
@@ -103,8 +105,23 @@ def tree_attention(
 
 
 def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k above LM_HEAD_MAX_K takes the reference (logits, then torch.topk)."""
+    if k > LM_HEAD_MAX_K:
+        from .. import reference
+
+        return reference.lm_head_topk(hidden, weight, k)
     values, indices = kernel("lm_head_topk")(hidden, weight, k)
     return values.float(), indices.long()
+
+
+def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All heads' blocks (one Triton launch per block layer), then the Triton LM-head top-k over the
+    [N*K, H] states: row n*K + j is head j's state for row n, as in the reference."""
+    states = kernel("draft_heads_topk")(hidden, weights, biases)  # [N, K, H] contiguous
+    rows, heads, width = states.shape
+    values, ids = lm_head_topk(states.view(rows * heads, width), lm_weight, k)
+    return values.view(rows, heads, k), ids.view(rows, heads, k), states
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

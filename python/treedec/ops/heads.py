@@ -1,10 +1,22 @@
 import torch
 
 from . import _library
-from ._backend import choose_backend
+from ._backend import choose_backend, requested_backend
 from ._checks import check_projection, check_same_device, check_tensor
+from .lm_head import FP32_GPU_BACKEND
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def draft_heads_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `draft_heads_topk` runs for `dtype` on `device`: fp32 on a GPU goes where
+    `lm_head_topk` sends it under TREEDEC_BACKEND=auto (torch), since the LM-head pass, which
+    dominates, is that op's kernel and its fp32 path lost to cuBLAS + topk on an H100."""
+    backend = choose_backend(device, "draft_heads_topk")
+    gpu = torch.device(device).type == "cuda"
+    if gpu and backend == "triton" and dtype == torch.float32 and requested_backend() == "auto":
+        return FP32_GPU_BACKEND
+    return backend
 
 
 def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,
@@ -25,8 +37,11 @@ def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.
     values float32 [N, K, k] (largest first), ids int64 [N, K, k], states [N, K, H] (each head's
     state: Hydra feeds it to the next depth)
 
-    On the CPU the blocks run through `linear_rows` and all N*K states go through one streaming
-    `lm_head_topk` pass over the vocabulary (C++); elsewhere torch (the reference).
+    Backends: on the CPU the blocks run through `linear_rows` and all N*K states go through one
+    streaming `lm_head_topk` pass over the vocabulary (C++). On CUDA (bf16; fp32 runs torch, see
+    `draft_heads_backend`) one Triton launch per block layer runs that block of every head (fp32
+    accumulation), then the Triton `lm_head_topk` streams the vocabulary for all N*K states (k > 16
+    falls back to logits + torch.topk for that pass). Elsewhere torch (the reference).
     """
     check_projection("hidden", hidden, lm_weight, HEAD_DTYPES)
     check_tensor("weights", weights, HEAD_DTYPES, 4)
@@ -41,5 +56,7 @@ def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.
         raise ValueError(f"weights and biases must be {hidden.dtype} like hidden")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= lm_weight.shape[0]:
         raise ValueError(f"k = {k!r} must be an int in [1, {lm_weight.shape[0]}]")
-    backend = choose_backend(hidden.device, "draft_heads_topk")
+    backend = draft_heads_backend(hidden.device, hidden.dtype)
+    if _library.compiling():
+        return torch.ops.treedec.draft_heads_topk(hidden, weights, biases, lm_weight, k, backend)
     return _library.implementation("draft_heads_topk", backend)(hidden, weights, biases, lm_weight, k)

@@ -13,7 +13,7 @@
 # STAGES="build test" runs a subset (default: all, in the order above); BENCH_KERNELS a subset of
 # bench/kernels.py's rows. Each stage runs under `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S,
 # E2E_SAMPLE_LIMIT_S, HEADS_LIMIT_S override the defaults; HEADS_SAMPLES, HEADS_EPOCHS,
-# HEADS_COLLECT_MINUTES the head training's settings),
+# HEADS_COLLECT_MINUTES, HEADS_BATCH, HEADS_MAX_NEW, HEADS_DEVICE the head training's settings),
 # gets at most what is left of BUDGET_S, and a failing stage does not stop the later ones.
 # Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
 # (the device tool returns at most 8 files), next to $OUT/summary.txt.
@@ -76,7 +76,7 @@ stage() {
 }
 
 # Carried wheels go to a private site directory (nothing is installed into the system).
-SITE=/tmp/treedec_site
+SITE="${SITE:-/tmp/treedec_site}"
 WHEELS=$(ls .devcarry*/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')  # one of each, whichever folder has it
 if [ -n "$WHEELS" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" $WHEELS >>"$WORK/build.log" 2>&1 \
@@ -125,8 +125,9 @@ if wanted test; then
   # Eight workers (pytest-xdist is in the GPU image): most of the time is Triton compiling kernels
   # for each test shape, which parallelises across processes; one GPU serves them all.
   XDIST=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
+  # TEST_K narrows it to a pytest -k expression (e.g. "layerskip or heads")
   stage test "${TEST_LIMIT_S:-180}" "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider \
-    --durations=15 $XDIST tests/test_gpu.py tests/kernels || STATUS=1
+    --durations=15 $XDIST ${TEST_K:+-k "$TEST_K"} tests/test_gpu.py tests/kernels || STATUS=1
 fi
 
 if wanted bench; then
@@ -180,9 +181,11 @@ if wanted heads; then
       mkdir -p "$DATA/$kind" "$WORK/heads_$kind"
       [ -f "$DATA/medusa/distill_data.pt" ] && [ ! -f "$DATA/$kind/distill_data.pt" ] \
         && ln -s "$DATA/medusa/distill_data.pt" "$DATA/$kind/distill_data.pt"
-      stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV \
-        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device cuda --questions .devcarry/dev.jsonl \
-        --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch 256 --max-new-tokens 384 \
+      # the checkout's own python/ first: this stage needs no build (training is plain torch)
+      stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV PYTHONPATH="$ROOT/python:$MODEL_ROOT:$PYTHONPATH" \
+        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions .devcarry/dev.jsonl \
+        --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-256}" \
+        --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
         --batch-size 512 --lr 2e-3 --save-dtype bf16 --out "$DATA/$kind" || STATUS=1
       cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/train_log.json \

@@ -239,6 +239,7 @@ def cmd_train_heads(args) -> int:
     from .prompts import BUILTIN_PROMPTS, load_questions
 
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -117,13 +117,16 @@ def build_heads(config: HeadsConfig) -> DraftHeads:
     return (MedusaHeads if config.kind == "medusa" else HydraHeads)(config)
 
 
-def save(heads: DraftHeads, directory: str | Path, extra: dict | None = None) -> Path:
-    """Weights as safetensors and the config (plus `extra`, e.g. accuracies) as JSON in `directory`."""
+def save(heads: DraftHeads, directory: str | Path, extra: dict | None = None,
+         dtype: torch.dtype | None = None) -> Path:
+    """Weights as safetensors (in `dtype`, default their own) and the config (plus `extra`, e.g.
+    accuracies) as JSON in `directory`."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, directory / WEIGHTS_NAME)
+    save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in heads.state_dict().items()},
+              directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps({**asdict(heads.config), **(extra or {})}, indent=2) + "\n")
     return directory
 

@@ -248,11 +248,11 @@ def _learning_rate(lr: float, step: int, total: int) -> float:
 
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True,
-          held_out: list[Example] | None = None) -> list[EpochReport]:
+          held_out: list[Example] | None = None, after_epoch=None) -> list[EpochReport]:
     """Train `heads` (on the model's device) on `examples`; with `out`, a checkpoint after every
     epoch and resuming from one (the learning-rate schedule spans the `epochs` asked for now).
     With `held_out`, each epoch's reported loss and accuracies are measured on those sequences
-    (the training set's would flatter heads that memorise)."""
+    (the training set's would flatter heads that memorise). `after_epoch(reports)` runs after each."""
     device = next(model.parameters()).device
     heads.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -302,6 +302,8 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
         if checkpoint is not None:
             torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                         "reports": [r.__dict__ for r in reports]}, checkpoint)
+        if after_epoch is not None:
+            after_epoch(reports)
     heads.eval()
     return reports
 
@@ -338,21 +340,28 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                          base_model=base_model)
     heads = build_heads(config)
     training, held_out = split_held_out(examples)
-    reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out)
     generated = sum(len(e.tokens) - e.generated_from for e in training)
-    extra = {
-        "trained_on_tokens": generated,
-        "accuracy_on": "held-out prompts" if held_out else "training sequences",
-        "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
-        "epochs": epochs,
-        "collect_seconds": round(collected_seconds, 1),
-        "train_seconds": round(sum(r.seconds for r in reports), 1),
-        "device": str(next(model.parameters()).device),
-        "top1": reports[-1].top1 if reports else [],
-        "top5": reports[-1].top5 if reports else [],
-        "rank_accuracy": reports[-1].rank_accuracy if reports else [],
-        "loss": reports[-1].loss if reports else None,
-    }
-    save(heads.to(save_dtype), out, extra)
-    (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
+    train_began = time.perf_counter()
+
+    def save_heads(reports: list[EpochReport]) -> None:
+        """After every epoch, so that a run cut short still leaves usable heads and their figures."""
+        extra = {
+            "trained_on_tokens": generated,
+            "accuracy_on": "held-out prompts" if held_out else "training sequences",
+            "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
+            "epochs": len(reports),
+            "collect_seconds": round(collected_seconds, 1),
+            "train_seconds": round(time.perf_counter() - train_began, 1),
+            "device": str(next(model.parameters()).device),
+            "top1": reports[-1].top1 if reports else [],
+            "top5": reports[-1].top5 if reports else [],
+            "rank_accuracy": reports[-1].rank_accuracy if reports else [],
+            "loss": reports[-1].loss if reports else None,
+        }
+        save(heads, out, extra, dtype=save_dtype)
+        (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
+
+    reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out,
+                    after_epoch=save_heads)
+    save_heads(reports)  # also where every epoch was done before (a resumed run with nothing left)
     return heads, reports

@@ -162,6 +162,31 @@ def test_training_targets_are_the_tokens_after_the_root():
         assert targets[row].tolist() == [int(tokens[i]) if i < 10 else -100 for i in (t + 2, t + 3, t + 4)]
         assert inputs[row].tolist() == [int(tokens[i]) if i < 10 else 0 for i in (t + 1, t + 2, t + 3)]
     assert hidden.shape[0] == 5  # positions 3..7
+    # with the model's greedy choices recorded, head k learns greedy[t+1+k] (the argmax for token
+    # t+2+k), not the text's token: sampled text's token may not be the one greedy decoding accepts
+    example.greedy = torch.arange(100, 110)
+    positions = flatten([example], 3)
+    for row in range(positions.hidden.shape[0]):
+        t = int(positions.hidden[row, 0])
+        assert positions.targets[row].tolist() == [100 + i - 1 if i < 10 else -100 for i in (t + 2, t + 3, t + 4)]
+        assert positions.inputs[row].tolist() == inputs[row].tolist()  # Hydra still reads the text
+
+
+def test_collected_greedy_text_matches_the_recorded_greedy_choices():
+    """Greedy continuations: the recorded argmax after each generated position is the next token.
+    Sampled ones: they differ somewhere (else the targets would not need the argmax)."""
+    from treedec.heads.training import collect
+
+    model = peaked(seed=4)
+    prompts = [repetitive_prompt(s, 5 + s) for s in range(6)]
+    examples = collect(model, prompts, tokens=10**6, max_new_tokens=16, samples=2, temperature=1.5,
+                       batch_size=4, progress=False)
+    assert len(examples) == 18
+    greedy, sampled = examples[:6], examples[6:]
+    for example in greedy:
+        start = example.generated_from
+        assert torch.equal(example.greedy[start - 1 : -1], example.tokens[start:])
+    assert any(not torch.equal(e.greedy[e.generated_from - 1 : -1], e.tokens[e.generated_from:]) for e in sampled)
 
 
 def test_train_heads_command(monkeypatch, tmp_path, capsys):

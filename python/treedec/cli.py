@@ -46,12 +46,12 @@ def _where(args) -> str:
 
 
 def cmd_demo(args) -> int:
-    from .benchmark import ALL_METHODS, NEEDS_OPTIONS, run_benchmark
+    from .benchmark import ALL_METHODS, OPT_IN_METHODS, run_benchmark
     from .prompts import BUILTIN_PROMPTS
 
     model, tokenizer = _load(args.dtype, args.threads, args.device)
     # layerskip drafts nothing on this model (README, "Layer skipping"), and no heads ship yet
-    methods = [m for m in ALL_METHODS if m != "layerskip" and m not in NEEDS_OPTIONS]
+    methods = [m for m in ALL_METHODS if m != "layerskip" and m not in OPT_IN_METHODS]
     report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), methods, args.max_new_tokens)
     print()
     print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "
@@ -296,7 +296,7 @@ def cmd_train_heads(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmark import ALL_METHODS, NEEDS_OPTIONS
+    from .benchmark import ALL_METHODS, OPT_IN_METHODS
 
     parser = argparse.ArgumentParser(prog="treedec", description="Lossless tree speculative decoding for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
     e2e.add_argument("--limit-per-category", type=int, default=None)
     e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS,
-                     default=[m for m in ALL_METHODS if m not in NEEDS_OPTIONS])
+                     default=[m for m in ALL_METHODS if m not in OPT_IN_METHODS])
     e2e.add_argument("--json", help="write per-prompt results and the summary here")
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
     e2e.add_argument("--medusa-heads", help="heads directory for the medusa method (treedec train-heads)")

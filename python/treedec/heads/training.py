@@ -6,9 +6,12 @@
 2. `hidden_states`: one plain forward per batch of sequences gives the last hidden state at every
    position (what the heads read at decode time: the normed state the LM head turns into the next
    token).
-3. `train`: head k at position t learns the model's own token t+2+k (cross-entropy through the
-   frozen LM head; the LM head's own token t+1 is the step's root). Hydra heads are teacher-forced
-   with the true tokens t+1 .. t+1+k. AdamW with a cosine learning-rate decay over all epochs.
+3. `train`: head k at position t learns the model's greedy choice for token t+2+k given the text
+   before it (cross-entropy through the frozen LM head; the LM head's own token t+1 is the step's
+   root). In greedy text that is the next token itself; in sampled text it is the argmax at that
+   position, not the sampled token, because greedy decoding accepts exactly the argmax. Hydra heads
+   are teacher-forced with the text's tokens t+1 .. t+1+k. AdamW with a cosine learning-rate decay
+   over all epochs.
 
 Only positions in the generated part are used: that is the model's own text, the distribution the
 heads meet when drafting. Every 10th prompt is held out, with all its continuations: the reported
@@ -40,12 +43,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 @dataclass
 class Example:
     """One sequence: tokens int64 [L] (prompt then the model's continuation), hidden [L, H], where
-    the continuation starts, and which prompt it continues (the held-out split is by prompt)."""
+    the continuation starts, which prompt it continues (the held-out split is by prompt), and the
+    model's greedy choice after every position, int64 [L] (None: take the text's next token)."""
 
     tokens: torch.Tensor
     hidden: torch.Tensor
     generated_from: int
     prompt: int = 0
+    greedy: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,10 +83,11 @@ def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int
     eos = _eos_ids(model)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else min(eos) if eos else 0
-    # round 0 greedy, then the sampled rounds; each round shortest prompt first, so that a batch's
-    # prompts are of similar length (less left padding)
+    # the greedy round, then every sampled round's jobs together; each shortest prompt first, so that
+    # a batch's prompts are of similar length: less left padding, and a short batch's cache stays
+    # small (a budget that ends collection early then drops the longest prompts' samples)
     by_length = sorted(range(len(prompt_ids)), key=lambda p: len(prompt_ids[p]))
-    jobs = [(p, s > 0) for s in range(samples + 1) for p in by_length]
+    jobs = [(p, False) for p in by_length] + [(p, True) for p in by_length for _ in range(samples)]
     torch.manual_seed(seed)  # HF's sampling draws from the global generator: reproducible rounds
     examples: list[Example] = []
     gathered = 0
@@ -118,7 +124,7 @@ def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int
             if len(new) >= 2:
                 sequences.append((p, torch.tensor(prompt + new), len(prompt)))
         for (p, sequence, generated_from), hidden in zip(sequences, hidden_states(model, [s for _, s, _ in sequences])):
-            examples.append(Example(sequence, hidden, generated_from, p))
+            examples.append(Example(sequence, hidden, generated_from, p, greedy_tokens(model, hidden)))
             count = len(sequence) - generated_from
             gathered += count
             bar.update(count)
@@ -148,10 +154,20 @@ def hidden_states(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
     return [states[row, : len(s)].float().cpu() for row, s in enumerate(sequences)]
 
 
+@torch.inference_mode()
+def greedy_tokens(model, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The LM head's argmax at every position of hidden [L, H] -> int64 [L], on the CPU."""
+    lm_head = model.get_output_embeddings()
+    device = lm_head.weight.device
+    return torch.cat([lm_head(hidden[i : i + chunk].to(device, lm_head.weight.dtype)).argmax(-1).cpu()
+                      for i in range(0, hidden.shape[0], chunk)])
+
+
 @dataclass
 class Positions:
-    """Every training position of some examples, flattened: hidden [P, H]; targets [P, K] (token
-    t+2+k, -100 past a sequence's end); inputs [P, K] (token t+1+k, Hydra's teacher forcing)."""
+    """Every training position of some examples, flattened: hidden [P, H]; targets [P, K] (the
+    greedy choice for token t+2+k, -100 past a sequence's end); inputs [P, K] (the text's token
+    t+1+k, Hydra's teacher forcing)."""
 
     hidden: torch.Tensor
     targets: torch.Tensor
@@ -173,7 +189,12 @@ def flatten(examples: list[Example], num_heads: int) -> Positions:
         padded = torch.cat([example.tokens, torch.full((num_heads + 2,), -100, dtype=torch.int64)])
         window = padded.unfold(0, num_heads + 2, 1)[first : last + 1]  # [P, K+2]: tokens t .. t+K+1
         hidden.append(example.hidden[first : last + 1])
-        targets.append(window[:, 2:])
+        if example.greedy is None:
+            targets.append(window[:, 2:])
+        else:  # greedy[i] is the choice for token i+1: head k's target is greedy[t+1+k]
+            chosen = torch.cat([example.greedy, torch.full((num_heads + 2,), -100, dtype=torch.int64)])
+            chosen = chosen.unfold(0, num_heads + 2, 1)[first : last + 1][:, 1:-1]
+            targets.append(torch.where(window[:, 2:] == -100, -100, chosen))
         inputs.append(window[:, 1:-1].clamp(min=0))  # an input past the end only feeds an ignored target
     if not hidden:
         return Positions(torch.zeros(0, 1), torch.zeros(0, num_heads, dtype=torch.int64),

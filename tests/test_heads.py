@@ -65,23 +65,25 @@ def test_bad_configs_and_options_raise(tmp_path):
         model.generate(torch.tensor([repetitive_prompt(1, 12)]), max_new_tokens=4, do_sample=False)
 
 
+@pytest.mark.parametrize("context", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_is_lossless_with_random_heads(kind, batch, tmp_path):
+def test_greedy_is_lossless_with_random_heads(kind, batch, context, tmp_path):
     model = peaked(seed=3)
     save(random_heads(kind, model, seed=batch), tmp_path / kind)
     ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
     ids, mask = ids[:batch], mask[:batch]
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind, context=context)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False), expected)
     stats = model.treedec.last_stats
     assert stats["mean_tree_nodes"] > 1 and stats["drafted"] > 0  # the heads' drafts reached the verifier
     assert 0 <= stats["draft_acceptance"] <= 1
 
 
+@pytest.mark.parametrize("context", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_sampling_is_exact_with_heads(kind, tmp_path):
+def test_sampling_is_exact_with_heads(kind, context, tmp_path):
     from test_sampling import sample_token_by_token
 
     model = peaked(seed=5)
@@ -90,7 +92,7 @@ def test_sampling_is_exact_with_heads(kind, tmp_path):
     ids, mask = left_padded(prompts)
     torch.manual_seed(11)
     expected = sample_token_by_token(model, prompts, 20, eos=2, pad=0, temperature=0.8, top_k=10)
-    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind, context=context)
     torch.manual_seed(11)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=10)
     assert torch.equal(got, expected)
@@ -114,7 +116,7 @@ def test_hydra_branches_follow_their_path(monkeypatch, tmp_path):
         original = heads_drafter.HeadsDrafter.propose
         monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
                             lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
-        treedec.patch(model, drafter=kind, heads=tmp_path / kind, widths=[3, 2])
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind, widths=[3, 2], context=False)
         model.generate(torch.tensor([repetitive_prompt(2, 15)]), max_new_tokens=3, do_sample=False)
         trie = tries[0]
         assert len(trie) == 1 + 3 + 6
@@ -250,7 +252,7 @@ def test_heads_with_measured_accuracies_draft_the_static_tree(kind, monkeypatch,
                         lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
     ids = torch.tensor([repetitive_prompt(2, 15)])
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
-    treedec.patch(model, drafter=kind, heads=tmp_path / "m")
+    treedec.patch(model, drafter=kind, heads=tmp_path / "m", context=False)  # the heads' tree alone
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
     paths = best_tree(accuracies, heads_drafter.STATIC_TREE_NODES)
     trie = tries[0]
@@ -262,3 +264,59 @@ def test_heads_with_measured_accuracies_draft_the_static_tree(kind, monkeypatch,
     assert sorted(node_paths[1:]) == sorted(paths)
     if kind == "medusa":  # Medusa drafts in the order the tree was built
         assert node_paths[1:] == paths
+
+
+def test_context_drafts_merge_into_the_heads_tree(monkeypatch, tmp_path):
+    """With context=True each step's tree holds the context drafter's nodes (lookup, recycling) and
+    the heads' (keys ("medusa", depth, rank)), a shared token once."""
+    from treedec.drafters import heads as heads_drafter
+
+    model = peaked(seed=3)
+    save(random_heads("medusa", model, seed=2), tmp_path / "m")
+    tries = []
+    original = heads_drafter.HeadsDrafter.propose
+    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
+                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    ids = torch.tensor([repetitive_prompt(2, 30)])  # repetitive: lookup finds matches
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False)
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context=True)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), expected)
+    kinds = {key[0] if isinstance(key, tuple) else key for trie in tries for key in trie.keys[1:]}
+    assert "medusa" in kinds and len(kinds) > 1
+    for trie in tries:  # no node has two children with the same token
+        pairs = [(trie.parents[i], trie.tokens[i]) for i in range(1, len(trie))]
+        assert len(pairs) == len(set(pairs))
+    with pytest.raises(ValueError, match="context"):
+        treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context="yes")
+
+
+def test_hydra_drafts_as_much_of_the_static_tree_as_the_sizer_keeps(monkeypatch, tmp_path):
+    """Hydra's cost grows with its frontier: once the sizer keeps few nodes, it drafts a prefix of
+    the static tree (the best smaller tree) sized from what was kept, not all 48 nodes."""
+    from treedec.drafters import heads as heads_drafter
+    from treedec.heads.tree import best_tree
+
+    model = peaked(seed=3)
+    accuracies = [[0.5, 0.2, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02], [0.2, 0.05, 0.02, 0.01]]
+    save(random_heads("hydra", model, seed=2), tmp_path / "h", extra={"rank_accuracy": accuracies})
+    tries, kept = [], []
+    original = heads_drafter.HeadsDrafter.propose
+
+    def spy(self, seq, root):
+        kept.append(self.kept)  # what the tree's size is decided from
+        tries.append(original(self, seq, root))
+        return tries[-1]
+
+    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose", spy)
+    ids = torch.tensor([repetitive_prompt(2, 15)])
+    expected = model.generate(ids, max_new_tokens=40, do_sample=False)
+    treedec.patch(model, drafter="hydra", heads=tmp_path / "h", context=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), expected)
+    paths = best_tree(accuracies, heads_drafter.STATIC_TREE_NODES)
+    for trie, average in zip(tries, kept):
+        node_paths = [()]
+        for i in range(1, len(trie)):
+            node_paths.append(node_paths[trie.parents[i]] + (trie.keys[i][2],))
+        allowed = max(heads_drafter.HYDRA_MIN_NODES, int(heads_drafter.HYDRA_SLACK * average) + 2)
+        assert set(node_paths[1:]) == set(paths[:allowed])
+    assert len(tries[0]) == 1 + len(paths) and min(map(len, tries)) < len(tries[0])

@@ -118,14 +118,21 @@ def cmd_bench_e2e(args) -> int:
         print(f"no questions in {args.questions}", file=sys.stderr)
         return 2
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    options = {method: {"heads": path} for method, path in (("medusa", args.medusa_heads),
-                                                              ("hydra", args.hydra_heads)) if path}
-    if args.layerskip_options:
+    options: dict[str, dict] = {"medusa": {}, "hydra": {}}
+    for flag, methods in (("layerskip_options", ("layerskip",)), ("heads_options", ("medusa", "hydra"))):
+        text = getattr(args, flag)
+        if not text:
+            continue
         try:
-            options["layerskip"] = json.loads(args.layerskip_options)
+            parsed = json.loads(text)
         except json.JSONDecodeError as error:
-            print(f"--layerskip-options is not JSON: {error}", file=sys.stderr)
+            print(f"--{flag.replace('_', '-')} is not JSON: {error}", file=sys.stderr)
             return 2
+        for method in methods:
+            options.setdefault(method, {}).update(parsed)
+    for method, path in (("medusa", args.medusa_heads), ("hydra", args.hydra_heads)):
+        if path:
+            options[method]["heads"] = path
     report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args),
                            options=options)
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
@@ -287,7 +294,8 @@ def cmd_train_heads(args) -> int:
                              temperature=args.temperature, collect_batch=args.collect_batch,
                              num_blocks=args.blocks,
                              collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
-                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype])
+                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype],
+                             command=" ".join(["treedec", *args.argv]))
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
     e2e.add_argument("--medusa-heads", help="heads directory for the medusa method (treedec train-heads)")
     e2e.add_argument("--hydra-heads", help="heads directory for the hydra method")
+    e2e.add_argument("--heads-options", help='JSON of treedec.patch options for medusa and hydra, e.g. '
+                     '\'{"context": false}\'')
     e2e.add_argument("--layerskip-options", help='JSON of treedec.patch options for layerskip, e.g. '
                      '\'{"mode": "fixed", "skip_layers": [17]}\'')
     common(e2e, 128)
@@ -373,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the user typed, recorded where results are saved (train-heads)
     return args.func(args)
 
 

@@ -14,7 +14,7 @@ from .none import NoDrafter
 from .recycling import RecyclingDrafter, RecyclingTable
 
 DRAFTERS = ("auto", "lookup", "recycling", "layerskip", "medusa", "hydra", None)
-HEADS_OPTIONS = ("heads", "widths")
+HEADS_OPTIONS = ("heads", "widths", "context")
 LOOKUP_OPTIONS = tuple(inspect.signature(LookupDrafter).parameters)
 RECYCLING_OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 
@@ -43,7 +43,11 @@ def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict)
     if name is None:
         return NoDrafter()
     if name in ("medusa", "hydra"):
-        return HeadsDrafter(_heads_for(name, options.get("heads"), tables), options.get("widths"))
+        context = options.get("context", True)
+        if not isinstance(context, bool):
+            raise ValueError(f"context = {context!r} must be True or False")
+        return HeadsDrafter(_heads_for(name, options.get("heads"), tables), options.get("widths"),
+                            make_drafter("auto", {}, vocab_size, tables) if context else None)
     if name == "layerskip":  # its skip-set search result lives in the model's tables
         return LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
     lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}

@@ -11,6 +11,11 @@ With measured per-rank accuracies in the heads' config (what `treedec train-head
 a full `widths` product (heads/tree.py).
 Node keys are (kind, depth, rank): the loop learns each one's acceptance and keeps the nodes
 worth their cost, as with every drafter.
+
+With a `context` drafter (option `context`, default True: drafter="auto", lookup matches and Token
+Recycling), each step's tree is the context drafter's with the heads' nodes merged in: the heads
+guess where the text has no match, the context where the heads are unsure, and the sizer keeps
+whichever nodes earn their cost.
 """
 
 from __future__ import annotations
@@ -24,13 +29,20 @@ from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
 STATIC_TREE_NODES = 48  # the loop's sizer then keeps the T worth their measured cost
+# Hydra pays a head call per depth over every frontier node, so it drafts only the first
+# HYDRA_SLACK x (the nodes the sizer recently kept) + 2 of the static tree (a prefix of the best
+# tree is the best smaller tree), at least HYDRA_MIN_NODES
+HYDRA_SLACK, HYDRA_MIN_NODES = 2.0, 4
 
 
 class HeadsDrafter(Drafter):
     uses_model = True
 
-    def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None):
+    def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None, context: Drafter | None = None):
         given_widths = widths
+        self.context = context
+        if context is not None:  # the context drafter's needs become this drafter's
+            self.wants_uniforms, self.topk = context.wants_uniforms, context.topk
         self.heads = heads
         self.kind = heads.config.kind
         self.name = self.kind
@@ -50,19 +62,40 @@ class HeadsDrafter(Drafter):
             self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
         self.drafts: dict[int, DraftTrie] = {}
         self.drafted = self.accepted = 0
+        self.kept = float(STATIC_TREE_NODES)  # moving average of the verified nodes per sequence
         self._checked = False
 
     def start(self, histories) -> None:
         self.drafts = {}
-        self.drafted = self.accepted = 0  # candidate nodes proposed, tokens accepted (this call)
+        self.drafted = self.accepted = 0  # candidate nodes verified, tokens accepted (this call)
+        if self.context is not None:
+            self.context.start(histories)
 
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
-        trie = self.drafts.pop(seq, None) or DraftTrie(root_token)
-        self.drafted += len(trie) - 1
+    def extend(self, seq: int, new_tokens) -> None:
+        if self.context is not None:
+            self.context.extend(seq, new_tokens)
+
+    def propose(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
+        drafted = self.drafts.pop(seq, None) or DraftTrie(root_token)
+        if self.context is None:
+            trie = drafted
+        else:
+            trie = (self.context.propose(seq, root_token, uniforms=uniforms) if self.context.wants_uniforms
+                    else self.context.propose(seq, root_token))
+            merged = [0]  # drafted node -> trie node; a token the context proposed keeps its key
+            for i in range(1, len(drafted)):
+                merged.append(trie.child(merged[drafted.parents[i]], drafted.tokens[i], drafted.keys[i]))
         return trie
 
     def observe(self, outcome) -> None:
+        # drafted = the candidates the sizer kept and the model verified (the proposals it pruned
+        # cost nothing), so the acceptance reported is the verified nodes' rate
+        verified = (outcome.tokens[:, 1:] >= 0).sum(1)
+        self.drafted += int(verified.sum())
         self.accepted += int(outcome.accept_len.sum())
+        self.kept = 0.8 * self.kept + 0.2 * float(verified.float().mean())
+        if self.context is not None:
+            self.context.observe(outcome)
 
     def report(self) -> dict:
         return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None}
@@ -101,8 +134,9 @@ class HeadsDrafter(Drafter):
         # which ranks to expand under a node, by its rank path: the static tree's, or every rank
         # below the depth's width
         if self.paths is not None:
+            nodes = max(HYDRA_MIN_NODES, int(HYDRA_SLACK * self.kept) + 2)
             children: dict[tuple[int, ...], list[int]] = {}
-            for path in self.paths:
+            for path in self.paths[:nodes]:
                 children.setdefault(path[:-1], []).append(path[-1])
         # frontier: (batch row, trie node, token at that node, rank path); states [F, H] in order
         frontier = [(b, 0, root, ()) for b, root in enumerate(roots)]

@@ -341,9 +341,9 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, max_new_tokens: int = 128,
                 base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
                 collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
-                save_dtype: torch.dtype = torch.float32) -> tuple[DraftHeads, list[EpochReport]]:
+                save_dtype: torch.dtype = torch.float32, command: str = "") -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
-    (weights in `save_dtype`)."""
+    (weights in `save_dtype`; `command`, the command line that trained them, goes in the config)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / DATA_NAME
@@ -367,6 +367,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     def save_heads(reports: list[EpochReport]) -> None:
         """After every epoch, so that a run cut short still leaves usable heads and their figures."""
         extra = {
+            "command": command,
             "trained_on_tokens": generated,
             "accuracy_on": "held-out prompts" if held_out else "training sequences",
             "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),

@@ -137,3 +137,35 @@ def test_layerskip_batch_of_three_with_own_skip_sets(embedded):
         prompt_len = encoded[i]["input_ids"].shape[1]
         generated = references[i][0, prompt_len:].tolist()
         assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_shipped_heads_greedy_equals_hf(embedded, kind):
+    """The heads that ship for the embedded model load with no heads= and stay lossless, batch 1."""
+    model, _, prompts, encoded, references = embedded
+    treedec.patch(model, drafter=kind)
+    try:
+        for i in (0, 4, 11):  # writing, coding, math_reasoning
+            got = model.generate(**encoded[i], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            assert torch.equal(got, references[i]), (kind, prompts[i].category)
+            assert model.treedec.last_stats["drafted"] > 0 and model.treedec.last_stats["tau"] > 1.0
+    finally:
+        treedec.unpatch(model)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_shipped_heads_batch_of_three(embedded, kind):
+    model, tokenizer, _, encoded, references = embedded
+    chosen = [2, 4, 8]
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    treedec.patch(model, drafter=kind)
+    try:
+        out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    finally:
+        treedec.unpatch(model)
+    for row, i in enumerate(chosen):
+        prompt_len = encoded[i]["input_ids"].shape[1]
+        generated = references[i][0, prompt_len:].tolist()
+        assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated

@@ -45,13 +45,25 @@ def _where(args) -> str:
     return f"{args.threads} CPU threads"
 
 
+def _has_shipped_heads(kind: str, model) -> bool:
+    from .heads.shipped import shipped_heads
+
+    try:
+        shipped_heads(kind, model.config)
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_demo(args) -> int:
     from .benchmark import ALL_METHODS, OPT_IN_METHODS, run_benchmark
     from .prompts import BUILTIN_PROMPTS
 
     model, tokenizer = _load(args.dtype, args.threads, args.device)
-    # layerskip drafts nothing on this model (README, "Layer skipping"), and no heads ship yet
-    methods = [m for m in ALL_METHODS if m != "layerskip" and m not in OPT_IN_METHODS]
+    # layerskip drafts nothing on this model (README, "Layer skipping"); the heads run where
+    # shipped ones fit the model
+    methods = [m for m in ALL_METHODS
+               if m != "layerskip" and (m not in OPT_IN_METHODS or _has_shipped_heads(m, model))]
     report = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), methods, args.max_new_tokens)
     print()
     print(f"treedec demo: {len(BUILTIN_PROMPTS)} built-in prompts, greedy, max_new_tokens={args.max_new_tokens}, "

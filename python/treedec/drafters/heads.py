@@ -106,7 +106,6 @@ class HeadsDrafter(Drafter):
         if hidden is None:  # a one-token prompt: nothing to read yet
             return
         self._check(runner, hidden)
-        heads = self.heads
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         if self.kind == "medusa":  # every head at once, no [B, K, V] logits
             weights, biases = self._stacked

@@ -11,7 +11,9 @@ from treedec.drafters.layer_search import draft_cost_ratio, expected_gain, searc
 from treedec.models import tiny_llama
 
 # swift with a generous search budget: its result must not depend on how busy the machine is
-MODES = [("fixed", {"skip_layers": [2, 3]}), ("exit", {"exit_layer": 2}), ("swift", {"search_seconds": 60})]
+# exit without branching: every step's tree is the drafted chain, which the verification reuses
+MODES = [("fixed", {"skip_layers": [2, 3]}), ("exit", {"exit_layer": 2}),
+         ("exit", {"exit_layer": 2, "branch_below": 0.0}), ("swift", {"search_seconds": 60})]
 
 
 def peaked(seed: int, num_layers: int = 4, idle_layers=()):
@@ -44,6 +46,8 @@ def test_greedy_is_lossless_in_every_mode(mode, options, batch):
     assert stats["layerskip_drafted"] > 0 and stats["draft_seconds"] > 0
     if mode != "exit":  # skipping idle layers drafts exactly what the model says
         assert stats["tau"] > 1.5 and stats["layerskip_acceptance"] > 0.3
+    elif options.get("branch_below") == 0.0:  # chain steps ran only the layers after the exit
+        assert stats["layerskip_reused_steps"] > 0
 
 
 def test_sampling_is_exact_with_layerskip():
@@ -71,11 +75,14 @@ def test_eos_and_max_new_tokens_inside_drafted_chains():
         assert torch.equal(got, expected)
 
 
-def test_cache_after_every_step_equals_plain_decoding(monkeypatch):
+@pytest.mark.parametrize("options", [dict(mode="fixed", skip_layers=[2]),
+                                     dict(mode="exit", exit_layer=3, branch_below=0.0)])
+def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch):
     """Draft forwards write rows past the committed prefix for the layers they run; after each
     step's verification and compaction, every committed row of every layer must hold what a plain
-    forward over the same tokens computes."""
-    model = peaked(seed=3, num_layers=4, idle_layers=(2,))
+    forward over the same tokens computes. In exit mode the verification reuses the drafts' rows
+    of the first layers instead of rewriting them: they must be right too."""
+    model = peaked(seed=3, num_layers=4, idle_layers=(2,) if options["mode"] == "fixed" else (3,))
     ids, mask = prompts_of_three()
     snapshots = []  # (sequence ids, committed rows, keys and values per layer) at each step's start
     original = layerskip.LayerSkipDrafter.draft_batch
@@ -86,9 +93,11 @@ def test_cache_after_every_step_equals_plain_decoding(monkeypatch):
         return original(self, runner, cache, rows, roots, hidden)
 
     monkeypatch.setattr(layerskip.LayerSkipDrafter, "draft_batch", spy)
-    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=0.0)
+    treedec.patch(model, drafter="layerskip", stop_below=0.0, **options)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
     assert model.treedec.last_stats["tau"] > 1.5  # drafts were accepted, so compaction moved rows
+    if options["mode"] == "exit":
+        assert model.treedec.last_stats["layerskip_reused_steps"] > 3
     treedec.unpatch(model)
 
     full_mask = torch.cat([mask, torch.ones(out.shape[0], out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
@@ -284,3 +293,55 @@ def test_forward_rows_equals_each_row_alone():
         cache, step = fresh()
         torch.testing.assert_close(runner.forward_rows(tokens, positions, cache, step, torch.ones(5, 3, dtype=torch.bool)),
                                    full, atol=1e-5, rtol=1e-5)
+
+
+def test_exit_mode_reuse_writes_what_a_full_verify_writes():
+    """reuse_kv=False verifies every tree in full; with reuse (the default) the chain steps start at
+    the exit layer. Same tokens either way, batch and EOS included; branching steps fall back."""
+    model = peaked(seed=7, num_layers=5, idle_layers=(3, 4))
+    ids, mask = prompts_of_three()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=28, do_sample=False, eos_token_id=5)
+    runs = {}
+    for reuse, branch_below in ((False, 0.0), (True, 0.0), (True, 1.0)):  # 1.0: every depth branches
+        treedec.patch(model, drafter="layerskip", mode="exit", exit_layer=3, stop_below=0.0, reuse_kv=reuse,
+                      branch_below=branch_below)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=28, do_sample=False, eos_token_id=5)
+        assert torch.equal(got, expected), (reuse, branch_below)
+        runs[reuse, branch_below] = model.treedec.last_stats["layerskip_reused_steps"]
+        treedec.unpatch(model)
+    assert runs[False, 0.0] == 0 and runs[True, 0.0] > 3
+    with pytest.raises(ValueError, match="reuse_kv"):
+        treedec.patch(model, drafter="layerskip", mode="exit", reuse_kv="yes")
+
+
+def test_forward_from_the_exit_layer_equals_the_full_forward():
+    """Layers 0..E-1 with forward_rows(normed=False), then forward_from(E) on the same cache rows:
+    the full forward's output and KV."""
+    from treedec.attention import TreeStep
+    from treedec.cache import TreeCache
+    from treedec.decoding import chain_tree_mask
+
+    model = treedec.patch(peaked(seed=2, num_layers=5), drafter=None)
+    runner = model.treedec.runner
+    tokens = torch.tensor([[5, 9, 11], [7, 3, 2]])
+    positions = torch.arange(3).expand(2, -1)
+
+    def fresh():
+        cache = TreeCache(5, 2, 2, 16, max_len=8, dtype=torch.float32, devices=torch.device("cpu"))
+        cache.begin_step(3)
+        return cache, TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(2, 3))
+
+    with torch.inference_mode():
+        full_cache, full_step = fresh()
+        want = runner.forward(tokens, positions, full_cache, full_step)
+        cache, step = fresh()
+        first = torch.zeros(5, 2, dtype=torch.bool)
+        first[:2] = True
+        residual = runner.forward_rows(tokens, positions, cache, step, first, normed=False)
+        got = runner.forward_from(residual, positions, cache, step, start=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer in range(5):
+        torch.testing.assert_close(cache.keys[layer][:, :, :3], full_cache.keys[layer][:, :, :3])
+        torch.testing.assert_close(cache.values[layer][:, :, :3], full_cache.values[layer][:, :, :3])
+    with pytest.raises(ValueError, match="start"):
+        runner.forward_from(residual, positions, cache, step, start=5)

@@ -120,22 +120,47 @@ class ModelRunner:
         return all(hasattr(self.base, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
 
     def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
-                     active: torch.Tensor) -> torch.Tensor:
+                     active: torch.Tensor, normed: bool = True) -> torch.Tensor:
         """Like `forward`, but layer l runs only on the batch rows where active[l] (bool [L, B]) is
         true: layer-skip batching, for rows with different skip sets or exit layers. Each such
         layer gathers its rows into a dense block (ops.gather_rows), runs on it, writes KV for those
         rows alone, and scatters the block back (ops.scatter_rows); the other rows keep their
-        hidden state, as if the layer were skipped. Returns the normed last hidden state [B, T, H]."""
-        if not self.supports_row_subsets():
-            raise ValueError(f"{type(self.base).__name__} lacks the Llama-family layout that layer-skip batching needs")
-        base, device = self.base, self.input_device()
+        hidden state, as if the layer were skipped. Returns the normed last hidden state [B, T, H]
+        (`normed=False`: the residual stream before the final norm)."""
+        self._check_row_subsets()
         batch = tokens.shape[0]
         if tuple(active.shape) != (self.num_layers, batch):
             raise ValueError(f"active has shape {tuple(active.shape)}; expected ({self.num_layers}, {batch})")
-        position_ids = positions.to(device)
-        hidden = base.embed_tokens(tokens.to(device)).contiguous()
+        hidden = self.base.embed_tokens(tokens.to(self.input_device())).contiguous()
+        hidden = self._run_layers(hidden, positions, cache, step, active)
+        return self.base.norm(hidden) if normed else hidden
+
+    def forward_from(self, residual: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                     start: int) -> torch.Tensor:
+        """The decoder layers start..L-1 over `residual` [B, T, H] (the residual stream entering
+        layer `start`), then the final norm: a step whose first `start` layers already ran (their
+        KV is in the cache's step rows) runs only the rest. Returns the normed last hidden state."""
+        self._check_row_subsets()
+        if not 0 <= start < self.num_layers:
+            raise ValueError(f"start = {start} must be a layer index 0..{self.num_layers - 1}")
+        active = torch.zeros(self.num_layers, residual.shape[0], dtype=torch.bool)
+        active[start:] = True
+        hidden = self._run_layers(residual.to(self.input_device()).contiguous(), positions, cache, step, active)
+        return self.base.norm(hidden)
+
+    def _check_row_subsets(self) -> None:
+        if not self.supports_row_subsets():
+            raise ValueError(f"{type(self.base).__name__} lacks the Llama-family layout that running layer "
+                             "subsets per row needs")
+
+    def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                    active: torch.Tensor) -> torch.Tensor:
+        """Layer l over the rows where active[l]; the residual stream after the last layer (no norm)."""
+        base = self.base
+        batch = hidden.shape[0]
+        position_ids = positions.to(hidden.device)
         cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
-        mask = step.tree_mask.unsqueeze(1).to(device)
+        mask = step.tree_mask.unsqueeze(1).to(hidden.device)
         for index, layer in enumerate(base.layers):
             rows = active[index].nonzero().flatten()
             if rows.numel() == 0:
@@ -153,7 +178,7 @@ class ModelRunner:
                               **cache_kwarg)
             hidden = hidden.contiguous()
             ops.scatter_rows(hidden, on_device, block.contiguous())
-        return base.norm(hidden)
+        return hidden
 
     @contextlib.contextmanager
     def only_layers(self, layers: torch.nn.ModuleList | None):
@@ -287,7 +312,8 @@ class TreeDecoder:
                 tries = [DraftTrie(roots[s]) for s in active]
                 num_nodes, kept = 1, [[0]] * len(active)
             parents, tokens = pack_tries(tries, kept, num_nodes)
-            verified = self._verify_step(cache, parents, tokens, active, emitted)
+            start = self.drafter.verify_start(kept, num_nodes) if with_drafts and self.drafter.uses_model else None
+            verified = self._verify_step(cache, parents, tokens, active, emitted, start)
             accept_len, accept_nodes, bonus, topk, topk_probs = verified
             if self.drafter.uses_model:  # the state each row's next root (the bonus) came from
                 last = accept_nodes[torch.arange(len(active)), accept_len.long()].long()
@@ -360,17 +386,21 @@ class TreeDecoder:
         return cache
 
     def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
-                     sequences: list[int] | None = None, emitted: list[int] | None = None):
+                     sequences: list[int] | None = None, emitted: list[int] | None = None, start=None):
         """One tree forward and verification (greedy, or by sampling when the call samples).
         `sequences` (the rows' sequence ids) and `emitted` (tokens each has generated) place every
-        node at its output position, whose uniform a sampling step uses.
+        node at its output position, whose uniform a sampling step uses. `start` (layer, residual)
+        from the drafter: the nodes' first layers already ran, the forward starts at `layer`.
         Returns accept_len, accept_nodes, bonus (on the CPU), and what the drafter observes: the
         top-k ids after each node and, when sampling, their probabilities (None when greedy)."""
         depth, tree_mask = ops.build_tree(parents)
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
         cache.begin_step(tokens.shape[1])
-        hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
+        if start is None:
+            hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
+        else:
+            hidden = self.runner.forward_from(start[1], positions, cache, step, start[0])
         self._verify_hidden = hidden  # [B, T, H]: model drafters continue from the accepted path's end
         if self.sampler is None:
             topk = self.runner.topk(hidden, max(self.drafter.topk, 1))

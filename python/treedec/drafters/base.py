@@ -106,6 +106,13 @@ class Drafter:
         output was each root, what draft heads read. Whatever it writes past the committed rows,
         it must leave `cache.prefix_len` as it found it: the verification step overwrites them."""
 
+    def verify_start(self, kept: list[list[int]], num_nodes: int):
+        """(`uses_model` drafters) Called after the tree is chosen (`kept`: each row's trie nodes,
+        root first, as packed into `num_nodes`): None to verify in full, or (layer, residual [B, T,
+        H]) when the drafts already ran layers 0..layer-1 for exactly these nodes and wrote their
+        KV into the step's rows, so the tree step starts there (layerskip's exit mode)."""
+        return None
+
     def report(self) -> dict:
         """Figures about the last call for `model.treedec.last_stats` (e.g. a search's cost)."""
         return {}

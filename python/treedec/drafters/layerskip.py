@@ -4,7 +4,13 @@ Modes (option `mode`):
 - "swift" (default): SWIFT. The layers to skip are searched for on the model's own recent tokens
   (`layer_search`), within `search_seconds`, once per model; later calls reuse the result.
 - "exit": LayerSkip-style early exit: the draft runs layers [0, exit_layer), then the final norm
-  and the LM head (meant for checkpoints trained for early exit).
+  and the LM head (meant for checkpoints trained for early exit). The verification then reuses
+  the draft's work (option `reuse_kv`, default True): where the step's tree is the drafted chain,
+  the chain nodes' KV of layers [0, exit_layer) is already in the cache rows the tree step
+  writes, and their residual streams at exit_layer are kept, so the tree step runs only layers
+  exit_layer.. (`ModelRunner.forward_from`). One more draft forward per step gives the chain's
+  last token its first layers too. A step whose tree is not that chain (a branch was kept, the
+  model lacks the Llama-family layout) verifies in full.
 - "fixed": the user's `skip_layers`.
 
 Each step drafts a chain for every active sequence at once, one token per skipped-model forward.
@@ -30,7 +36,7 @@ from .layer_search import SkipPlan, search
 MODES = ("swift", "exit", "fixed")
 OPTIONS = (
     "mode", "skip_layers", "exit_layer", "draft_depth", "stop_below", "branch_below", "branch_k",
-    "search_seconds", "search_tokens",
+    "search_seconds", "search_tokens", "reuse_kv",
 )
 MIN_SEARCH_TOKENS = 16  # below this a window says too little about a skip set
 CONFIDENCE_K = 16
@@ -68,6 +74,7 @@ class LayerSkipDrafter(Drafter):
         branch_k: int = 2,
         search_seconds: float = 5.0,
         search_tokens: int = 32,
+        reuse_kv: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode = {mode!r} must be one of {', '.join(map(repr, MODES))}")
@@ -75,6 +82,8 @@ class LayerSkipDrafter(Drafter):
             raise ValueError("skip_layers is required by mode='fixed' and applies to it only")
         if exit_layer is not None and mode != "exit":
             raise ValueError("exit_layer applies to mode='exit' only")
+        if not isinstance(reuse_kv, bool):
+            raise ValueError(f"reuse_kv = {reuse_kv!r} must be True or False")
         self.per_sequence = None  # fixed mode with one skip set per sequence: [sorted set, ...]
         if skip_layers is not None:
             if _is_index_list(skip_layers):
@@ -104,6 +113,13 @@ class LayerSkipDrafter(Drafter):
         self.searched_this_call = 0.0
         self.drafted = self.accepted = 0  # candidates drafted, tokens accepted (this call)
         self._layers = None  # the kept layers as a ModuleList, built once per plan
+        self.reuse_kv = reuse_kv and mode == "exit"
+        # exit mode with reuse, this step: residual streams at the exit layer, one [B, H] per chain
+        # depth (depth 0 = the root), and how many chain nodes of each batch row were forwarded
+        self.residuals: list[torch.Tensor] = []
+        self.forwarded: list[int] = []
+        self.chains: list[list[int]] = []  # each row's chain as trie nodes by depth (root first)
+        self.reused_steps = 0
 
     # -- the Drafter protocol ----------------------------------------------------------------
     def start(self, histories):
@@ -111,6 +127,7 @@ class LayerSkipDrafter(Drafter):
         self.drafts = {}
         self.searched_this_call = 0.0
         self.drafted = self.accepted = 0
+        self.reused_steps = 0
 
     def extend(self, seq, new_tokens):
         self.histories[seq].extend(new_tokens)
@@ -130,6 +147,7 @@ class LayerSkipDrafter(Drafter):
             "layerskip_drafted": self.drafted,
             "layerskip_acceptance": self.accepted / self.drafted if self.drafted else None,
             "layerskip_search_seconds": self.searched_this_call,
+            "layerskip_reused_steps": self.reused_steps,  # verify steps that ran only layers >= exit
         }
         if plan is not None:
             found["layerskip_kept_layers"] = None if plan.kept is None else list(plan.kept)
@@ -140,6 +158,7 @@ class LayerSkipDrafter(Drafter):
     # -- drafting ------------------------------------------------------------------------------
     def draft_batch(self, runner, cache, rows: list[int], roots: list[int], hidden=None) -> None:
         self.drafts = {}
+        self.residuals, self.forwarded = [], []
         plan = self._plan_for(runner, rows)
         if plan is None or plan.kept is None:
             return
@@ -171,22 +190,19 @@ class LayerSkipDrafter(Drafter):
         committed = cache.prefix_len.clone()
         tokens = torch.tensor(roots, dtype=torch.int64).view(batch, 1)
         positions = (committed - cache.kv_start).long().view(batch, 1)
-        one_node = torch.ones(batch, 1, 1, dtype=torch.int32)  # a node sees itself
         node = [0] * batch
         drafting = [True] * batch
         batched = runner.supports_row_subsets()
+        reuse = self.reuse_kv and batched
+        if reuse:
+            self.forwarded = [0] * batch
+            self.chains = [[0] for _ in range(batch)]  # each row's chain, as trie nodes by depth
         try:
             for depth in range(1, self.draft_depth + 1):
                 if int(cache.prefix_len.max()) + 1 > cache.max_len:
+                    reuse = False  # the chain's last token cannot be forwarded: verify in full
                     break
-                step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
-                cache.begin_step(1)
-                active = self._kept_mask(runner, rows, drafting) if batched else None
-                if active is None:
-                    hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
-                else:  # layer-skip batching: each layer on the rows that run it
-                    hidden = runner.forward_rows(tokens, positions, cache, step, active)
-                cache.advance(1)  # the next draft token attends to this one
+                hidden = self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
                 # Confidence from the fused LM-head top-k: softmax over the CONFIDENCE_K best logits,
                 # an upper bound on the full top-1 probability (the full softmax would cost another
                 # pass over the vocabulary per draft token).
@@ -204,13 +220,59 @@ class LayerSkipDrafter(Drafter):
                     for rank in range(1, ranks):
                         trie.child(node[b], int(top_ids[b, rank]), ("layerskip", depth, rank))
                     node[b] = trie.child(node[b], int(top_ids[b, 0]), ("layerskip", depth, 0))
+                    if reuse:
+                        self.chains[b].append(node[b])
                     self.drafted += ranks
                 if not any(drafting):
                     break
                 tokens = top_ids[:, :1].clone()
                 positions = positions + 1
+            else:  # the depth ran out with rows still drafting: their last token gets its first layers too
+                if reuse and int(cache.prefix_len.max()) + 1 <= cache.max_len:
+                    self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
         finally:
             cache.prefix_len.copy_(committed)  # the tree step rewrites these rows for every layer
+
+    def _draft_forward(self, runner, cache, rows, tokens, positions, drafting, batched, reuse) -> torch.Tensor:
+        """One draft token per row through the plan's layers, its KV written at the row after the
+        rows drafted so far; the normed hidden state [B, 1, H]. With `reuse`, the residual stream
+        at the exit layer is kept for the verification, and each drafting row's count of forwarded
+        chain nodes grows by one."""
+        one_node = torch.ones(len(rows), 1, 1, dtype=torch.int32)  # a node sees itself
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
+        cache.begin_step(1)
+        active = self._kept_mask(runner, rows, drafting) if batched else None
+        if reuse:  # exit mode: layers 0..E-1 for the drafting rows, stopped before the final norm
+            if active is None:
+                active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
+                active[list(self.plan.kept)] = True
+            residual = runner.forward_rows(tokens, positions, cache, step, active, normed=False)
+            self.residuals.append(residual[:, 0])
+            for b, on in enumerate(drafting):
+                self.forwarded[b] += int(on)
+            hidden = runner.base.norm(residual)
+        elif active is None:
+            hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
+        else:  # layer-skip batching: each layer on the rows that run it
+            hidden = runner.forward_rows(tokens, positions, cache, step, active)
+        cache.advance(1)  # the next draft token attends to this one
+        return hidden
+
+    def verify_start(self, kept: list[list[int]], num_nodes: int):
+        """(exit mode, reuse_kv) When every row's kept tree is a prefix of its drafted chain whose
+        nodes all ran layers 0..E-1 in this step's drafts: (E, residual streams [B, T, H] entering
+        layer E, zeros at padding nodes), so the tree step runs layers E.. only. Else None."""
+        if not self.reuse_kv or not self.residuals:
+            return None
+        for b, nodes in enumerate(kept):
+            if len(nodes) > self.forwarded[b] or nodes != self.chains[b][: len(nodes)]:
+                return None
+        drafted = torch.stack(self.residuals, dim=1)  # [B, forwards, H]
+        residual = drafted.new_zeros(drafted.shape[0], num_nodes, drafted.shape[2])
+        for b, nodes in enumerate(kept):
+            residual[b, : len(nodes)] = drafted[b, : len(nodes)]
+        self.reused_steps += 1
+        return len(self.plan.kept), residual
 
     def _check_per_sequence(self, runner) -> None:
         if not runner.supports_row_subsets():

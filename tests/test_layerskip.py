@@ -50,18 +50,22 @@ def test_greedy_is_lossless_in_every_mode(mode, options, batch):
         assert stats["layerskip_reused_steps"] > 0
 
 
-def test_sampling_is_exact_with_layerskip():
+@pytest.mark.parametrize("options", [dict(mode="fixed", skip_layers=[1]), dict(mode="exit", exit_layer=3,
+                                                                              branch_below=0.0)])
+def test_sampling_is_exact_with_layerskip(options):
     from test_sampling import sample_token_by_token
 
-    model = peaked(seed=5, num_layers=4, idle_layers=(1,))
+    model = peaked(seed=5, num_layers=4, idle_layers=(1,) if options["mode"] == "fixed" else (3,))
     prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19)]
     ids, mask = left_padded(prompts)
     torch.manual_seed(11)
     expected = sample_token_by_token(model, prompts, 20, eos=2, pad=0, temperature=0.8, top_k=10)
-    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[1], stop_below=0.0)
+    treedec.patch(model, drafter="layerskip", stop_below=0.0, **options)
     torch.manual_seed(11)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=10)
     assert torch.equal(got, expected)
+    if options["mode"] == "exit":  # the sampled verification started at the exit layer
+        assert model.treedec.last_stats["layerskip_reused_steps"] > 0
 
 
 def test_eos_and_max_new_tokens_inside_drafted_chains():

@@ -73,6 +73,9 @@ def cmd_demo(args) -> int:
     rows = report.summary()
     lossless = all(r["identical"] == r["prompts"] for m, r in rows.items() if m != "hf_pld")
     print("\nall treedec outputs identical to HF greedy:", "yes" if lossless else "NO")
+    if any(m in OPT_IN_METHODS for m in methods):
+        print("(the shipped heads trained on these built-in prompts among others; README's heads figures are on "
+              "prompts they never saw)")
 
     settings = _sampling(args) or {"temperature": args.temperature}
     sampled = run_benchmark(model, tokenizer, list(BUILTIN_PROMPTS), ["hf", "none", "auto"], args.max_new_tokens,

@@ -44,6 +44,21 @@ def logit_gap_at_first_difference(model, prompt_ids, got, expected):
     return f"first difference at generated token {diff - n}; HF's top-2 logit gap there {float(top2[0] - top2[1]):.2e}"
 
 
+def left_padded_batch(tokenizer, encoded, chosen):
+    """The chosen encoded prompts as one left-padded batch."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def assert_rows_are_references(out, batch, encoded, references, chosen):
+    """Each batch row's generated tokens are its prompt's HF greedy reference."""
+    for row, i in enumerate(chosen):
+        prompt_len = encoded[i]["input_ids"].shape[1]
+        generated = references[i][0, prompt_len:].tolist()
+        assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated
+
+
 @pytest.mark.parametrize("drafter", [None, "lookup", "recycling", "auto"])
 def test_greedy_equals_hf_on_spec_bench(embedded, drafter):
     model, _, prompts, encoded, references = embedded
@@ -63,9 +78,7 @@ def test_greedy_equals_hf_on_spec_bench(embedded, drafter):
 def test_batch_of_four_equals_each_alone(embedded):
     model, tokenizer, prompts, encoded, references = embedded
     chosen = [0, 2, 4, 8]  # writing, reasoning, coding, translation: different lengths
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = left_padded_batch(tokenizer, encoded, chosen)
     treedec.patch(model, drafter="auto")
     try:
         out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
@@ -124,19 +137,14 @@ def test_layerskip_batch_of_three_with_own_skip_sets(embedded):
     """Layer-skip batching on the real model: three sequences, three skip sets, one batch."""
     model, tokenizer, _, encoded, references = embedded
     chosen = [2, 4, 8]
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = left_padded_batch(tokenizer, encoded, chosen)
     treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[[17], [5, 17], [26]], stop_below=0.0)
     try:
         out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         assert model.treedec.last_stats["layerskip_drafted"] > 0
     finally:
         treedec.unpatch(model)
-    for row, i in enumerate(chosen):
-        prompt_len = encoded[i]["input_ids"].shape[1]
-        generated = references[i][0, prompt_len:].tolist()
-        assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated
+    assert_rows_are_references(out, batch, encoded, references, chosen)
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
@@ -157,15 +165,10 @@ def test_shipped_heads_greedy_equals_hf(embedded, kind):
 def test_shipped_heads_batch_of_three(embedded, kind):
     model, tokenizer, _, encoded, references = embedded
     chosen = [2, 4, 8]
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.decode(encoded[i]["input_ids"][0]) for i in chosen]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = left_padded_batch(tokenizer, encoded, chosen)
     treedec.patch(model, drafter=kind)
     try:
         out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     finally:
         treedec.unpatch(model)
-    for row, i in enumerate(chosen):
-        prompt_len = encoded[i]["input_ids"].shape[1]
-        generated = references[i][0, prompt_len:].tolist()
-        assert out[row, batch["input_ids"].shape[1]:][: len(generated)].tolist() == generated
+    assert_rows_are_references(out, batch, encoded, references, chosen)

@@ -320,3 +320,31 @@ def test_hydra_drafts_as_much_of_the_static_tree_as_the_sizer_keeps(monkeypatch,
         allowed = max(heads_drafter.HYDRA_MIN_NODES, int(heads_drafter.HYDRA_SLACK * average) + 2)
         assert set(node_paths[1:]) == set(paths[:allowed])
     assert len(tries[0]) == 1 + len(paths) and min(map(len, tries)) < len(tries[0])
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_own_lm_heads_start_as_the_models_train_and_stay_lossless(kind, tmp_path):
+    """own_lm_head: each head its own [V, H] projection, a copy of the model's at the start, then
+    trained (the model's own stays untouched); saved, loaded and drafted with, losslessly."""
+    from treedec.heads.training import train_heads
+
+    model = peaked(seed=4)
+    base = model.get_output_embeddings().weight.detach().clone()
+    prompts = [repetitive_prompt(s, 10) for s in range(4)]
+    heads, reports = train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / kind, epochs=3,
+                                 lr=3e-3, batch_size=16, max_new_tokens=40, progress=False, own_lm_head=True)
+    assert reports[-1].loss < reports[0].loss
+    assert torch.equal(model.get_output_embeddings().weight, base)
+    loaded = load(tmp_path / kind)
+    assert loaded.config.own_lm_head and len(loaded.lm_heads) == 2
+    assert not torch.equal(loaded.lm_heads[0].float(), base)  # trained away from the copy
+    fresh = build_heads(HeadsConfig(kind, 2, 64, 96, own_lm_head=True))
+    fresh.init_lm_heads(base)
+    assert all(torch.equal(weight, base) for weight in fresh.lm_heads)
+    ids = torch.tensor([repetitive_prompt(1, 10)])
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind, context=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), expected)
+    assert model.treedec.last_stats["drafted"] > 0
+    with pytest.raises(ValueError, match="own_lm_head"):
+        HeadsConfig(kind, 2, 64, 96, own_lm_head="yes")

@@ -109,7 +109,13 @@ class HeadsDrafter(Drafter):
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         if self.kind == "medusa":  # every head at once, no [B, K, V] logits
             weights, biases = self._stacked
-            _, ids, _ = ops.draft_heads_topk(hidden, weights, biases, runner.lm_head.weight, max(self.widths))
+            width = max(self.widths)
+            if self.heads.lm_heads is None:
+                _, ids, _ = ops.draft_heads_topk(hidden, weights, biases, runner.lm_head.weight, width)
+            else:  # each head through its own LM head: one call per head
+                ids = torch.cat([ops.draft_heads_topk(hidden, weights[k : k + 1], biases[k : k + 1],
+                                                      self.heads.lm_heads[k].detach(), width)[1]
+                                 for k in range(weights.shape[0])], dim=1)
             ids = ids.cpu()
             for b, seq in enumerate(rows):
                 if self.paths is not None:
@@ -150,7 +156,8 @@ class HeadsDrafter(Drafter):
             tokens = torch.tensor([node[2] for node in frontier], device=device)
             joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
             weights, biases = self._stacked[depth]
-            _, ids, states = ops.draft_heads_topk(joined, weights, biases, runner.lm_head.weight, width)
+            lm_weight = self.heads.lm_weight(depth, runner.lm_head.weight).detach()
+            _, ids, states = ops.draft_heads_topk(joined, weights, biases, lm_weight, width)
             ids, states = ids[:, 0].cpu(), states[:, 0]
             next_frontier, parents = [], []
             for f, (b, node, _, path) in enumerate(frontier):

@@ -22,6 +22,10 @@ class HeadsConfig:
     vocab_size: int
     num_blocks: int = 1  # residual SiLU blocks per head
     base_model: str = ""  # what they were trained on (a name, for the user)
+    # False: every head reads through the base model's LM head (shared, frozen). True: each head
+    # has its own [V, H] projection, initialised from the base one and trained (Medusa's original
+    # layout; K x V x H more parameters)
+    own_lm_head: bool = False
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -30,6 +34,8 @@ class HeadsConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} = {value!r} must be an int >= 1")
+        if not isinstance(self.own_lm_head, bool):
+            raise ValueError(f"own_lm_head = {self.own_lm_head!r} must be True or False")
 
 
 class ResidualBlock(nn.Module):
@@ -47,12 +53,29 @@ class ResidualBlock(nn.Module):
 
 
 class DraftHeads(nn.Module):
-    """Base: `states(...)` gives each head's state; the LM head (not owned) turns it into logits."""
+    """Base: `states(...)` gives each head's state; an LM head turns it into logits: the base
+    model's (shared), or with `own_lm_head` each head's own (`lm_weight`)."""
 
     def __init__(self, config: HeadsConfig):
         super().__init__()
         self.config = config
         self.meta: dict = {}  # what `load` found beside the config: accuracies, training cost
+        self.lm_heads = None
+        if config.own_lm_head:  # filled from the base LM head by `init_lm_heads` before training
+            self.lm_heads = nn.ParameterList(
+                nn.Parameter(torch.zeros(config.vocab_size, config.hidden_size)) for _ in range(config.num_heads)
+            )
+
+    def init_lm_heads(self, base_weight: torch.Tensor) -> None:
+        """Own LM heads start as copies of the base model's [V, H] projection."""
+        if self.lm_heads is not None:
+            with torch.no_grad():
+                for weight in self.lm_heads:
+                    weight.copy_(base_weight)
+
+    def lm_weight(self, head: int, base_weight: torch.Tensor) -> torch.Tensor:
+        """The [V, H] projection head `head` (0-based) reads through."""
+        return base_weight if self.lm_heads is None else self.lm_heads[head]
 
 
 class MedusaHeads(DraftHeads):

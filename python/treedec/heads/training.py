@@ -232,13 +232,16 @@ def _batches(positions: Positions, batch_size: int, generator: torch.Generator |
 
 def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """[N, K, V] logits of every head (hidden [N, H]; inputs [N, K]: token t+1+k for Hydra)."""
-    lm_head = model.get_output_embeddings()
+    base_weight = model.get_output_embeddings().weight.float()
     if heads.config.kind == "medusa":
         states = heads.states(hidden)
     else:
         embed = getattr(model, model.base_model_prefix).embed_tokens
         states = heads.states(hidden, embed(inputs).float())
-    return torch.nn.functional.linear(states, lm_head.weight.float())
+    if heads.lm_heads is None:
+        return torch.nn.functional.linear(states, base_weight)
+    return torch.stack([torch.nn.functional.linear(states[:, k], heads.lm_weight(k, base_weight))
+                        for k in range(heads.config.num_heads)], dim=1)
 
 
 class _Tally:
@@ -359,7 +362,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, max_new_tokens: int = 128,
                 base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
                 collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
-                save_dtype: torch.dtype = torch.float32, command: str = "") -> tuple[DraftHeads, list[EpochReport]]:
+                save_dtype: torch.dtype = torch.float32, command: str = "",
+                own_lm_head: bool = False) -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
     (weights in `save_dtype`; `command`, the command line that trained them, goes in the config)."""
     out = Path(out)
@@ -376,8 +380,9 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
         torch.save([e.__dict__ for e in examples], data_path)
     collected_seconds = time.perf_counter() - began
     config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, num_blocks=num_blocks,
-                         base_model=base_model)
+                         base_model=base_model, own_lm_head=own_lm_head)
     heads = build_heads(config)
+    heads.init_lm_heads(model.get_output_embeddings().weight.detach().float().cpu())  # a resumed run loads its own
     training, held_out = split_held_out(examples)
     generated = sum(len(e.tokens) - e.generated_from for e in training)
     train_began = time.perf_counter()

@@ -371,7 +371,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     data_path = out / DATA_NAME
     began = time.perf_counter()
     if data_path.exists():
-        examples = [Example(**e) for e in torch.load(data_path, weights_only=False)]
+        # data saved before examples recorded their prompt: each sequence counts as its own prompt
+        examples = [Example(**{"prompt": i, **e}) for i, e in enumerate(torch.load(data_path, weights_only=False))]
         if progress:
             print(f"reusing {len(examples)} collected sequences from {data_path}")
     else:

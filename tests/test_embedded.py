@@ -133,15 +133,25 @@ def test_layerskip_greedy_equals_hf(embedded, options):
         treedec.unpatch(model)
 
 
-def test_layerskip_batch_of_three_with_own_skip_sets(embedded):
-    """Layer-skip batching on the real model: three sequences, three skip sets, one batch."""
+@pytest.mark.parametrize("options", [
+    {"mode": "fixed", "skip_layers": [[17], [5, 17], [26]], "stop_below": 0.0},  # layer-skip batching
+    {"mode": "exit", "exit_layer": 26, "stop_below": 0.0, "branch_below": 0.0},  # reuses layers 0..25
+    {"mode": "swift"},
+])
+def test_layerskip_batch_of_three(embedded, options):
+    """Every lossless mode on the real model, three sequences in one batch; fixed mode with three
+    skip sets (one per sequence), exit mode with its verification starting at the exit layer."""
     model, tokenizer, _, encoded, references = embedded
     chosen = [2, 4, 8]
     batch = left_padded_batch(tokenizer, encoded, chosen)
-    treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[[17], [5, 17], [26]], stop_below=0.0)
+    treedec.patch(model, drafter="layerskip", **options)
     try:
         out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        assert model.treedec.last_stats["layerskip_drafted"] > 0
+        stats = model.treedec.last_stats
+        if options["mode"] != "swift":  # swift finds no set worth drafting with here (README)
+            assert stats["layerskip_drafted"] > 0
+        if options["mode"] == "exit":
+            assert stats["layerskip_reused_steps"] > 0
     finally:
         treedec.unpatch(model)
     assert_rows_are_references(out, batch, encoded, references, chosen)

@@ -348,3 +348,21 @@ def test_own_lm_heads_start_as_the_models_train_and_stay_lossless(kind, tmp_path
     assert model.treedec.last_stats["drafted"] > 0
     with pytest.raises(ValueError, match="own_lm_head"):
         HeadsConfig(kind, 2, 64, 96, own_lm_head="yes")
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_eos_and_max_new_tokens_inside_accepted_paths(kind, tmp_path):
+    """Generation stops right after an EOS the tree accepted, and at max_new_tokens mid-path."""
+    model = peaked(seed=3)
+    save(random_heads(kind, model, seed=1), tmp_path / kind)
+    ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = free[12]  # a token the model emits mid-run
+    for new in (1, 2, 7, 30):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)
+        treedec.unpatch(model)
+        assert torch.equal(got, expected), new

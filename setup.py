@@ -134,7 +134,7 @@ else:
 setup(
     packages=[*find_packages("python"), "treedec_triton"],
     package_dir={"": "python", "treedec_triton": "triton_kernels"},
-    package_data={"treedec": ["heads/shipped/*/heads.json", "heads/shipped/*/heads.safetensors"]},
+    package_data={"treedec": ["heads/weights/*/heads.json", "heads/weights/*/heads.safetensors"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,6 +1,6 @@
 """The heads that ship inside the package, for the embedded SmolLM2-135M-Instruct only.
 
-They live in `shipped/<kind>/` (heads.json + heads.safetensors, bf16) and were trained by
+They live in `weights/<kind>/` (heads.json + heads.safetensors, bf16) and were trained by
 `treedec train-heads` on a GPU (the command is in each heads.json's `command`, and in README).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .modules import CONFIG_NAME, WEIGHTS_NAME
 
-SHIPPED_DIR = Path(__file__).parent / "shipped"
+SHIPPED_DIR = Path(__file__).parent / "weights"  # data, not a package: beside this module
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 

@@ -325,7 +325,7 @@ def test_draft_heads_backend_choice(monkeypatch):
     from treedec.ops import heads, lm_head
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(heads, "choose_backend", lambda device, op: "triton")
+    monkeypatch.setattr(lm_head, "choose_backend", lambda device, op: "triton")
     monkeypatch.delenv("TREEDEC_BACKEND", raising=False)
     assert heads.draft_heads_backend(cuda, torch.bfloat16) == "triton"
     assert heads.draft_heads_backend(cuda, torch.float32) == lm_head.FP32_GPU_BACKEND

@@ -1,9 +1,8 @@
 import torch
 
 from . import _library
-from ._backend import choose_backend, requested_backend
 from ._checks import check_projection, check_same_device, check_tensor
-from .lm_head import FP32_GPU_BACKEND
+from .lm_head import lm_head_backend
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -12,11 +11,7 @@ def draft_heads_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend `draft_heads_topk` runs for `dtype` on `device`: fp32 on a GPU goes where
     `lm_head_topk` sends it under TREEDEC_BACKEND=auto (torch), since the LM-head pass, which
     dominates, is that op's kernel and its fp32 path lost to cuBLAS + topk on an H100."""
-    backend = choose_backend(device, "draft_heads_topk")
-    gpu = torch.device(device).type == "cuda"
-    if gpu and backend == "triton" and dtype == torch.float32 and requested_backend() == "auto":
-        return FP32_GPU_BACKEND
-    return backend
+    return lm_head_backend(device, dtype, op="draft_heads_topk")
 
 
 def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,

@@ -7,14 +7,15 @@ from ._checks import check_projection
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def lm_head_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `lm_head_topk` runs for weights of `dtype` on `device`.
+def lm_head_backend(device: torch.device, dtype: torch.dtype, op: str = "lm_head_topk") -> str:
+    """The backend `op` runs for weights of `dtype` on `device`: `lm_head_topk`, or an op whose
+    main pass is its Triton kernel (`draft_heads_topk`).
 
     fp32 on a GPU goes to torch (cuBLAS GEMM, then topk) under TREEDEC_BACKEND=auto: on an H100
     the Triton kernel's fp32 path took 142-298 us against torch's 92-140 us at V=49152, H=576,
     N=1..32, while in bf16 it took 26-58 us against 75-104 us
     (bench/results/h100/kernels_gpu_rest.csv)."""
-    backend = choose_backend(device, "lm_head_topk")
+    backend = choose_backend(device, op)
     gpu = torch.device(device).type == "cuda"
     if gpu and backend == "triton" and dtype == torch.float32 and requested_backend() == "auto":
         return FP32_GPU_BACKEND

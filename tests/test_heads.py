@@ -203,8 +203,6 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"category": "writing", "turns": ["hello"]}\n')
     stub.chat_template = "stub"
-    original = stub.apply_chat_template
-    stub.apply_chat_template = lambda messages, **kwargs: {"input_ids": original(messages)["input_ids"][0].tolist()}
     monkeypatch.setattr(treedec.cli, "_load", lambda *args: (model, stub))
     out = tmp_path / "heads"
     assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",

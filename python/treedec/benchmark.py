@@ -122,7 +122,9 @@ class Report:
         }
 
 
-def _encode(tokenizer, prompt: Prompt) -> dict:
+def encode_prompt(tokenizer, prompt: Prompt) -> dict:
+    """One user turn through the tokenizer's chat template: input_ids and attention_mask [1, L],
+    the prompt as the benchmark measures it (and as `train-heads` trains on it)."""
     messages = [{"role": "user", "content": prompt.text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
@@ -195,11 +197,11 @@ def run_benchmark(
         return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, stats
 
     if warmup and prompts:
-        inputs = _encode(tokenizer, prompts[0]).to(device)
+        inputs = encode_prompt(tokenizer, prompts[0]).to(device)
         for method in methods:
             generate(method, inputs, 8)
     for index, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
-        inputs = _encode(tokenizer, prompt).to(device)
+        inputs = encode_prompt(tokenizer, prompt).to(device)
         reference = sampled_reference = None
         for method in methods:
             tokens, seconds, stats = generate(method, inputs, max_new_tokens, seed=index)

@@ -257,6 +257,7 @@ DEFAULT_QUESTIONS = "../shared/data/spec_bench/dev.jsonl"
 def cmd_train_heads(args) -> int:
     from pathlib import Path
 
+    from .benchmark import encode_prompt
     from .heads.training import train_heads
     from .prompts import BUILTIN_PROMPTS, load_questions
 
@@ -293,14 +294,10 @@ def cmd_train_heads(args) -> int:
         by_category.setdefault(prompt.category, []).append(prompt)
     queues = list(by_category.values())
     prompts = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
-    prompt_ids = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt.text}]
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt.text)["input_ids"]
-        prompt_ids.append(list(ids))
+    # encoded as `bench e2e` encodes them, so the heads train on the prompts decoding will see
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    prompt_ids = [encode_prompt(tokenizer, prompt)["input_ids"][0].tolist() if chat
+                  else list(tokenizer(prompt.text)["input_ids"]) for prompt in prompts]
     print(f"training {args.heads} {args.kind} heads on {name} ({args.device}): {args.tokens} self-distilled tokens "
           f"from {len(prompt_ids)} prompts (greedy + {args.samples} sampled each), {args.epochs} epochs "
           f"-> {args.out}")

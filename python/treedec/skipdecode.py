@@ -137,11 +137,11 @@ def compare(model, tokenizer, prompts, schedules: list[tuple[int, int]], max_new
     same loop), with how often the two agree."""
     from tqdm.auto import tqdm
 
-    from .benchmark import _encode
+    from .benchmark import encode_prompt
 
     results = [Comparison(first, last, 0, 0, 0, 0.0, 0.0) for first, last in schedules]
     for prompt in tqdm(prompts, desc="prompts", disable=not progress):
-        inputs = _encode(tokenizer, prompt)
+        inputs = encode_prompt(tokenizer, prompt)
         length = inputs["input_ids"].shape[1]
         began = time.perf_counter()
         full = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, length:]

@@ -52,6 +52,11 @@ def _probability(name: str, value) -> float:
     return float(value)
 
 
+def _room_for_one_more(cache) -> bool:
+    """Whether every row's cache has a row left for one more draft token."""
+    return int(cache.prefix_len.max()) + 1 <= cache.max_len
+
+
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} = {value!r} must be an int >= 1")
@@ -170,11 +175,11 @@ class LayerSkipDrafter(Drafter):
         self.drafts = tries
         self._draft_chains(runner, cache, rows, roots, tries)
 
-    def _kept_mask(self, runner, rows: list[int], drafting: list[bool]) -> torch.Tensor | None:
+    def _kept_mask(self, runner, rows: list[int], drafting: list[bool], dense: bool = False) -> torch.Tensor | None:
         """bool [L, B]: which layer runs for which batch row this draft forward (None: the plan's
-        layers for every row, the plain forward's fast path). Rows that stopped drafting run
-        nothing, and with per-sequence skip sets each row runs its own layers."""
-        if self.per_sequence is None and all(drafting):
+        layers for every row, the plain forward's fast path, unless `dense`). Rows that stopped
+        drafting run nothing, and with per-sequence skip sets each row runs its own layers."""
+        if not dense and self.per_sequence is None and all(drafting):
             return None
         active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
         shared = self.plan.skipped(runner.num_layers)
@@ -199,7 +204,7 @@ class LayerSkipDrafter(Drafter):
             self.chains = [[0] for _ in range(batch)]  # each row's chain, as trie nodes by depth
         try:
             for depth in range(1, self.draft_depth + 1):
-                if int(cache.prefix_len.max()) + 1 > cache.max_len:
+                if not _room_for_one_more(cache):
                     reuse = False  # the chain's last token cannot be forwarded: verify in full
                     break
                 hidden = self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
@@ -228,7 +233,7 @@ class LayerSkipDrafter(Drafter):
                 tokens = top_ids[:, :1].clone()
                 positions = positions + 1
             else:  # the depth ran out with rows still drafting: their last token gets its first layers too
-                if reuse and int(cache.prefix_len.max()) + 1 <= cache.max_len:
+                if reuse and _room_for_one_more(cache):
                     self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
         finally:
             cache.prefix_len.copy_(committed)  # the tree step rewrites these rows for every layer
@@ -241,11 +246,8 @@ class LayerSkipDrafter(Drafter):
         one_node = torch.ones(len(rows), 1, 1, dtype=torch.int32)  # a node sees itself
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
         cache.begin_step(1)
-        active = self._kept_mask(runner, rows, drafting) if batched else None
+        active = self._kept_mask(runner, rows, drafting, dense=reuse) if batched else None
         if reuse:  # exit mode: layers 0..E-1 for the drafting rows, stopped before the final norm
-            if active is None:
-                active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
-                active[list(self.plan.kept)] = True
             residual = runner.forward_rows(tokens, positions, cache, step, active, normed=False)
             self.residuals.append(residual[:, 0])
             for b, on in enumerate(drafting):

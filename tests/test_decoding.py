@@ -178,3 +178,35 @@ def test_tree_size_follows_acceptance():
     # ... then priced out, but for a rare exploratory step as old evidence fades.
     assert model.treedec.last_stats["mean_tree_nodes"] < min(first, 1.5)
     assert all(rate < 0.1 for rate in model.treedec.learned.acceptance.snapshot().values())
+
+
+def test_calibration_once_per_range_of_work_not_per_batch_size(monkeypatch):
+    """Rows finishing one by one shrink the batch; the shrunken batches are priced from the curve
+    the first calibration measured (one curve keyed by batch x T), not calibrated each. Sizes
+    past CALIBRATION_MAX_WORK nodes over the batch are left to extrapolation."""
+    # (the tiny model's verify cost is flat in T, so the calibration's 2x stop never cuts it short)
+    from treedec import decoding
+
+    calibrated = []  # (batch size, the works timed)
+    original = decoding.TreeDecoder._calibrate
+
+    def counting(self, cache, batch, repeats=3):
+        before = set(self.cost.seconds)
+        original(self, cache, batch, repeats=1)
+        calibrated.append((batch, sorted(set(self.cost.seconds) - before)))
+
+    monkeypatch.setattr(decoding.TreeDecoder, "_calibrate", counting)
+    model = treedec.patch(tiny_llama(seed=5), drafter="auto")
+    # repeats for some rows (many tokens a step), noise for others: the rows end at different steps
+    noise = torch.Generator().manual_seed(0)
+    prompts = [repetitive_prompt(s, 18) for s in range(5)] + [
+        torch.randint(3, 96, (9,), generator=noise).tolist() for _ in range(5)
+    ]
+    ids, mask = left_padded(prompts)
+    model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    assert calibrated[0] == (10, [10, 20, 40, 80, 160])
+    assert len(calibrated) == 1  # the batches of 9, 8, ..., 1 rows are priced from that curve
+    model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=40, do_sample=False)
+    model.generate(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), max_new_tokens=4, do_sample=False)
+    assert len(calibrated) == 1  # later calls, smaller or within 2x of the largest work timed, reuse the curve

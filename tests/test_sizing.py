@@ -41,6 +41,21 @@ def test_cost_interpolates_and_drops_outliers():
     assert cost.cost(1, 4) == pytest.approx(1.3)
 
 
+def test_cost_is_keyed_by_work_across_batch_sizes():
+    cost = curve({1: 1.0, 2: 1.2, 4: 1.6}, batch=4)  # works 4, 8, 16
+    assert cost.cost(2, 4) == pytest.approx(1.2)  # 2 rows x 4 nodes: the work of 4 rows x 2 nodes
+    assert cost.cost(3, 2) == pytest.approx(1.1)  # work 6, between 4 and 8
+    assert cost.cost(1, 2) == pytest.approx(0.9)  # work 2: extrapolated down from the first two points ...
+    assert cost.cost(1, 1) == pytest.approx(0.85)
+    assert curve({1: 1.0, 2: 2.0}, batch=4).cost(1, 1) == pytest.approx(0.5)  # ... to half the smallest, no less
+
+
+def test_cost_covers_batches_up_to_twice_the_measured_work():
+    cost = curve({1: 1.0, 2: 1.2}, batch=8)  # works 8 and 16
+    assert [b for b in range(1, 40) if cost.covers(b)] == list(range(1, 33))
+    assert not CostCurve().covers(1)
+
+
 def test_acceptance_converges_and_forgets_toward_prior():
     model = trained(0.8, ["a"])
     assert model.rate("a") == pytest.approx(0.8, abs=0.05)
@@ -81,3 +96,8 @@ def test_choose_keeps_best_nodes_and_their_parents():
         model.update("bad", False)
     size, kept, _ = choose([trie], model, curve({1: 1.0, 3: 1.0, 4: 1.5}), max_nodes=8)
     assert size == 3 and kept == [[0, 1, 3]]
+
+
+def test_cost_above_the_measured_work_grows_at_least_at_the_mean_slope():
+    cost = curve({1: 1.0, 2: 2.0, 4: 2.05})  # a noisy, nearly flat top pair
+    assert cost.cost(1, 12) == pytest.approx(2.05 + 8 * (2.05 - 1.0) / 3)

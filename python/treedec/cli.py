@@ -197,7 +197,7 @@ def _print_heads_tree_curve(model) -> None:
     from .sizing import TREE_SIZES
 
     learned = learned_state(model)
-    if learned is None or not learned.cost.has(1):
+    if learned is None or not learned.cost.covers(1):
         return
     for key, heads in learned.tables.items():
         accuracies = heads.meta.get("rank_accuracy") if key[0] == "heads" else None

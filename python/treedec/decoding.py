@@ -24,6 +24,11 @@ from .reference.tree import pack_bits
 from .sampling import Sampler, in_sampling_order, typical_verify
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# A calibration times sizes up to this many nodes over the whole batch (and at least T = 2), and
+# stops at the first that costs CALIBRATION_MAX_RATIO x a 1-node step: a batch of 32 on a CPU
+# would otherwise spend seconds timing trees its sizer never keeps (see _calibrate).
+CALIBRATION_MAX_WORK = 256
+CALIBRATION_MAX_RATIO = 2.0
 MAX_UNIFORMS_AHEAD = 32  # deeper than any drafter's tree
 
 
@@ -295,8 +300,8 @@ class TreeDecoder:
         self.drafter.start(prompts)
         with_drafts = self.max_nodes > 1 and self.drafter.name != "none"
         while active:
-            if with_drafts and not self.cost.has(len(active)):
-                self._calibrate(cache, len(active))  # once per batch size; kept out of the step's time
+            if with_drafts and not self.cost.covers(len(active)):
+                self._calibrate(cache, len(active))  # kept out of the step's time
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
             draft_seconds = 0.0
@@ -458,20 +463,25 @@ class TreeDecoder:
         return ids.reshape(batch, num_nodes, -1).cpu(), probs.reshape(batch, num_nodes, -1).float().cpu()
 
     def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
-        """Time a verify at a few tree sizes on the live cache, best of `repeats` (nothing is
-        committed: rows written after the prefix are overwritten by the next real step)."""
-        sizes = [s for s in CALIBRATION_SIZES if s <= max(self.max_nodes, 1)]
-        best: dict[int, float] = {}
-        for _ in range(repeats):
-            for size in sizes:
-                parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
-                tokens = torch.zeros(batch, size, dtype=torch.int64)
+        """Time a verify at a few tree sizes on the live cache, best of `repeats` each (nothing is
+        committed: rows written after the prefix are overwritten by the next real step). Sizes
+        grow until one costs CALIBRATION_MAX_RATIO x the 1-node step: larger trees rarely pay
+        there, and extrapolation prices them until a real step measures one."""
+        sizes = [s for s in CALIBRATION_SIZES
+                 if s <= max(self.max_nodes, 1) and (s <= 2 or batch * s <= CALIBRATION_MAX_WORK)]
+        for size in sizes:
+            parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
+            tokens = torch.zeros(batch, size, dtype=torch.int64)
+            best = float("inf")
+            for _ in range(repeats):
                 started = time.perf_counter()
                 self._verify_step(cache, parents, tokens)
-                elapsed = time.perf_counter() - started
-                best[size] = min(best.get(size, elapsed), elapsed)
-        for size, seconds in best.items():
-            self.cost.record(batch, size, seconds)
+                best = min(best, time.perf_counter() - started)
+            self.cost.record(batch, size, best)
+            if size == 1:
+                one_node = best
+            elif best > CALIBRATION_MAX_RATIO * one_node:
+                break
 
     def _learn_acceptance(self, tries: list[DraftTrie], kept: list[list[int]], accept_nodes: torch.Tensor) -> None:
         """Each kept node whose parent was accepted is one trial of its key."""

@@ -4,7 +4,7 @@
 that kind was accepted given that its parent was. A node's chance of being on the accepted
 path is the product of the rates along its path; because siblings carry distinct tokens, at
 most one of them is accepted, so the expected tokens a tree emits is 1 + the sum of those
-path probabilities. `CostCurve` holds the measured step time of a T-node verify. `choose`
+path probabilities. `CostCurve` holds the measured step time of a verify by its work (batch size x T nodes). `choose`
 picks the T (one of TREE_SIZES) with the most expected tokens per second for the whole batch,
 which is T = 1 (no drafts) when drafts are not paying for themselves.
 """
@@ -56,49 +56,65 @@ class AcceptanceModel:
 
 
 class CostCurve:
-    """Step seconds of a T-node verify, per batch size: calibrated once, then the median of the
-    latest real steps at each T. A sample over 3x the curve's current estimate (a GC pause, a
-    busy neighbour) is dropped, so one outlier cannot price a size out."""
+    """Step seconds of a verify, keyed by its work: batch size x T nodes. Calibrated where the
+    curve does not reach a batch's work (`covers`), then the median of the latest real steps at
+    each work. One curve for every batch size: a batch whose rows finish one by one (32, 31, ...,
+    1) is priced from what its neighbours measured instead of calibrating at every size, which on
+    a CPU cost more than the decoding. A sample over 3x the curve's current estimate (a GC pause,
+    a busy neighbour) is dropped, so one outlier cannot price a size out."""
 
     def __init__(self, window: int = 9, outlier_factor: float = 3.0):
         self.window, self.outlier_factor = window, outlier_factor
-        self.samples: dict[int, dict[int, list[float]]] = {}  # batch size -> {T: recent seconds}
-        self.seconds: dict[int, dict[int, float]] = {}  # batch size -> {T: median of samples}
+        self.samples: dict[int, list[float]] = {}  # batch size x T -> recent seconds
+        self.seconds: dict[int, float] = {}  # batch size x T -> median of its samples
 
-    def has(self, batch_size: int) -> bool:
-        return batch_size in self.seconds
+    def covers(self, batch_size: int) -> bool:
+        """Whether the curve can price this batch's trees without a calibration of its own: its
+        1-node step is at most 2x the largest measured work. Smaller batches are priced by
+        extrapolating down, which the step times of a CPU and a GPU both follow closely (cost
+        grows about linearly with work on the one, hardly at all on the other); far larger work
+        is calibrated, since extrapolating up can price a tree the hardware cannot afford."""
+        return bool(self.seconds) and batch_size <= 2 * max(self.seconds)
 
     def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
-        if self.has(batch_size) and seconds > self.outlier_factor * self.cost(batch_size, num_nodes):
+        work = batch_size * num_nodes
+        if self.covers(batch_size) and seconds > self.outlier_factor * self.cost(batch_size, num_nodes):
             return
-        recent = self.samples.setdefault(batch_size, {}).setdefault(num_nodes, [])
+        recent = self.samples.setdefault(work, [])
         recent.append(seconds)
         del recent[: -self.window]
-        self.seconds.setdefault(batch_size, {})[num_nodes] = sorted(recent)[len(recent) // 2]
+        self.seconds[work] = sorted(recent)[len(recent) // 2]
 
     def cost(self, batch_size: int, num_nodes: int) -> float:
-        """Seconds of a `num_nodes` verify: the measured points made non-decreasing in T (one noisy
-        slow sample must not price a size out forever), interpolated linearly between them and
-        extrapolated from the last two."""
-        curve = self.seconds.get(batch_size)
-        if not curve:
-            return float(num_nodes)  # uncalibrated: proportional to work, only used before calibration
-        points = monotone(sorted(curve.items()))
-        below = [p for p in points if p[0] <= num_nodes]
-        above = [p for p in points if p[0] > num_nodes]
-        if below and below[-1][0] == num_nodes:
+        """Seconds of a `num_nodes` verify of `batch_size` rows: the measured points made
+        non-decreasing in work (one noisy slow sample must not price a size out forever),
+        interpolated linearly between them and extrapolated from the nearest two (below the
+        smallest, to no less than half of it; above the largest, at no less than the mean slope)."""
+        work = batch_size * num_nodes
+        if not self.seconds:
+            return float(work)  # uncalibrated: proportional to work, only used before calibration
+        points = monotone(sorted(self.seconds.items()))
+        below = [p for p in points if p[0] <= work]
+        above = [p for p in points if p[0] > work]
+        if below and below[-1][0] == work:
             return below[-1][1]
-        if below and above:
-            (t0, s0), (t1, s1) = below[-1], above[0]
-        elif len(points) >= 2:
-            (t0, s0), (t1, s1) = (points[-2], points[-1]) if below else (points[0], points[1])
-        else:
+        if len(points) < 2:
             return points[0][1]
-        slope = max((s1 - s0) / (t1 - t0), 0.0)
-        return max(s0 + slope * (num_nodes - t0), points[0][1])
+        if below and above:
+            (w0, s0), (w1, s1) = below[-1], above[0]
+        else:
+            (w0, s0), (w1, s1) = (points[-2], points[-1]) if below else (points[0], points[1])
+        slope = max((s1 - s0) / (w1 - w0), 0.0)
+        if not above:  # past the largest measured work: at least the whole curve's mean slope, so
+            # that two close noisy points at the top cannot price a much larger tree as nearly free
+            (first_work, first_seconds), (last_work, last_seconds) = points[0], points[-1]
+            slope = max(slope, (last_seconds - first_seconds) / (last_work - first_work))
+            w0, s0 = last_work, last_seconds
+        floor = points[0][1] if below else points[0][1] / 2
+        return max(s0 + slope * (work - w0), floor)
 
-    def as_dict(self) -> dict[int, dict[int, float]]:
-        return {b: dict(sorted(c.items())) for b, c in self.seconds.items()}
+    def as_dict(self) -> dict[int, float]:
+        return dict(sorted(self.seconds.items()))
 
 
 def monotone(points: list[tuple[int, float]]) -> list[tuple[int, float]]:

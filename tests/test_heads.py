@@ -174,6 +174,36 @@ def test_training_targets_are_the_tokens_after_the_root():
         assert positions.inputs[row].tolist() == inputs[row].tolist()  # Hydra still reads the text
 
 
+def test_soft_targets_read_the_state_whose_argmax_is_the_target():
+    """teacher_rows[p, k] is the hidden state the LM head turns into token t+2+k: its argmax is
+    exactly the greedy target, across examples of different lengths, with the prompt parts
+    skipped."""
+    from treedec.heads.training import collect, flatten, greedy_tokens
+
+    model = peaked(seed=4)
+    examples = collect(model, [repetitive_prompt(s, 4 + 3 * s) for s in range(3)], tokens=10**6, max_new_tokens=9,
+                       samples=1, temperature=1.5, batch_size=3, progress=False)
+    positions = flatten(examples, 3)
+    teacher_argmax = greedy_tokens(model, positions.states[positions.teacher_rows].flatten(0, 1)).view(-1, 3)
+    valid = positions.targets != -100
+    assert valid.sum() > 20 and (~valid).any()
+    assert torch.equal(teacher_argmax[valid], positions.targets[valid])
+    assert torch.equal(positions.hidden, torch.cat([e.hidden[max(e.generated_from - 1, 0) : len(e.tokens) - 2]
+                                                    for e in examples]))
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_soft_target_training_reduces_the_argmax_loss(kind, tmp_path):
+    from treedec.heads.training import train_heads
+
+    model = peaked(seed=4)
+    prompts = [repetitive_prompt(s, 10) for s in range(4)]
+    _, reports = train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path, epochs=3, lr=3e-3,
+                             batch_size=16, max_new_tokens=40, progress=False, soft_targets=True)
+    assert reports[-1].loss < reports[0].loss
+    assert "soft" in load(tmp_path).meta["targets"]
+
+
 def test_collected_greedy_text_matches_the_recorded_greedy_choices():
     """Greedy continuations: the recorded argmax after each generated position is the next token.
     Sampled ones: they differ somewhere (else the targets would not need the argmax)."""

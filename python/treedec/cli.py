@@ -307,7 +307,8 @@ def cmd_train_heads(args) -> int:
                              num_blocks=args.blocks,
                              collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
                              save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype],
-                             command=" ".join(["treedec", *args.argv]), own_lm_head=args.own_lm_head)
+                             command=" ".join(["treedec", *args.argv]), own_lm_head=args.own_lm_head,
+                             soft_targets=args.soft_targets)
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--own-lm-head", action="store_true",
                        help="each head gets its own LM head, initialised from the model's and trained "
                             "(K x vocab x hidden more parameters; default: the model's, shared and frozen)")
+    train.add_argument("--soft-targets", action="store_true",
+                       help="learn the model's whole next-token distribution at each target, not only its "
+                            "argmax (one more LM-head pass per batch; reported loss stays the argmax's)")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     train.add_argument("--batch-size", type=int, default=64)

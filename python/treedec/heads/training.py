@@ -9,9 +9,10 @@
 3. `train`: head k at position t learns the model's greedy choice for token t+2+k given the text
    before it (cross-entropy through the frozen LM head; the LM head's own token t+1 is the step's
    root). In greedy text that is the next token itself; in sampled text it is the argmax at that
-   position, not the sampled token, because greedy decoding accepts exactly the argmax. Hydra heads
-   are teacher-forced with the text's tokens t+1 .. t+1+k. AdamW with a cosine learning-rate decay
-   over all epochs.
+   position, not the sampled token, because greedy decoding accepts exactly the argmax. With
+   `soft_targets`, the model's whole distribution there instead (its argmax and its near misses).
+   Hydra heads are teacher-forced with the text's tokens t+1 .. t+1+k. AdamW with a cosine
+   learning-rate decay over all epochs.
 
 Only positions in the generated part are used: that is the model's own text, the distribution the
 heads meet when drafting. Every 10th prompt is held out, with all its continuations: the reported
@@ -183,22 +184,34 @@ def greedy_tokens(model, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tenso
 
 @dataclass
 class Positions:
-    """Every training position of some examples, flattened: hidden [P, H]; targets [P, K] (the
-    greedy choice for token t+2+k, -100 past a sequence's end); inputs [P, K] (the text's token
-    t+1+k, Hydra's teacher forcing)."""
+    """Every training position of some examples, flattened. states [S, H]: each example's hidden
+    states from its first position to its end; rows [P]: position t's row in `states` (what the
+    heads read); targets [P, K]: the greedy choice for token t+2+k, -100 past a sequence's end;
+    inputs [P, K]: the text's token t+1+k (Hydra's teacher forcing); teacher_rows [P, K]: the row
+    of the state the LM head turns into token t+2+k, whose distribution soft targets learn (any
+    row where the target is -100)."""
 
-    hidden: torch.Tensor
+    states: torch.Tensor
+    rows: torch.Tensor
     targets: torch.Tensor
     inputs: torch.Tensor
+    teacher_rows: torch.Tensor
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[P, H]: the state each position's heads read."""
+        return self.states[self.rows]
 
     def to(self, device) -> "Positions":
-        return Positions(self.hidden.to(device), self.targets.to(device), self.inputs.to(device))
+        return Positions(self.states.to(device), self.rows.to(device), self.targets.to(device),
+                         self.inputs.to(device), self.teacher_rows.to(device))
 
 
 def flatten(examples: list[Example], num_heads: int) -> Positions:
     """The positions t of each example's generated part that have at least head 1's target:
     t from generated_from - 1 (whose LM-head token is the first generated one) to L - 3."""
-    hidden, targets, inputs = [], [], []
+    states, rows, targets, inputs = [], [], [], []
+    stored = 0  # rows of `states` so far
     for example in examples:
         first, last = max(example.generated_from - 1, 0), len(example.tokens) - 3
         if last < first:
@@ -206,7 +219,9 @@ def flatten(examples: list[Example], num_heads: int) -> Positions:
         # token i + j for position i and offset j, with -100 past the end
         padded = torch.cat([example.tokens, torch.full((num_heads + 2,), -100, dtype=torch.int64)])
         window = padded.unfold(0, num_heads + 2, 1)[first : last + 1]  # [P, K+2]: tokens t .. t+K+1
-        hidden.append(example.hidden[first : last + 1])
+        states.append(example.hidden[first:])
+        rows.append(stored + torch.arange(last + 1 - first))
+        stored += len(example.tokens) - first
         if example.greedy is None:
             targets.append(window[:, 2:])
         else:  # greedy[i] is the choice for token i+1: head k's target is greedy[t+1+k]
@@ -214,20 +229,25 @@ def flatten(examples: list[Example], num_heads: int) -> Positions:
             chosen = chosen.unfold(0, num_heads + 2, 1)[first : last + 1][:, 1:-1]
             targets.append(torch.where(window[:, 2:] == -100, -100, chosen))
         inputs.append(window[:, 1:-1].clamp(min=0))  # an input past the end only feeds an ignored target
-    if not hidden:
-        return Positions(torch.zeros(0, 1), torch.zeros(0, num_heads, dtype=torch.int64),
-                         torch.zeros(0, num_heads, dtype=torch.int64))
-    return Positions(torch.cat(hidden), torch.cat(targets), torch.cat(inputs))
+    if not states:
+        empty = torch.zeros(0, num_heads, dtype=torch.int64)
+        return Positions(torch.zeros(0, 1), torch.zeros(0, dtype=torch.int64), empty, empty, empty)
+    rows = torch.cat(rows)
+    # token t+2+k is the LM head's output at t+1+k, one row per step down the example (clamped
+    # into `states` where the target is past the end and ignored)
+    teacher_rows = (rows.unsqueeze(1) + 1 + torch.arange(num_heads)).clamp(max=stored - 1)
+    return Positions(torch.cat(states), rows, torch.cat(targets), torch.cat(inputs), teacher_rows)
 
 
 def _batches(positions: Positions, batch_size: int, generator: torch.Generator | None):
-    """(hidden, targets, inputs) batches, shuffled with `generator` (in order without one)."""
-    count = positions.hidden.shape[0]
+    """(hidden, targets, inputs, teacher_rows) batches, shuffled with `generator` (in order without one)."""
+    count = positions.rows.shape[0]
     order = torch.arange(count) if generator is None else torch.randperm(count, generator=generator)
-    order = order.to(positions.hidden.device)
+    order = order.to(positions.rows.device)
     for start in range(0, count, batch_size):
         chosen = order[start : start + batch_size]
-        yield positions.hidden[chosen], positions.targets[chosen], positions.inputs[chosen]
+        yield (positions.states[positions.rows[chosen]], positions.targets[chosen], positions.inputs[chosen],
+               positions.teacher_rows[chosen])
 
 
 def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -270,7 +290,7 @@ def evaluate(heads: DraftHeads, model, positions: Positions, batch_size: int = 6
     tally = _Tally(heads.config.num_heads)
     was_training = heads.training
     heads.eval()
-    for hidden, targets, inputs in _batches(positions, batch_size, None):
+    for hidden, targets, inputs, _ in _batches(positions, batch_size, None):
         logits = head_logits(heads, model, hidden, inputs)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
@@ -288,13 +308,28 @@ def _learning_rate(lr: float, step: int, total: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def soft_target_loss(logits: torch.Tensor, teacher_states: torch.Tensor, targets: torch.Tensor, model) -> torch.Tensor:
+    """Mean cross-entropy of the heads' logits [N, K, V] against the model's whole next-token
+    distribution at each target (its LM head over teacher_states [N, K, H]), over the targets
+    that exist (targets != -100): the greedy target is that distribution's argmax, and the rest of
+    it says which other tokens are near misses, which the lower ranks of a tree draft."""
+    with torch.no_grad():
+        teacher = torch.nn.functional.linear(teacher_states, model.get_output_embeddings().weight.float())
+        teacher = teacher.softmax(-1)
+    per_target = -(teacher * logits.log_softmax(-1)).sum(-1)  # [N, K]
+    valid = targets != -100
+    return (per_target * valid).sum() / valid.sum().clamp(min=1)
+
+
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True,
-          held_out: list[Example] | None = None, after_epoch=None) -> list[EpochReport]:
+          held_out: list[Example] | None = None, after_epoch=None, soft_targets: bool = False) -> list[EpochReport]:
     """Train `heads` (on the model's device) on `examples`; with `out`, a checkpoint after every
     epoch and resuming from one (the learning-rate schedule spans the `epochs` asked for now).
     With `held_out`, each epoch's reported loss and accuracies are measured on those sequences
-    (the training set's would flatter heads that memorise). `after_epoch(reports)` runs after each."""
+    (the training set's would flatter heads that memorise). `after_epoch(reports)` runs after each.
+    `soft_targets`: learn the model's whole distribution at each target (`soft_target_loss`)
+    instead of its argmax alone; the reported loss stays the argmax's cross-entropy either way."""
     device = next(model.parameters()).device
     heads.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -311,24 +346,25 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
     num_heads = heads.config.num_heads
     positions = flatten(examples, num_heads).to(device)
     evaluation = flatten(held_out, num_heads).to(device) if held_out else None
-    steps_per_epoch = math.ceil(positions.hidden.shape[0] / batch_size)
+    steps_per_epoch = math.ceil(positions.rows.shape[0] / batch_size)
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
         generator = torch.Generator().manual_seed(seed + epoch)
         tally = _Tally(num_heads)
         batches = _batches(positions, batch_size, generator)
-        for step, (hidden, targets, inputs) in enumerate(tqdm(batches, total=steps_per_epoch,
-                                                              desc=f"epoch {epoch + 1}/{epochs}",
-                                                              disable=not progress)):
+        for step, (hidden, targets, inputs, teacher_rows) in enumerate(tqdm(batches, total=steps_per_epoch,
+                                                                            desc=f"epoch {epoch + 1}/{epochs}",
+                                                                            disable=not progress)):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(lr, epoch * steps_per_epoch + step, epochs * steps_per_epoch)
             logits = head_logits(heads, model, hidden, inputs)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            hard = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=-100)
+            loss = soft_target_loss(logits, positions.states[teacher_rows], targets, model) if soft_targets else hard
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            tally.add(logits, targets, float(loss.detach()) * int((targets != -100).sum()))
+            tally.add(logits, targets, float(hard.detach()) * int((targets != -100).sum()))
         epoch_loss, per_rank = tally.result()
         if evaluation is not None:
             epoch_loss, per_rank = evaluate(heads, model, evaluation, batch_size)
@@ -363,7 +399,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
                 collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
                 save_dtype: torch.dtype = torch.float32, command: str = "",
-                own_lm_head: bool = False) -> tuple[DraftHeads, list[EpochReport]]:
+                own_lm_head: bool = False, soft_targets: bool = False) -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
     (weights in `save_dtype`; `command`, the command line that trained them, goes in the config)."""
     out = Path(out)
@@ -394,6 +430,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "command": command,
             "trained_on_tokens": generated,
             "accuracy_on": "held-out prompts" if held_out else "training sequences",
+            "targets": "the model's distribution (soft)" if soft_targets else "the model's argmax",
             "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
             "epochs": len(reports),
             "collect_seconds": round(collected_seconds, 1),
@@ -408,6 +445,6 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
         (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
 
     reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out,
-                    after_epoch=save_heads)
+                    after_epoch=save_heads, soft_targets=soft_targets)
     save_heads(reports)  # also where every epoch was done before (a resumed run with nothing left)
     return heads, reports

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import dot_settings, row_block
+
 
 # The row count changes with every tree size: not specialising on it keeps one compiled kernel
 # per (dtype, BLOCK_R).
@@ -93,12 +95,11 @@ def _launch(
         states.copy_(hidden[:, None, :])
         return states
 
-    block_r = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
+    block_r = row_block(num_rows)
     block_i = min(block_i, max(16, triton.next_power_of_2(width)))
     block_o = min(block_o, max(16, triton.next_power_of_2(width)))
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(width, block_o), heads)
-    dot_fp32 = hidden.device.type == "cpu"  # only under TRITON_INTERPRET=1
-    precision = "ieee" if hidden.dtype == torch.float32 or dot_fp32 else "tf32"
+    dot_fp32, precision = dot_settings(hidden)
 
     # Block l writes `states` when L-1-l is even, so the last block lands there; the others write
     # `scratch`. No block writes the buffer it reads.

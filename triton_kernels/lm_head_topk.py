@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import dot_settings, row_block
+
 
 
 @triton.jit
@@ -167,7 +169,7 @@ def _launch(
         return values, indices
 
     kp = max(2, triton.next_power_of_2(k))  # slots >= k stay unused
-    block_r = 16 if num_rows <= 16 else (32 if num_rows <= 32 else 64)
+    block_r = row_block(num_rows)
     if block_v is None:
         # 16-bit: 128 at every row block (at N=256, H=4096, V=128256 on an H100, 787 us against
         # 1054 us with 64, bench/results/h100/draft_heads_sweeps.log)
@@ -185,7 +187,7 @@ def _launch(
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
 
-    dot_fp32 = hidden.device.type == "cpu"  # only under TRITON_INTERPRET=1
+    dot_fp32, precision = dot_settings(hidden)
     part_val = torch.empty(num_rows, num_splits, kp, dtype=torch.float32, device=hidden.device)
     part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
     _lm_head_topk_kernel[(row_blocks, num_splits)](
@@ -194,7 +196,7 @@ def _launch(
         *hidden.stride(), *weight.stride(),
         K=k,
         KP=kp,
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or dot_fp32 else "tf32",
+        DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
         BLOCK_R=block_r,
         BLOCK_V=block_v,

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import dot_settings
+
 LOG2E = 1.4426950408889634
 
 
@@ -311,8 +313,7 @@ def _launch(
     m_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
         num_splits = _choose_splits(q.device, m_blocks * batch * num_kv_heads, cache_len, block_n)
-    dot_fp32 = q.device.type == "cpu"  # only under TRITON_INTERPRET=1
-    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
+    dot_fp32, precision = dot_settings(q)
 
     if num_splits > 1:
         part_o = torch.empty(batch * num_q_heads * num_nodes, num_splits, block_d, dtype=torch.float32, device=q.device)

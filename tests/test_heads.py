@@ -81,6 +81,22 @@ def test_greedy_is_lossless_with_random_heads(kind, batch, context, tmp_path):
     assert 0 <= stats["draft_acceptance"] <= 1
 
 
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_an_fp32_models_heads_draft_in_bf16(kind, tmp_path):
+    """The drafts (not the verify) run in bf16 on an fp32 model; the output stays the fp32 model's."""
+    from treedec.patching import learned_tables
+
+    model = peaked(seed=3)
+    save(random_heads(kind, model, seed=2), tmp_path / kind)
+    ids = torch.tensor([repetitive_prompt(0, 21)])
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind)
+    assert torch.equal(model.generate(ids, max_new_tokens=30, do_sample=False), expected)
+    heads = [table for key, table in learned_tables(model).items() if key[0] == "heads"]
+    assert len(heads) == 1 and {p.dtype for p in heads[0].parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight.dtype == torch.float32 and model.treedec.last_stats["drafted"] > 0
+
+
 @pytest.mark.parametrize("context", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 def test_sampling_is_exact_with_heads(kind, context, tmp_path):

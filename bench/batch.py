@@ -1,7 +1,7 @@
 """Batched greedy decoding on the embedded model: HF `generate` against treedec, per batch size.
 
     python bench/batch.py --questions ../shared/data/spec_bench/dev.jsonl [--batch-sizes 1 8 32]
-        [--max-new-tokens 64] [--methods auto none] [--threads 2] [--json OUT]
+        [--max-new-tokens 64] [--methods auto none] [--threads 2] [--device cuda] [--json OUT]
 
 For each batch size B, two calls of B Spec-Bench first turns each (the 2B shortest, chat
 template, left padded), by the unpatched model and by each treedec drafter, patched with nothing
@@ -49,9 +49,15 @@ def new_tokens(out: torch.Tensor, width: int, eos: set[int]) -> int:
 
 
 def timed_generate(model, ids, mask, max_new_tokens: int, pad: int) -> tuple[torch.Tensor, float]:
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return out, time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out.cpu(), time.perf_counter() - started
 
 
 def main() -> None:
@@ -61,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=["auto", "none"], help="treedec drafters ('none': no drafts)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if args.threads:
@@ -69,6 +76,7 @@ def main() -> None:
         parser.error("batch sizes and --max-new-tokens must be at least 1")
 
     model, tokenizer = load_default_model()
+    model.to(args.device)
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
@@ -109,6 +117,7 @@ def main() -> None:
                 treedec.unpatch(model)
     if args.json:
         meta = dict(max_new_tokens=args.max_new_tokens, threads=torch.get_num_threads(), torch=torch.__version__,
+                    device=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
                     questions=args.questions, command=" ".join(["python", *sys.argv]))
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=2)

@@ -9,11 +9,14 @@
 #            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
 #   heads    treedec train-heads --device cuda, Medusa then Hydra, for the shipped heads
 #            (only where the model's weights were carried)              -> heads_*/, heads_*.log
+#   batch    python bench/batch.py --device cuda: HF against treedec at batch 1, 8, 32, 64
+#            (only where the model's weights were carried)              -> batch_gpu.json, batch.log
 #   triton_small  the CPU-sized Triton cases, compiled on the GPU         -> pytest_triton_small.log
 # STAGES="build test" runs a subset (default: all, in the order above); BENCH_KERNELS a subset of
 # bench/kernels.py's rows. Each stage runs under `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S,
 # E2E_SAMPLE_LIMIT_S, HEADS_LIMIT_S override the defaults; HEADS_SAMPLES, HEADS_EPOCHS,
-# HEADS_COLLECT_MINUTES, HEADS_BATCH, HEADS_MAX_NEW, HEADS_DEVICE the head training's settings),
+# HEADS_COLLECT_MINUTES, HEADS_BATCH, HEADS_MAX_NEW, HEADS_DEVICE the head training's settings,
+# HEADS_EXTRA more train-heads arguments, e.g. --soft-targets; BATCH_LIMIT_S),
 # gets at most what is left of BUDGET_S, and a failing stage does not stop the later ones.
 # Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
 # (the device tool returns at most 8 files), next to $OUT/summary.txt.
@@ -43,7 +46,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$OUT/work"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-470}"
-STAGES="${STAGES:-env build test bench e2e heads triton_small}"
+STAGES="${STAGES:-env build test bench e2e heads batch triton_small}"
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 touch "$SUMMARY"
@@ -187,13 +190,23 @@ if wanted heads; then
         --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-256}" \
         --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
-        --batch-size 512 --lr 2e-3 --save-dtype bf16 --out "$DATA/$kind" || STATUS=1
+        --batch-size 512 --lr 2e-3 --save-dtype bf16 ${HEADS_EXTRA:-} --out "$DATA/$kind" || STATUS=1
       cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/train_log.json \
         "$WORK/heads_$kind/" 2>/dev/null
       pack
     done
   else
     echo "heads: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
+  fi
+fi
+
+if wanted batch; then
+  if model_ready; then
+    stage batch "${BATCH_LIMIT_S:-150}" "$WORK/batch.log" env $MODEL_ENV \
+      "$PYTHON" bench/batch.py --device cuda --questions .devcarry/dev.jsonl --batch-sizes 1 8 32 64 \
+      --json "$WORK/batch_gpu.json" || STATUS=1
+  else
+    echo "batch: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
   fi
 fi
 

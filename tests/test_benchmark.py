@@ -1,5 +1,6 @@
 """The end-to-end benchmark's bookkeeping, on a tiny model (timings are not checked)."""
 
+import pytest
 import torch
 
 from test_decoding import repetitive_prompt
@@ -124,3 +125,34 @@ def test_bench_e2e_with_heads_prints_the_tree_size_curve(monkeypatch, capsys, tm
     assert len(marked) == 1
     best = int(marked[0].split()[1])
     assert f"T={best} tree (rank paths)" in out
+
+
+def test_batch_benchmark_script_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    """bench/batch.py: HF and treedec on two calls per batch size, outputs checked against HF's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_batch", Path(__file__).parents[1] / "bench" / "batch.py")
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    texts = {f"q{i}": repetitive_prompt(10 + i, 6 + 3 * i) for i in range(4)}
+    tokenizer = ChatStub(texts)
+    tokenizer.pad_token_id = 0
+    model = peaked_llama(seed=3)
+    monkeypatch.setattr(batch, "load_default_model", lambda: (model, tokenizer))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"category": "writing", "turns": [t]}) for t in texts))
+    out = tmp_path / "batch.json"
+    monkeypatch.setattr("sys.argv", ["batch.py", "--questions", str(questions), "--batch-sizes", "1", "2",
+                                     "--max-new-tokens", "12", "--json", str(out)])
+    batch.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["method"], r["call"]) for r in rows] == [
+        (b, m, c) for b in (1, 2) for m in ("hf", "auto", "none") for c in ("first", "later")
+    ]
+    assert all(r["identical"] and r["tokens"] > 0 for r in rows)
+    assert "NO" not in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["batch.py", "--questions", str(questions), "--batch-sizes", "3"])
+    with pytest.raises(SystemExit):  # 2 x 3 prompts asked of 4
+        batch.main()

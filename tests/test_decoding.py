@@ -184,7 +184,6 @@ def test_calibration_once_per_range_of_work_not_per_batch_size(monkeypatch):
     """Rows finishing one by one shrink the batch; the shrunken batches are priced from the curve
     the first calibration measured (one curve keyed by batch x T), not calibrated each. Sizes
     past CALIBRATION_MAX_WORK nodes over the batch are left to extrapolation."""
-    # (the tiny model's verify cost is flat in T, so the calibration's 2x stop never cuts it short)
     from treedec import decoding
 
     calibrated = []  # (batch size, the works timed)
@@ -196,6 +195,7 @@ def test_calibration_once_per_range_of_work_not_per_batch_size(monkeypatch):
         calibrated.append((batch, sorted(set(self.cost.seconds) - before)))
 
     monkeypatch.setattr(decoding.TreeDecoder, "_calibrate", counting)
+    monkeypatch.setattr(decoding, "CALIBRATION_MAX_RATIO", float("inf"))  # the tiny model's costs are noise
     model = treedec.patch(tiny_llama(seed=5), drafter="auto")
     # repeats for some rows (many tokens a step), noise for others: the rows end at different steps
     noise = torch.Generator().manual_seed(0)
@@ -210,3 +210,18 @@ def test_calibration_once_per_range_of_work_not_per_batch_size(monkeypatch):
     model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=40, do_sample=False)
     model.generate(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), max_new_tokens=4, do_sample=False)
     assert len(calibrated) == 1  # later calls, smaller or within 2x of the largest work timed, reuse the curve
+
+
+def test_calibration_stops_at_the_first_size_over_twice_a_one_node_step():
+    import time
+    from types import SimpleNamespace
+
+    from treedec import decoding
+    from treedec.sizing import CostCurve
+
+    def verify(cache, parents, tokens):  # T = 4 at 1.3x the 1-node step, T = 8 at 4x: far from the 2x line
+        time.sleep({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.040}.get(tokens.shape[1], 0.080))
+
+    fake = SimpleNamespace(max_nodes=32, cost=CostCurve(), _verify_step=verify)
+    decoding.TreeDecoder._calibrate(fake, None, 1, repeats=1)
+    assert sorted(fake.cost.seconds) == [1, 2, 4, 8]  # 8 is the first over 2x; 16 and 32 extrapolate

@@ -101,3 +101,13 @@ def test_choose_keeps_best_nodes_and_their_parents():
 def test_cost_above_the_measured_work_grows_at_least_at_the_mean_slope():
     cost = curve({1: 1.0, 2: 2.0, 4: 2.05})  # a noisy, nearly flat top pair
     assert cost.cost(1, 12) == pytest.approx(2.05 + 8 * (2.05 - 1.0) / 3)
+
+
+def test_samples_past_the_measured_work_are_kept_however_slow():
+    """An outlier is judged against measured points only: a step far past them, however much slower
+    than the extrapolation guessed, is what corrects the extrapolation."""
+    cost = curve({1: 1.0, 2: 1.1, 4: 1.2})
+    cost.record(1, 64, 40.0)  # the extrapolation said 5.2
+    assert cost.cost(1, 64) == pytest.approx(40.0)
+    cost.record(1, 2, 50.0)  # within the measured work: a GC pause, dropped
+    assert cost.cost(1, 2) == pytest.approx(1.1)

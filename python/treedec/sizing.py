@@ -4,8 +4,8 @@
 that kind was accepted given that its parent was. A node's chance of being on the accepted
 path is the product of the rates along its path; because siblings carry distinct tokens, at
 most one of them is accepted, so the expected tokens a tree emits is 1 + the sum of those
-path probabilities. `CostCurve` holds the measured step time of a verify by its work (batch size x T nodes). `choose`
-picks the T (one of TREE_SIZES) with the most expected tokens per second for the whole batch,
+path probabilities. `CostCurve` holds the measured step time of a verify by its work (batch
+size x T nodes). `choose` picks the T (one of TREE_SIZES) with the most expected tokens per second for the whole batch,
 which is T = 1 (no drafts) when drafts are not paying for themselves.
 """
 
@@ -61,7 +61,8 @@ class CostCurve:
     each work. One curve for every batch size: a batch whose rows finish one by one (32, 31, ...,
     1) is priced from what its neighbours measured instead of calibrating at every size, which on
     a CPU cost more than the decoding. A sample over 3x the curve's current estimate (a GC pause,
-    a busy neighbour) is dropped, so one outlier cannot price a size out."""
+    a busy neighbour) is dropped, so one outlier cannot price a size out; past the largest
+    measured work the estimate is an extrapolation, and every sample is kept to correct it."""
 
     def __init__(self, window: int = 9, outlier_factor: float = 3.0):
         self.window, self.outlier_factor = window, outlier_factor
@@ -78,7 +79,8 @@ class CostCurve:
 
     def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
         work = batch_size * num_nodes
-        if self.covers(batch_size) and seconds > self.outlier_factor * self.cost(batch_size, num_nodes):
+        measured = bool(self.seconds) and work <= max(self.seconds)
+        if measured and seconds > self.outlier_factor * self.cost(batch_size, num_nodes):
             return
         recent = self.samples.setdefault(work, [])
         recent.append(seconds)

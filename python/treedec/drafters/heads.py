@@ -184,7 +184,8 @@ class HeadsDrafter(Drafter):
                 f"these {config.kind} heads were trained for hidden size {config.hidden_size} and vocabulary "
                 f"{config.vocab_size}; the model has {hidden.shape[-1]} and {runner.vocab_size}"
             )
-        self._dtype = DRAFT_DTYPES.get(hidden.dtype, hidden.dtype)
+        on_cpu_or_cuda = hidden.device.type in ("cpu", "cuda")  # where the bf16 kernels are
+        self._dtype = DRAFT_DTYPES.get(hidden.dtype, hidden.dtype) if on_cpu_or_cuda else hidden.dtype
         self.heads.to(device=hidden.device, dtype=self._dtype)
         # heads with their own LM heads never read the model's; a copy only where the dtype differs
         shared = self.heads.lm_heads is None

@@ -26,17 +26,7 @@ import treedec
 from treedec import patching
 from treedec.benchmark import encode_prompt
 from treedec.models import load_default_model
-from treedec.prompts import load_questions
-
-
-def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
+from treedec.prompts import left_pad, load_questions
 
 
 def new_tokens(out: torch.Tensor, width: int, eos: set[int]) -> int:
@@ -90,7 +80,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         # the first call decodes one set of prompts, the later call the next set (similar lengths):
         # what it reuses is what the loop learned, not the text it has already seen
-        calls = {"first": left_padded(encoded[:batch], pad), "later": left_padded(encoded[batch : 2 * batch], pad)}
+        calls = {"first": left_pad(encoded[:batch], pad), "later": left_pad(encoded[batch : 2 * batch], pad)}
         expected, counts, hf_rates = {}, {}, {}
         for call, (ids, mask) in calls.items():
             expected[call], seconds = timed_generate(model, ids, mask, args.max_new_tokens, pad)

@@ -7,18 +7,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import treedec
 from helpers import OracleDrafter
 from treedec.models import tiny_llama
+from treedec.prompts import left_pad
 
 DRAFTERS = [None, "lookup", "recycling", "auto"]
 
 
-def left_padded(prompts: list[list[int]], pad: int = 0):
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad, dtype=torch.int64)
-    mask = torch.zeros(len(prompts), length, dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        ids[b, length - len(p) :] = torch.tensor(p)
-        mask[b, length - len(p) :] = 1
-    return ids, mask
+left_padded = left_pad  # the name the other test modules import from here
 
 
 def repetitive_prompt(seed: int, length: int) -> list[int]:

@@ -6,11 +6,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # MT-bench's categories first, then Spec-Bench's task categories (the order tables are printed in).
 CATEGORY_ORDER = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
     "translation", "summarization", "qa", "math_reasoning", "rag",
 )
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token prompts as one batch, HF style: input_ids and attention_mask int64 [B, L], each prompt
+    right-aligned after `pad` tokens (so every continuation starts at column L)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..prompts import left_pad
 from .modules import DraftHeads, HeadsConfig, build_heads, save
 
 DATA_NAME = "distill_data.pt"
@@ -124,12 +125,8 @@ def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, ba
             end += 1
         batch, start = jobs[start:end], end
         prompts = [prompt_ids[p] for p, _ in batch]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # left padding: every continuation starts at `width`
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]  # every continuation starts here
         sampled = batch[0][1]
         settings = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampled else \
             dict(do_sample=False)

@@ -15,7 +15,7 @@
 # STAGES="build test" runs a subset (default: all, in the order above); BENCH_KERNELS a subset of
 # bench/kernels.py's rows. Each stage runs under `timeout` (TEST_LIMIT_S, BENCH_LIMIT_S, E2E_LIMIT_S,
 # E2E_SAMPLE_LIMIT_S, HEADS_LIMIT_S override the defaults; HEADS_SAMPLES, HEADS_EPOCHS,
-# HEADS_COLLECT_MINUTES, HEADS_BATCH, HEADS_MAX_NEW, HEADS_DEVICE the head training's settings,
+# HEADS_COLLECT_MINUTES, HEADS_BATCH, HEADS_BATCH_TOKENS, HEADS_MAX_NEW, HEADS_DEVICE the head training's settings,
 # HEADS_EXTRA more train-heads arguments, e.g. --soft-targets; BATCH_LIMIT_S),
 # gets at most what is left of BUDGET_S, and a failing stage does not stop the later ones.
 # Everything lands in $OUT/work/ and is packed into $OUT/device_check.tar.gz after every stage
@@ -187,8 +187,8 @@ if wanted heads; then
       # the checkout's own python/ first: this stage needs no build (training is plain torch)
       stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV PYTHONPATH="$ROOT/python:$MODEL_ROOT:$PYTHONPATH" \
         "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions .devcarry/dev.jsonl \
-        --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-256}" \
-        --max-new-tokens "${HEADS_MAX_NEW:-384}" \
+        --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-512}" \
+        --collect-batch-tokens "${HEADS_BATCH_TOKENS:-320000}" --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
         --batch-size 512 --lr 2e-3 --save-dtype bf16 ${HEADS_EXTRA:-} --out "$DATA/$kind" || STATUS=1
       cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/train_log.json \

@@ -237,6 +237,52 @@ def test_collected_greedy_text_matches_the_recorded_greedy_choices():
     assert any(not torch.equal(e.greedy[e.generated_from - 1 : -1], e.tokens[e.generated_from:]) for e in sampled)
 
 
+def test_collection_jobs_come_in_rounds_that_cover_every_prompt():
+    """Greedy first (shortest prompt first), then sampled rounds: a collection cut short after any
+    whole round has the same number of samples of every prompt."""
+    from treedec.heads.training import collection_jobs
+
+    lengths = [5, 1, 3]
+    jobs = collection_jobs(lengths, samples=5, batch_size=3)  # rounds of round(2 * 3 / 3) = 2 samples
+    assert jobs[:3] == [(1, False), (2, False), (0, False)]
+    sampled = jobs[3:]
+    assert sampled[:6] == [(1, True), (1, True), (2, True), (2, True), (0, True), (0, True)]
+    assert sampled[6:12] == sampled[:6] and sampled[12:] == [(1, True), (2, True), (0, True)]
+    assert collection_jobs(lengths, samples=0, batch_size=3) == jobs[:3]
+    # one round holds all of a prompt's samples when two batches would cover them anyway
+    assert collection_jobs([2, 2], samples=3, batch_size=64)[2:] == [(0, True)] * 3 + [(1, True)] * 3
+
+
+def test_collection_batches_keep_within_their_token_budget():
+    from treedec.heads.training import next_batch
+
+    lengths = [10, 10, 10, 100, 100]
+    jobs = [(0, False), (1, True), (2, True), (3, True), (4, True)]
+    assert next_batch(jobs, 0, lengths, 8, 20, None) == 1  # greedy and sampled never share a call
+    assert next_batch(jobs, 1, lengths, 8, 20, None) == 5
+    assert next_batch(jobs, 1, lengths, 2, 20, None) == 3  # batch_size
+    # 2 rows x (10 + 20) fit 60; a third row of length 100 would need 3 x 120
+    assert next_batch(jobs, 1, lengths, 8, 20, 60) == 3
+    assert next_batch(jobs, 1, lengths, 8, 20, 120 * 4) == 5
+    assert next_batch(jobs, 3, lengths, 8, 20, 10) == 4  # one row over the budget still runs alone
+
+
+def test_a_token_budget_changes_how_collection_batches_not_what_it_writes():
+    from treedec.heads.training import collect
+
+    model = peaked(seed=4)
+    prompts = [repetitive_prompt(s, 4 + 5 * s) for s in range(5)]
+    whole = collect(model, prompts, tokens=10**6, max_new_tokens=12, batch_size=8, progress=False)
+    budgeted = collect(model, prompts, tokens=10**6, max_new_tokens=12, batch_size=8, progress=False,
+                       batch_tokens=2 * (4 + 5 * 2 + 12))
+    assert [e.prompt for e in whole] == [e.prompt for e in budgeted] == list(range(5))
+    for a, b in zip(whole, budgeted):
+        assert torch.equal(a.tokens, b.tokens) and a.generated_from == b.generated_from
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        collect(model, prompts, tokens=10, batch_tokens=0, progress=False)
+
+
 def test_train_heads_command(monkeypatch, tmp_path, capsys):
     """`treedec train-heads` on a tiny model (the loader stubbed): heads, data and log land in --out."""
     import treedec.cli

@@ -308,7 +308,7 @@ def cmd_train_heads(args) -> int:
                              collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
                              save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype],
                              command=" ".join(["treedec", *args.argv]), own_lm_head=args.own_lm_head,
-                             soft_targets=args.soft_targets)
+                             soft_targets=args.soft_targets, collect_batch_tokens=args.collect_batch_tokens)
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampled continuations per prompt, after the greedy one (default 0)")
     train.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
     train.add_argument("--collect-batch", type=int, default=8, help="prompts per generate call (default 8)")
+    train.add_argument("--collect-batch-tokens", type=int, default=None,
+                       help="a generate call also stops growing before rows x (longest prompt + "
+                            "--max-new-tokens) passes this (default: no limit): large GPU batches of "
+                            "short prompts without running out of memory on long ones")
     train.add_argument("--collect-minutes", type=float, default=None,
                        help="start no new generate batch after this long (default: no limit)")
     train.add_argument("--blocks", type=int, default=1, help="residual blocks per head (default 1)")

@@ -73,14 +73,19 @@ def _eos_ids(model) -> set[int]:
 @torch.inference_mode()
 def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128, samples: int = 0,
             temperature: float = 0.8, batch_size: int = 8, seed: int = 0, progress: bool = True,
-            max_seconds: float | None = None) -> list[Example]:
+            max_seconds: float | None = None, batch_tokens: int | None = None) -> list[Example]:
     """Continuations of the prompts until `tokens` new ones: every prompt greedily first, then
-    `samples` rounds of sampled ones (plain multinomial at `temperature`), `batch_size` prompts per
-    `generate` call. A continuation ends at the model's EOS (kept) or at `max_new_tokens`. With
-    `max_seconds`, no new batch starts once that much time has gone."""
+    `samples` rounds of sampled ones (plain multinomial at `temperature`), at most `batch_size`
+    prompts per `generate` call. A continuation ends at the model's EOS (kept) or at
+    `max_new_tokens`. With `max_seconds`, no new batch starts once that much time has gone. With
+    `batch_tokens`, a batch also stops growing before rows x (its longest prompt + max_new_tokens)
+    passes it: the KV cache and the attention of a batch of long prompts stay within memory, and
+    short prompts still get full batches."""
     if samples < 0 or temperature <= 0 or batch_size < 1 or max_new_tokens < 2:
         raise ValueError(f"collect needs samples >= 0 (got {samples}), temperature > 0 (got {temperature}), "
                          f"batch_size >= 1 (got {batch_size}) and max_new_tokens >= 2 (got {max_new_tokens})")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError(f"collect needs batch_tokens >= 1 or None (got {batch_tokens})")
     device = next(model.parameters()).device
     # On a CPU treedec's own loop writes the same text faster than HF's generate (README, Results),
     # so an unpatched model is patched for the collection; on a GPU, large HF batches are used as is
@@ -91,23 +96,48 @@ def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int
         treedec.patch(model, drafter="auto")
     try:
         return _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
-                        max_seconds)
+                        max_seconds, batch_tokens)
     finally:
         if patched_here:
             treedec.unpatch(model)
 
 
+def collection_jobs(prompt_lengths: list[int], samples: int, batch_size: int) -> list[tuple[int, bool]]:
+    """(prompt, sampled) for every continuation, in the order they are generated: the greedy round,
+    then the sampled ones in rounds of about two batches' worth (each prompt's samples of a round
+    together). Within a round prompts go shortest first, so that a batch's prompts are of similar
+    length (less left padding, a smaller cache for short ones); rounds make a time budget that ends
+    collection early cut every prompt's samples alike, not the longest prompts' entirely."""
+    by_length = sorted(range(len(prompt_lengths)), key=lambda p: prompt_lengths[p])
+    jobs = [(p, False) for p in by_length]
+    per_round = max(1, min(samples, round(2 * batch_size / max(len(prompt_lengths), 1))))
+    for done in range(0, samples, per_round):
+        jobs += [(p, True) for p in by_length for _ in range(min(per_round, samples - done))]
+    return jobs
+
+
+def next_batch(jobs: list[tuple[int, bool]], start: int, prompt_lengths: list[int], batch_size: int,
+               max_new_tokens: int, batch_tokens: int | None) -> int:
+    """End (exclusive) of the batch of jobs that starts at `start`: same-mode jobs (greedy and
+    sampled calls cannot be mixed), at most `batch_size`, and within `batch_tokens` (see
+    `collect`); a batch always has at least one job."""
+    end, longest = start + 1, prompt_lengths[jobs[start][0]]
+    while end < len(jobs) and end - start < batch_size and jobs[end][1] == jobs[start][1]:
+        longest = max(longest, prompt_lengths[jobs[end][0]])
+        if batch_tokens is not None and (end + 1 - start) * (longest + max_new_tokens) > batch_tokens:
+            break
+        end += 1
+    return end
+
+
 def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
-             max_seconds) -> list[Example]:
+             max_seconds, batch_tokens) -> list[Example]:
     device = next(model.parameters()).device
     eos = _eos_ids(model)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else min(eos) if eos else 0
-    # the greedy round, then every sampled round's jobs together; each shortest prompt first, so that
-    # a batch's prompts are of similar length: less left padding, and a short batch's cache stays
-    # small (a budget that ends collection early then drops the longest prompts' samples)
-    by_length = sorted(range(len(prompt_ids)), key=lambda p: len(prompt_ids[p]))
-    jobs = [(p, False) for p in by_length] + [(p, True) for p in by_length for _ in range(samples)]
+    lengths = [len(p) for p in prompt_ids]
+    jobs = collection_jobs(lengths, samples, batch_size)
     torch.manual_seed(seed)  # HF's sampling draws from the global generator: reproducible rounds
     examples: list[Example] = []
     gathered = 0
@@ -119,10 +149,7 @@ def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, ba
             if progress:
                 print(f"collection stopped at its {max_seconds:.0f} s budget")
             break
-        # one generate call per batch of same-mode jobs (greedy and sampled calls cannot be mixed)
-        end = start + 1
-        while end < len(jobs) and end - start < batch_size and jobs[end][1] == jobs[start][1]:
-            end += 1
+        end = next_batch(jobs, start, lengths, batch_size, max_new_tokens, batch_tokens)
         batch, start = jobs[start:end], end
         prompts = [prompt_ids[p] for p, _ in batch]
         ids, mask = left_pad(prompts, pad)
@@ -396,7 +423,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
                 collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
                 save_dtype: torch.dtype = torch.float32, command: str = "",
-                own_lm_head: bool = False, soft_targets: bool = False) -> tuple[DraftHeads, list[EpochReport]]:
+                own_lm_head: bool = False, soft_targets: bool = False,
+                collect_batch_tokens: int | None = None) -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
     (weights in `save_dtype`; `command`, the command line that trained them, goes in the config)."""
     out = Path(out)
@@ -410,7 +438,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             print(f"reusing {len(examples)} collected sequences from {data_path}")
     else:
         examples = collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, collect_batch,
-                           progress=progress, max_seconds=collect_seconds)
+                           progress=progress, max_seconds=collect_seconds, batch_tokens=collect_batch_tokens)
         torch.save([e.__dict__ for e in examples], data_path)
     collected_seconds = time.perf_counter() - began
     config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, num_blocks=num_blocks,

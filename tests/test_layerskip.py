@@ -34,7 +34,7 @@ def prompts_of_three():
 
 @pytest.mark.parametrize("mode,options", MODES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_is_lossless_in_every_mode(mode, options, batch):
+def test_greedy_is_lossless_in_every_mode(mode, options, batch, flat_step_costs):
     model = peaked(seed=3, num_layers=6, idle_layers=(2, 3))
     ids, mask = prompts_of_three()
     ids, mask = ids[:batch], mask[:batch]
@@ -81,7 +81,7 @@ def test_eos_and_max_new_tokens_inside_drafted_chains():
 
 @pytest.mark.parametrize("options", [dict(mode="fixed", skip_layers=[2]),
                                      dict(mode="exit", exit_layer=3, branch_below=0.0)])
-def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch):
+def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch, flat_step_costs):
     """Draft forwards write rows past the committed prefix for the layers they run; after each
     step's verification and compaction, every committed row of every layer must hold what a plain
     forward over the same tokens computes. In exit mode the verification reuses the drafts' rows
@@ -130,7 +130,7 @@ def test_swift_search_skips_the_layers_that_do_nothing():
     assert plan.expected_gain == pytest.approx(expected_gain(1.0, draft_cost_ratio(runner, 5), 4))
 
 
-def test_swift_drafts_with_the_found_set_and_searches_once_per_model():
+def test_swift_drafts_with_the_found_set_and_searches_once_per_model(flat_step_costs):
     model = peaked(seed=4, num_layers=8, idle_layers=(3, 4, 5))
     ids, mask = prompts_of_three()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)

@@ -283,6 +283,14 @@ def test_a_token_budget_changes_how_collection_batches_not_what_it_writes():
         collect(model, prompts, tokens=10, batch_tokens=0, progress=False)
 
 
+def test_train_heads_command_refuses_a_token_budget_below_one(tmp_path, capsys):
+    import treedec.cli
+
+    assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path),
+                             "--collect-batch-tokens", "0"]) == 2
+    assert "--collect-batch-tokens must be >= 1" in capsys.readouterr().err
+
+
 def test_train_heads_command(monkeypatch, tmp_path, capsys):
     """`treedec train-heads` on a tiny model (the loader stubbed): heads, data and log land in --out."""
     import treedec.cli

@@ -261,6 +261,9 @@ def cmd_train_heads(args) -> int:
     from .heads.training import train_heads
     from .prompts import BUILTIN_PROMPTS, load_questions
 
+    if args.collect_batch_tokens is not None and args.collect_batch_tokens < 1:
+        print(f"--collect-batch-tokens must be >= 1 (got {args.collect_batch_tokens})", file=sys.stderr)
+        return 2  # before loading a model
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster
     if args.model:

@@ -26,16 +26,12 @@ import treedec
 from treedec import patching
 from treedec.benchmark import encode_prompt
 from treedec.models import load_default_model
-from treedec.prompts import left_pad, load_questions
+from treedec.prompts import eos_ids, left_pad, load_questions, until_eos
 
 
-def new_tokens(out: torch.Tensor, width: int, eos: set[int]) -> int:
+def new_tokens(out: torch.Tensor, width: int, eos: frozenset[int]) -> int:
     """Tokens each row generated up to and including its first EOS (HF pads after it)."""
-    total = 0
-    for row in out[:, width:].tolist():
-        ends = [i for i, token in enumerate(row) if token in eos]
-        total += ends[0] + 1 if ends else len(row)
-    return total
+    return sum(len(until_eos(row, eos)) for row in out[:, width:].tolist())
 
 
 def timed_generate(model, ids, mask, max_new_tokens: int, pad: int) -> tuple[torch.Tensor, float]:
@@ -67,8 +63,7 @@ def main() -> None:
 
     model, tokenizer = load_default_model()
     model.to(args.device)
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    eos = eos_ids(model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     encoded = sorted((encode_prompt(tokenizer, p)["input_ids"][0].tolist() for p in load_questions(args.questions)),
                      key=len)

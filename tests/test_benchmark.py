@@ -156,3 +156,16 @@ def test_batch_benchmark_script_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("sys.argv", ["batch.py", "--questions", str(questions), "--batch-sizes", "3"])
     with pytest.raises(SystemExit):  # 2 x 3 prompts asked of 4
         batch.main()
+
+
+def test_eos_helpers_take_every_form_of_eos_token_id():
+    from types import SimpleNamespace
+
+    from treedec.prompts import eos_ids, until_eos
+
+    assert eos_ids(SimpleNamespace(eos_token_id=None)) == frozenset()
+    assert eos_ids(SimpleNamespace(eos_token_id=2)) == {2}
+    assert eos_ids(SimpleNamespace(eos_token_id=[2, 7])) == {2, 7}
+    assert until_eos([5, 7, 2, 7], frozenset({2, 7})) == [5, 7]  # the first of any EOS id, kept
+    assert until_eos([5, 6], frozenset({2})) == [5, 6]
+    assert until_eos([], frozenset({2})) == []

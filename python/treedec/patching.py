@@ -19,6 +19,7 @@ from .decoding import DecodeRequest, ModelRunner, TreeDecoder
 from .drafters import Drafter, check_drafter_name, drafter_options, make_drafter
 from .heads import HEAD_KINDS
 from .heads.shipped import shipped_heads
+from .prompts import eos_ids
 
 compat.check_transformers_version()
 
@@ -314,7 +315,6 @@ def _request(model, config, input_ids, attention_mask, stopping_criteria, stream
             f"max_position_embeddings ({limit})"
         )
     eos = config.eos_token_id
-    eos_ids = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
     pad = config.pad_token_id
     if pad is None:  # HF pads finished rows with the first EOS id when no pad id is set
         pad = eos if isinstance(eos, int) else (list(eos)[0] if eos else 0)
@@ -322,7 +322,7 @@ def _request(model, config, input_ids, attention_mask, stopping_criteria, stream
         input_ids=input_ids.long(),
         attention_mask=attention_mask,
         max_new_tokens=max_new,
-        eos_token_ids=eos_ids,
+        eos_token_ids=eos_ids(config),
         pad_token_id=int(pad),
         stopping_criteria=list(stopping_criteria or []),
         streamer=streamer,

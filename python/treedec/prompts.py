@@ -15,6 +15,20 @@ CATEGORY_ORDER = (
 )
 
 
+def eos_ids(generation_config) -> frozenset[int]:
+    """The ids that end a generation (`eos_token_id`: None, one id or a list of them)."""
+    eos = generation_config.eos_token_id
+    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+    """`tokens` up to and including the first one in `eos` (all of them without one)."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
 def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token prompts as one batch, HF style: input_ids and attention_mask int64 [B, L], each prompt
     right-aligned after `pad` tokens (so every continuation starts at column L)."""

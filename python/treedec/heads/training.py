@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..prompts import left_pad
+from ..prompts import eos_ids, left_pad, until_eos
 from .modules import DraftHeads, HeadsConfig, build_heads, save
 
 DATA_NAME = "distill_data.pt"
@@ -63,11 +63,6 @@ class EpochReport:
     top5: list[float] = field(default_factory=list)
     rank_accuracy: list[list[float]] = field(default_factory=list)  # [head][rank < RANKS]: rank r right
     seconds: float = 0.0
-
-
-def _eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 @torch.inference_mode()
@@ -133,7 +128,7 @@ def next_batch(jobs: list[tuple[int, bool]], start: int, prompt_lengths: list[in
 def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
              max_seconds, batch_tokens) -> list[Example]:
     device = next(model.parameters()).device
-    eos = _eos_ids(model)
+    eos = eos_ids(model.generation_config)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else min(eos) if eos else 0
     lengths = [len(p) for p in prompt_ids]
@@ -161,9 +156,7 @@ def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, ba
                              pad_token_id=pad, **settings).cpu()
         sequences = []
         for row, ((p, _), prompt) in enumerate(zip(batch, prompts)):
-            new = out[row, width:].tolist()
-            ends = [i for i, t in enumerate(new) if t in eos]
-            new = new[: ends[0] + 1] if ends else new
+            new = until_eos(out[row, width:].tolist(), eos)
             if len(new) >= 2:
                 sequences.append((p, torch.tensor(prompt + new), len(prompt)))
         for (p, sequence, generated_from), hidden in zip(sequences, hidden_states(model, [s for _, s, _ in sequences])):

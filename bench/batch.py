@@ -85,7 +85,7 @@ def main() -> None:
                              tokens_per_s=hf_rates[call], speedup=1.0, tau=1.0, identical=True))
             print(f"{batch:>3}  {'hf':<10} {call:<6} {hf_rates[call]:>7.1f} {1.0:>6.2f} {1.0:>5.2f}  -")
         for method in args.methods:
-            patching._LEARNED.pop(model, None)  # nothing learned by an earlier batch or method
+            patching.set_learned_state(model, None)  # nothing learned by an earlier batch or method
             treedec.patch(model, drafter=None if method == "none" else method)
             try:
                 for call, (ids, mask) in calls.items():

@@ -10,13 +10,14 @@ from treedec.prompts import Prompt
 
 
 class ChatStub:
-    """The one tokenizer call the benchmark makes: a fixed token prompt per text."""
+    """The one tokenizer call the benchmark makes: a fixed token prompt per text (another one for
+    any other text, such as the warm-up's)."""
 
     def __init__(self, prompts: dict[str, list[int]]):
         self.prompts = prompts
 
     def apply_chat_template(self, messages, **kwargs):
-        ids = torch.tensor([self.prompts[messages[0]["content"]]])
+        ids = torch.tensor([self.prompts.get(messages[0]["content"], repetitive_prompt(5, 9))])
         return _Batch(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
@@ -40,6 +41,26 @@ def test_greedy_report_checks_every_method_against_hf():
     assert all(summary[m]["identical"] == 2 for m in report.methods)
     assert " 2/2" in report.table().splitlines()[-1]
     assert not hasattr(model, "treedec")  # left unpatched
+
+
+def test_methods_do_not_share_what_they_learn(flat_step_costs):
+    """Each method decodes with its own learned state: Token Recycling after `auto` on the same
+    prompt takes exactly the steps it takes alone (sharing, it drafted from the table `auto` had
+    just filled with that prompt's continuation), and the model keeps what it had learned before."""
+    from treedec.patching import LearnedState, learned_state, set_learned_state
+
+    def recycling_steps(methods):
+        model, tokenizer, prompts = setup()
+        before = LearnedState()
+        set_learned_state(model, before)
+        report = run_benchmark(model, tokenizer, prompts, methods, max_new_tokens=24, progress=False)
+        assert learned_state(model) is before and not before.tables
+        assert report.learned["recycling"].tables  # the method's own table, filled
+        return [r.steps for r in report.runs if r.method == "recycling"]
+
+    alone = recycling_steps(["recycling"])
+    assert recycling_steps(["auto", "recycling"]) == alone
+    assert recycling_steps(["recycling", "auto"]) == alone
 
 
 def test_sampling_report_checks_treedec_methods_against_none():

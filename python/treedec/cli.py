@@ -158,7 +158,7 @@ def cmd_bench_e2e(args) -> int:
             else "same = outputs identical to HF greedy")
     print(f"x = tokens/s over HF generate's; {same}\n")
     print(report.table())
-    _print_drafting(report, model)
+    _print_drafting(report, model.config.num_hidden_layers)
     differing = [] if args.sample else [r for r in report.runs if not r.identical]
     for run in differing:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
@@ -175,7 +175,7 @@ def cmd_bench_e2e(args) -> int:
     return 0
 
 
-def _print_drafting(report, model) -> None:
+def _print_drafting(report, num_layers: int) -> None:
     """Model drafters' own figures (drafted, accepted, drafting time) and layerskip's search."""
     for method, found in report.to_json()["drafting"].items():
         if not found["drafted"]:
@@ -184,20 +184,20 @@ def _print_drafting(report, model) -> None:
         print(f"{method}: proposed {found['drafted']} candidate tokens, {found['acceptance']:.1%} of them accepted; "
               f"drafting took "
               f"{found['draft_seconds']:.1f} s, {found['draft_to_verify']:.2f}x the rest of decoding")
-    if "layerskip" in report.methods:
-        _print_layerskip_search(model)
-    _print_heads_tree_curve(model)
+    if "layerskip" in report.learned:
+        _print_layerskip_search(report.learned["layerskip"].tables, num_layers)
+    for learned in report.learned.values():  # each method's own (only heads methods load heads)
+        _print_heads_tree_curve(learned)
 
 
-def _print_heads_tree_curve(model) -> None:
-    """For the heads the run used: their static tree's expected tokens per step at each size T, this
-    run's measured verify cost at T (batch 1), and the T with the most expected tokens per second."""
+def _print_heads_tree_curve(learned) -> None:
+    """For the heads a method used (`learned`: its patching.LearnedState): their static tree's
+    expected tokens per step at each size T, the method's measured verify cost at T (batch 1), and
+    the T with the most expected tokens per second."""
     from .heads.tree import best_tree, size_curve
-    from .patching import learned_state
     from .sizing import TREE_SIZES
 
-    learned = learned_state(model)
-    if learned is None or not learned.cost.covers(1):
+    if not learned.cost.covers(1):
         return
     for key, heads in learned.tables.items():
         accuracies = heads.meta.get("rank_accuracy") if key[0] == "heads" else None
@@ -214,14 +214,12 @@ def _print_heads_tree_curve(model) -> None:
         print(f"  T={best[0]} tree (rank paths): " + " ".join("(" + ",".join(map(str, p)) + ")" for p in paths))
 
 
-def _print_layerskip_search(model) -> None:
+def _print_layerskip_search(tables: dict, num_layers: int) -> None:
     """What the per-model SWIFT search decided (it runs once, in the benchmark's warm-up)."""
-    from .patching import learned_tables
-
-    for key, plan in learned_tables(model).items():
+    for key, plan in tables.items():
         if key[:2] != ("layerskip", "swift"):
             continue
-        skipped = plan.skipped(model.config.num_hidden_layers) if plan.kept is not None else None
+        skipped = plan.skipped(num_layers) if plan.kept is not None else None
         best = "" if plan.agreement is None else (
             f"; the best set tried agreed on {plan.agreement:.1%} of tokens, modelled at {plan.expected_gain:.2f}x")
         print(f"layerskip search: {plan.forwards} forwards in {plan.seconds:.1f} s; "

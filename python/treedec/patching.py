@@ -141,6 +141,20 @@ def learned_state(model) -> LearnedState | None:
     return _LEARNED.get(model)
 
 
+def set_learned_state(model, state: LearnedState | None) -> None:
+    """Make `state` everything treedec has learned about `model`; None forgets it all, so the next
+    call starts as in a fresh process (it calibrates again, and Token Recycling's table is empty).
+    The benchmarks give each method its own state: one method must not decode a prompt with a
+    table another method filled from the same prompt's output."""
+    if state is None and not hasattr(model, "treedec"):
+        _LEARNED.pop(model, None)
+        return
+    state = state or LearnedState()  # a patched model holds one
+    _LEARNED[model] = state
+    if hasattr(model, "treedec"):
+        model.treedec.learned = state
+
+
 def _drafter_for(drafter, options: dict, vocab_size: int, learned: LearnedState) -> Drafter:
     if isinstance(drafter, Drafter):
         return drafter

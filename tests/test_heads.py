@@ -362,11 +362,53 @@ def test_heads_with_measured_accuracies_draft_the_static_tree(kind, monkeypatch,
     assert sorted(node_paths[1:]) == sorted(paths)
     if kind == "medusa":  # Medusa drafts in the order the tree was built
         assert node_paths[1:] == paths
+    # the key's last field is the guess's confidence bin: a lower rank under the same parent is
+    # never less sure, and Medusa's guess at a (depth, rank) is one guess under every parent
+    bins = {}
+    for i in range(1, len(trie)):
+        assert 0 <= trie.keys[i][3] <= len(heads_drafter.CONFIDENCE_EDGES)
+        bins.setdefault((trie.parents[i], trie.keys[i][2]), trie.keys[i][3])
+    for (parent, rank), confidence in bins.items():
+        if (parent, rank + 1) in bins:
+            assert confidence >= bins[(parent, rank + 1)]
+    if kind == "medusa":
+        assert len({(trie.keys[i][1:3], trie.keys[i][3]) for i in range(1, len(trie))}) == \
+            len({trie.keys[i][1:3] for i in range(1, len(trie))})
+
+
+def test_confidence_bins_of_top_k_logits():
+    from treedec.drafters.heads import CONFIDENCE_EDGES, confidence_bins
+
+    values = torch.tensor([[12.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.0, -30.0]])
+    # probabilities renormalised over the k guesses: ~1, 1/3 each, 0.73 / 0.27 / ~0
+    assert confidence_bins(values).tolist() == [[6, 0, 0], [2, 2, 2], [5, 2, 0]]
+    assert confidence_bins(values.to(torch.bfloat16)).tolist() == [[6, 0, 0], [2, 2, 2], [5, 2, 0]]
+    assert len(CONFIDENCE_EDGES) == 6 and bool((CONFIDENCE_EDGES.diff() > 0).all())
+
+
+def test_the_sizer_keeps_a_sure_guess_and_prunes_an_unsure_one_at_the_same_position():
+    """What the confidence bins are for: two steps draft the same tree position, one with a sure
+    guess and one with an unsure one; with the rates the loop measured per bin, only the sure one
+    is worth a larger verify."""
+    from treedec import sizing
+    from treedec.drafters.base import DraftTrie
+
+    acceptance = sizing.AcceptanceModel()
+    for step in range(40):
+        acceptance.update(("medusa", 1, 0, 6), step % 10 != 0)  # 90% accepted
+        acceptance.update(("medusa", 1, 0, 1), step % 10 == 0)  # 10%
+    cost = sizing.CostCurve()
+    for size, seconds in ((1, 1.0), (2, 1.3), (3, 1.4)):
+        cost.record(1, size, seconds)
+    for confidence, size in ((6, 2), (1, 1)):
+        trie = DraftTrie(5)
+        trie.child(0, 7, ("medusa", 1, 0, confidence))
+        assert sizing.choose([trie], acceptance, cost, 8)[0] == size
 
 
 def test_context_drafts_merge_into_the_heads_tree(monkeypatch, tmp_path):
     """With context=True each step's tree holds the context drafter's nodes (lookup, recycling) and
-    the heads' (keys ("medusa", depth, rank)), a shared token once."""
+    the heads' (keys ("medusa", depth, rank, confidence bin)), a shared token once."""
     from treedec.drafters import heads as heads_drafter
 
     model = peaked(seed=3)

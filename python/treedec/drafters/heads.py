@@ -9,8 +9,12 @@ last accepted node, or the prefill's last position) and guess the tokens after t
 With measured per-rank accuracies in the heads' config (what `treedec train-heads` saves) and no
 `widths` given, both draft the static tree with the largest expected accepted length instead of
 a full `widths` product (heads/tree.py).
-Node keys are (kind, depth, rank): the loop learns each one's acceptance and keeps the nodes
-worth their cost, as with every drafter.
+Node keys are (kind, depth, rank, confidence): the loop learns each one's acceptance and keeps
+the nodes worth their cost, as with every drafter. `confidence` is the bin of the head's own
+probability for the guess (softmax over its top-k logits, CONFIDENCE_EDGES), so the same tree
+position is kept on a step where the head is sure and pruned where it is not: the static tree
+becomes a per-step one without any extra model call (EAGLE-2's observation that a draft's
+confidence predicts its acceptance).
 
 With a `context` drafter (option `context`, default True: drafter="auto", lookup matches and Token
 Recycling), each step's tree is the context drafter's with the heads' nodes merged in: the heads
@@ -38,6 +42,15 @@ HYDRA_SLACK, HYDRA_MIN_NODES = 2.0, 4
 # and a draft is only a guess the fp32 verify checks, so the output does not change. It costs a
 # bf16 copy of the LM head (V x H x 2 bytes).
 DRAFT_DTYPES = {torch.float32: torch.bfloat16}
+# Bins of a guess's probability among its head's top-k (renormalised over those k: an upper bound
+# of its probability, and the kernel streams no normaliser). 7 bins x depth x rank keys.
+CONFIDENCE_EDGES = torch.tensor([0.1, 0.2, 0.35, 0.5, 0.7, 0.85])
+
+
+def confidence_bins(values: torch.Tensor) -> torch.Tensor:
+    """Top-k logits [..., k] -> each guess's confidence bin, int64 [..., k] (0 = least sure)."""
+    probs = torch.softmax(values.float(), dim=-1)
+    return torch.bucketize(probs, CONFIDENCE_EDGES.to(probs.device), right=True)
 
 
 class HeadsDrafter(Drafter):
@@ -117,23 +130,26 @@ class HeadsDrafter(Drafter):
             weights, biases = self._stacked
             width = max(self.widths)
             if self.heads.lm_heads is None:
-                _, ids, _ = ops.draft_heads_topk(hidden, weights, biases, self._lm_weight, width)
+                values, ids, _ = ops.draft_heads_topk(hidden, weights, biases, self._lm_weight, width)
             else:  # each head through its own LM head: one call per head
-                ids = torch.cat([ops.draft_heads_topk(hidden, weights[k : k + 1], biases[k : k + 1],
-                                                      self.heads.lm_heads[k].detach(), width)[1]
-                                 for k in range(weights.shape[0])], dim=1)
-            ids = ids.cpu()
+                per_head = [ops.draft_heads_topk(hidden, weights[k : k + 1], biases[k : k + 1],
+                                                 self.heads.lm_heads[k].detach(), width)
+                            for k in range(weights.shape[0])]
+                values = torch.cat([out[0] for out in per_head], dim=1)
+                ids = torch.cat([out[1] for out in per_head], dim=1)
+            ids, bins = ids.cpu(), confidence_bins(values).cpu()
             for b, seq in enumerate(rows):
                 if self.paths is not None:
                     node_of = {(): 0}
                     for path in self.paths:
                         depth, rank = len(path) - 1, path[-1]
                         node_of[path] = tries[seq].child(node_of[path[:-1]], int(ids[b, depth, rank]),
-                                                         (self.kind, depth + 1, rank))
+                                                         (self.kind, depth + 1, rank, int(bins[b, depth, rank])))
                     continue
                 level = [0]
                 for depth, width in enumerate(self.widths):
-                    level = [tries[seq].child(parent, int(ids[b, depth, rank]), (self.kind, depth + 1, rank))
+                    level = [tries[seq].child(parent, int(ids[b, depth, rank]),
+                                              (self.kind, depth + 1, rank, int(bins[b, depth, rank])))
                              for parent in level for rank in range(width)]
         else:
             self._hydra(runner, hidden, rows, roots, tries)
@@ -163,13 +179,13 @@ class HeadsDrafter(Drafter):
             joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
             weights, biases = self._stacked[depth]
             lm_weight = self.heads.lm_weight(depth, self._lm_weight).detach()
-            _, ids, states = ops.draft_heads_topk(joined, weights, biases, lm_weight, width)
-            ids, states = ids[:, 0].cpu(), states[:, 0]
+            values, ids, states = ops.draft_heads_topk(joined, weights, biases, lm_weight, width)
+            ids, bins, states = ids[:, 0].cpu(), confidence_bins(values[:, 0]).cpu(), states[:, 0]
             next_frontier, parents = [], []
             for f, (b, node, _, path) in enumerate(frontier):
                 for rank in (children[path] if self.paths is not None else range(width)):
                     token = int(ids[f, rank])
-                    child = tries[rows[b]].child(node, token, (self.kind, depth + 1, rank))
+                    child = tries[rows[b]].child(node, token, (self.kind, depth + 1, rank, int(bins[f, rank])))
                     next_frontier.append((b, child, token, path + (rank,)))
                     parents.append(f)
             frontier = next_frontier

@@ -190,3 +190,29 @@ def test_eos_helpers_take_every_form_of_eos_token_id():
     assert until_eos([5, 7, 2, 7], frozenset({2, 7})) == [5, 7]  # the first of any EOS id, kept
     assert until_eos([5, 6], frozenset({2})) == [5, 6]
     assert until_eos([], frozenset({2})) == []
+
+
+def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
+    """bench/tau_fixed_cost.py: tau per drafter with the verify cost fixed, the same on every run
+    (no step time is measured into it), and the model left as it came."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from treedec.patching import learned_state
+
+    spec = importlib.util.spec_from_file_location("bench_tau", Path(__file__).parents[1] / "bench" / "tau_fixed_cost.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts = {f"q{i}": repetitive_prompt(3 + i, 12) for i in range(2)}
+    model = peaked_llama(seed=3)
+    monkeypatch.setattr(script, "load_default_model", lambda: (model, ChatStub(texts)))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"category": c, "turns": [t]}) for c, t in zip(("writing", "coding"), texts)))
+    monkeypatch.setattr("sys.argv", ["tau_fixed_cost.py", "--questions", str(questions), "--methods", "auto", "lookup",
+                                     "--max-new-tokens", "16"])
+    first, second = script.main(), script.main()
+    assert first == second and set(first) == {"auto", "lookup"} and all(tau >= 1.0 for tau in first.values())
+    assert "auto       tau" in capsys.readouterr().out
+    assert not hasattr(model, "treedec") and learned_state(model) is None
+    assert script.FixedCost().cost(1, 6) == pytest.approx(0.078) and script.FixedCost().cost(2, 64) == pytest.approx(0.51)

@@ -1,0 +1,90 @@
+"""Drafters' tau on the embedded model with the verify cost fixed, so timing noise cannot move it.
+
+    python bench/tau_fixed_cost.py --questions ../shared/data/spec_bench/dev.jsonl [--methods auto medusa hydra]
+        [--limit-per-category 1] [--max-new-tokens 128] [--threads 2]
+
+`treedec bench e2e` reports tau too, but there the sizer prices each tree from step times measured
+in the same run, and on a shared 2-core CPU those move by 20% between runs: the same code gave
+Medusa a tau of 1.85 in one run and 2.21 in the next. Here every method sizes its trees against
+one fixed curve (COST_MS: seconds of a T-node verify at batch 1, measured on this CPU by an
+e2e run), so a change to a drafter's proposals or keys is compared on what it drafts alone. The
+output is deterministic; it is not a speed figure (tokens per second still need the e2e run).
+Greedy, one generate call per prompt, each method with its own learned state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import treedec
+from treedec import sizing
+from treedec.benchmark import encode_prompt
+from treedec.models import load_default_model
+from treedec.patching import LearnedState, set_learned_state
+from treedec.prompts import load_questions
+
+# T -> ms of a T-node verify at batch 1: SmolLM2-135M, fp32, 2 threads on this CPU (the curve an
+# e2e run printed, made non-decreasing); linear between the points, proportional past the last.
+COST_MS = {1: 60, 2: 60, 3: 60, 4: 70, 5: 73, 6: 78, 8: 80, 10: 80, 12: 80, 16: 100, 20: 116, 24: 129,
+           32: 154, 40: 179, 48: 204, 64: 255}
+
+
+class FixedCost(sizing.CostCurve):
+    """COST_MS by work (batch size x T); ignores the step times the loop records."""
+
+    def covers(self, batch_size: int) -> bool:
+        return True
+
+    def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
+        pass
+
+    def cost(self, batch_size: int, num_nodes: int) -> float:
+        work = batch_size * num_nodes
+        sizes = sorted(COST_MS)
+        for low, high in zip(sizes, sizes[1:]):
+            if low <= work <= high:
+                return (COST_MS[low] + (COST_MS[high] - COST_MS[low]) * (work - low) / (high - low)) / 1e3
+        return COST_MS[sizes[-1]] / 1e3 * work / sizes[-1]
+
+
+def main() -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    parser.add_argument("--methods", nargs="+", default=["auto", "medusa", "hydra"],
+                        choices=["lookup", "recycling", "auto", "medusa", "hydra"])
+    parser.add_argument("--limit-per-category", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.max_new_tokens < 1 or args.limit_per_category < 1:
+        parser.error("--max-new-tokens and --limit-per-category must be at least 1")
+    torch.set_num_threads(args.threads)
+    prompts = load_questions(args.questions, args.limit_per_category)
+    model, tokenizer = load_default_model()
+    results = {}
+    for method in args.methods:
+        set_learned_state(model, LearnedState(cost=FixedCost()))  # nothing calibrated or re-measured
+        treedec.patch(model, drafter=method)
+        steps = tokens = 0
+        per_prompt = []
+        started = time.perf_counter()
+        for prompt in prompts:
+            inputs = encode_prompt(tokenizer, prompt)
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            new = out.shape[1] - inputs["input_ids"].shape[1]
+            steps += model.treedec.last_stats["steps"]
+            tokens += new
+            per_prompt.append(f"{new / model.treedec.last_stats['steps']:.2f}")
+        treedec.unpatch(model)
+        results[method] = tokens / steps
+        print(f"{method:<10} tau {tokens / steps:.3f} over {len(prompts)} prompts ({time.perf_counter() - started:.0f} s); "
+              f"per prompt {' '.join(per_prompt)}", flush=True)
+    set_learned_state(model, None)
+    return results
+
+
+if __name__ == "__main__":
+    main()

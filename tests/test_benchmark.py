@@ -216,3 +216,30 @@ def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
     assert "auto       tau" in capsys.readouterr().out
     assert not hasattr(model, "treedec") and learned_state(model) is None
     assert script.FixedCost().cost(1, 6) == pytest.approx(0.078) and script.FixedCost().cost(2, 64) == pytest.approx(0.51)
+
+
+def test_shared_state_script_reproduces_the_old_benchmark(monkeypatch, tmp_path, capsys, flat_step_costs):
+    """bench/e2e_shared_state.py runs bench e2e with one learned state for every method: there
+    `auto` drafts each prompt after `recycling` filled their table from it, and takes fewer steps
+    than with its own state (what the benchmark does now)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import treedec.benchmark
+
+    spec = importlib.util.spec_from_file_location("bench_shared", Path(__file__).parents[1] / "bench" / "e2e_shared_state.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, cli = _stub_cli(monkeypatch)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"category": c, "turns": [t]}) for c, t in (("writing", "a"), ("coding", "b"))))
+    steps = {}
+    for name, run in (("shared", script.main), ("own", lambda argv: cli.main(["bench", "e2e", *argv]))):
+        _, cli = _stub_cli(monkeypatch)  # a fresh model each time
+        out = tmp_path / f"{name}.json"
+        assert run(["--questions", str(questions), "--methods", "hf", "recycling", "auto", "--max-new-tokens", "24",
+                    "--json", str(out)]) == 0
+        steps[name] = [r["steps"] for r in json.loads(out.read_text())["runs"] if r["method"] == "auto"]
+    assert sum(steps["shared"]) < sum(steps["own"])
+    assert treedec.benchmark.set_learned_state is treedec.patching.set_learned_state  # restored

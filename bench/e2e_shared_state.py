@@ -18,7 +18,8 @@ from treedec import benchmark, cli
 
 
 def main(argv: list[str]) -> int:
-    isolated_run, set_state, warmup = benchmark.run_benchmark, benchmark.set_learned_state, benchmark.WARMUP_PROMPT
+    isolated_run, set_state = benchmark.run_benchmark, benchmark.set_learned_state
+    warmup = benchmark.WARMUP_PROMPT
 
     def shared_run(model, tokenizer, prompts, *args, **kwargs):
         benchmark.WARMUP_PROMPT = prompts[0]
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> int:
     try:
         return cli.main(["bench", "e2e", *argv])
     finally:
-        benchmark.run_benchmark, benchmark.set_learned_state, benchmark.WARMUP_PROMPT = isolated_run, set_state, warmup
+        benchmark.run_benchmark, benchmark.set_learned_state = isolated_run, set_state
+        benchmark.WARMUP_PROMPT = warmup
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Drafters' tau on the embedded model with the verify cost fixed, so timing noise cannot move it.
 
-    python bench/tau_fixed_cost.py --questions ../shared/data/spec_bench/dev.jsonl [--methods auto medusa hydra]
-        [--limit-per-category 1] [--max-new-tokens 128] [--threads 2]
+    python bench/tau_fixed_cost.py --questions ../shared/data/spec_bench/dev.jsonl
+        [--methods auto medusa hydra] [--limit-per-category 1] [--max-new-tokens 128] [--threads 2]
 
 `treedec bench e2e` reports tau too, but there the sizer prices each tree from step times measured
 in the same run, and on a shared 2-core CPU those move by 20% between runs: the same code gave
@@ -80,7 +80,8 @@ def main() -> dict[str, float]:
             per_prompt.append(f"{new / model.treedec.last_stats['steps']:.2f}")
         treedec.unpatch(model)
         results[method] = tokens / steps
-        print(f"{method:<10} tau {tokens / steps:.3f} over {len(prompts)} prompts ({time.perf_counter() - started:.0f} s); "
+        seconds = time.perf_counter() - started
+        print(f"{method:<10} tau {tokens / steps:.3f} over {len(prompts)} prompts ({seconds:.0f} s); "
               f"per prompt {' '.join(per_prompt)}", flush=True)
     set_learned_state(model, None)
     return results

@@ -4,13 +4,13 @@ Methods run back to back on each prompt (A B C A B C ...), so slow drifts of a s
 hit every method alike. Each treedec method keeps its own learned state (acceptance, step costs,
 Token Recycling's table) across the prompts, as one process serving one method would: sharing
 it let a method decode a prompt with the table the method before it had just filled from the
-same prompt's output (medusa after auto: tau 2.17 against 1.84 alone, see README). The warm-up
-decodes a prompt of its own, not the first measured one. Figures are sums over prompts, and a speedup is a method's tokens per
-second over HF's (for greedy, where every method emits the same tokens, the ratio of times).
-Greedy: every treedec output is compared token for token with HF greedy's. Sampling
-(`sampling=dict(temperature=...)`): each method samples with the same seed per prompt; outputs
-differ from HF's by design (another random stream), so there is nothing to compare token by token
-(tests/test_sampling.py checks the distribution).
+same prompt's output (auto after recycling: tau 2.12 against 1.54 on its own, see README). The
+warm-up decodes a prompt of its own, not the first measured one. Figures are sums over prompts,
+and a speedup is a method's tokens per second over HF's (for greedy, where every method emits the
+same tokens, the ratio of times). Greedy: every treedec output is compared token for token with
+HF greedy's. Sampling (`sampling=dict(temperature=...)`): each method samples with the same seed
+per prompt; outputs differ from HF's by design (another random stream), so there is nothing to
+compare token by token (tests/test_sampling.py checks the distribution).
 """
 
 from __future__ import annotations
@@ -232,14 +232,16 @@ def run_benchmark(
                     identical = diff is None
                 drafted = stats.get("drafted") or 0  # model drafters (layerskip, heads) report these
                 acceptance = stats.get("draft_acceptance") or 0.0
-                report.runs.append(Run(method, prompt.category, prompt.question_id, inputs["input_ids"].shape[1],
-                                       len(tokens), seconds, stats["steps"], identical, diff, gap,
-                                       stats.get("draft_seconds", 0.0), drafted, round(acceptance * drafted)))
+                report.runs.append(Run(method, prompt.category, prompt.question_id,
+                                       inputs["input_ids"].shape[1], len(tokens), seconds, stats["steps"],
+                                       identical, diff, gap, stats.get("draft_seconds", 0.0), drafted,
+                                       round(acceptance * drafted)))
             if progress:
                 mine = report.runs[-len(methods):]
                 hf_rate = mine[0].new_tokens / mine[0].seconds  # tokens/s: sampled lengths differ
                 flag = (lambda r: "") if sampling else (lambda r: "" if r.identical else " DIFF")
-                cells = "  ".join(f"{r.method} x{r.new_tokens / r.seconds / hf_rate:.2f}{flag(r)}" for r in mine[1:])
+                cells = "  ".join(f"{r.method} x{r.new_tokens / r.seconds / hf_rate:.2f}{flag(r)}"
+                                  for r in mine[1:])
                 tqdm.write(f"{prompt.category:<15} {mine[0].prompt_tokens:>5} tok prompt  {cells}")
     finally:  # the model leaves as it came: unpatched, with what it had learned
         if hasattr(model, "treedec"):

@@ -143,8 +143,8 @@ class HeadsDrafter(Drafter):
                     node_of = {(): 0}
                     for path in self.paths:
                         depth, rank = len(path) - 1, path[-1]
-                        node_of[path] = tries[seq].child(node_of[path[:-1]], int(ids[b, depth, rank]),
-                                                         (self.kind, depth + 1, rank, int(bins[b, depth, rank])))
+                        key = (self.kind, depth + 1, rank, int(bins[b, depth, rank]))
+                        node_of[path] = tries[seq].child(node_of[path[:-1]], int(ids[b, depth, rank]), key)
                     continue
                 level = [0]
                 for depth, width in enumerate(self.widths):
@@ -185,7 +185,8 @@ class HeadsDrafter(Drafter):
             for f, (b, node, _, path) in enumerate(frontier):
                 for rank in (children[path] if self.paths is not None else range(width)):
                     token = int(ids[f, rank])
-                    child = tries[rows[b]].child(node, token, (self.kind, depth + 1, rank, int(bins[f, rank])))
+                    key = (self.kind, depth + 1, rank, int(bins[f, rank]))
+                    child = tries[rows[b]].child(node, token, key)
                     next_frontier.append((b, child, token, path + (rank,)))
                     parents.append(f)
             frontier = next_frontier

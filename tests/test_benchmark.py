@@ -26,6 +26,18 @@ class _Batch(dict):
         return _Batch({k: v.to(device) for k, v in self.items()})
 
 
+def bench_script(name: str):
+    """A script under bench/ (not a package) loaded as a module, so a test can patch its loader."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def setup():
     model = peaked_llama(seed=3)
     texts = {"a": repetitive_prompt(3, 12), "b": repetitive_prompt(4, 20)}
@@ -150,13 +162,9 @@ def test_bench_e2e_with_heads_prints_the_tree_size_curve(monkeypatch, capsys, tm
 
 def test_batch_benchmark_script_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     """bench/batch.py: HF and treedec on two calls per batch size, outputs checked against HF's."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_batch", Path(__file__).parents[1] / "bench" / "batch.py")
-    batch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(batch)
+    batch = bench_script("batch")
     texts = {f"q{i}": repetitive_prompt(10 + i, 6 + 3 * i) for i in range(4)}
     tokenizer = ChatStub(texts)
     tokenizer.pad_token_id = 0
@@ -195,16 +203,11 @@ def test_eos_helpers_take_every_form_of_eos_token_id():
 def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
     """bench/tau_fixed_cost.py: tau per drafter with the verify cost fixed, the same on every run
     (no step time is measured into it), and the model left as it came."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from treedec.patching import learned_state
 
-    path = Path(__file__).parents[1] / "bench" / "tau_fixed_cost.py"
-    spec = importlib.util.spec_from_file_location("bench_tau", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_script("tau_fixed_cost")
     texts = {f"q{i}": repetitive_prompt(3 + i, 12) for i in range(2)}
     model = peaked_llama(seed=3)
     monkeypatch.setattr(script, "load_default_model", lambda: (model, ChatStub(texts)))
@@ -225,16 +228,11 @@ def test_shared_state_script_reproduces_the_old_benchmark(monkeypatch, tmp_path,
     """bench/e2e_shared_state.py runs bench e2e with one learned state for every method: there
     `auto` drafts each prompt after `recycling` filled their table from it, and takes fewer steps
     than with its own state (what the benchmark does now)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     import treedec.benchmark
 
-    path = Path(__file__).parents[1] / "bench" / "e2e_shared_state.py"
-    spec = importlib.util.spec_from_file_location("bench_shared", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_script("e2e_shared_state")
     _, cli = _stub_cli(monkeypatch)
     questions = tmp_path / "q.jsonl"
     questions.write_text("\n".join(json.dumps({"category": c, "turns": [t]})

@@ -4,6 +4,9 @@
 #   build    treedec._C and treedec._cuda (for this card's arch only)     -> build.log
 #   test     pytest -m gpu: CUDA ops, Triton kernels compiled for real, lossless decoding on the
 #            GPU, a verify step captured in a CUDA graph                  -> pytest_gpu.log
+#   configs  python bench/lm_head_configs.py: the LM-head top-k's launch configurations, and the
+#            draft heads with the default and the fastest one (LM_HEAD_BEFORE=REV also times that
+#            revision's kernel)                                        -> lm_head_configs.csv/.log
 #   bench    python bench/kernels.py --device cuda                        -> kernels_gpu.csv, bench.log
 #   e2e      treedec bench e2e --device cuda on the embedded model, greedy then sampling at
 #            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
@@ -46,7 +49,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$OUT/work"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-470}"
-STAGES="${STAGES:-env build test bench e2e heads batch triton_small}"
+STAGES="${STAGES:-env build test configs bench e2e heads batch triton_small}"
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 touch "$SUMMARY"
@@ -85,7 +88,8 @@ if [ -n "$WHEELS" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" $WHEELS >>"$WORK/build.log" 2>&1 \
     || echo "carried wheels: install failed (see build.log)" | tee -a "$SUMMARY"
 fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# the checkout's package first: stages that need no native build (the Triton kernels) run without `build`
+export PYTHONPATH="$ROOT/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # The model's parts come in separate calls; the machine keeps /tmp between calls while it is held,
 # so every call first stashes what it carries there.
@@ -131,6 +135,15 @@ if wanted test; then
   # TEST_K narrows it to a pytest -k expression (e.g. "layerskip or heads")
   stage test "${TEST_LIMIT_S:-180}" "$WORK/pytest_gpu.log" "$PYTHON" -m pytest -m gpu -v -p no:cacheprovider \
     --durations=15 $XDIST ${TEST_K:+-k "$TEST_K"} tests/test_gpu.py tests/kernels || STATUS=1
+fi
+
+if wanted configs; then
+  BEFORE=()
+  if [ -n "${LM_HEAD_BEFORE:-}" ] && git show "$LM_HEAD_BEFORE:triton_kernels/lm_head_topk.py" >"$WORK/lm_head_topk_before.py"; then
+    BEFORE=(--before "$WORK/lm_head_topk_before.py")
+  fi
+  stage configs "${CONFIGS_LIMIT_S:-240}" "$WORK/lm_head_configs.log" "$PYTHON" bench/lm_head_configs.py \
+    --deadline "${CONFIGS_DEADLINE_S:-170}" "${BEFORE[@]}" --out "$WORK/lm_head_configs.csv" || STATUS=1
 fi
 
 if wanted bench; then

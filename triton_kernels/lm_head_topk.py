@@ -15,6 +15,7 @@ first-index rule, as HF greedy decoding uses). A NaN logit is ranked as +inf (ar
 reported as +inf; it never crashes or produces an out-of-range index.
 """
 
+import dataclasses
 import functools
 
 import torch
@@ -22,7 +23,6 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_settings, row_block
-
 
 
 @triton.jit
@@ -49,6 +49,20 @@ def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP
     return new_val, new_idx
 
 
+@triton.jit
+def _worst_entry(best_val, best_idx, K: tl.constexpr, KP: tl.constexpr):
+    """Per row of a running list ([R, KP], slots >= K unused), the entry a newcomer must beat:
+    the smallest value, and among equal values the largest index (ties go to the smallest index).
+    Returns its value, index and slot. Empty slots hold (-inf, INT32_MAX), so they go first."""
+    slot = tl.arange(0, KP)[None, :]
+    live = slot < K
+    worst_val = tl.min(tl.where(live, best_val, float("inf")), 1)
+    at_val = live & (best_val == worst_val[:, None])
+    worst_idx = tl.max(tl.where(at_val, best_idx, -1), 1)
+    worst_slot = tl.min(tl.where(at_val & (best_idx == worst_idx[:, None]), slot, KP), 1)
+    return worst_val, worst_idx, worst_slot
+
+
 # Row and split counts change with every tree size: not specialising on their values (== 1,
 # divisible by 16) keeps one compiled kernel per (dtype, K, BLOCK_R) instead of several.
 @triton.jit(do_not_specialize=["num_rows", "tiles_per_split", "num_splits"])
@@ -71,6 +85,7 @@ def _lm_head_topk_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    FLATTEN: tl.constexpr = False,  # one software pipeline across tiles (tl.range's loop flattening)
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,12 +95,14 @@ def _lm_head_topk_kernel(
     hcols = tl.arange(0, BLOCK_H)
     slot = tl.arange(0, KP)
 
+    # The running top-k per row, unsorted (the merge kernel sorts), empty slots (-inf, INT32_MAX).
     best_val = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_R, KP], 2147483647, tl.int32)
+    worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
     num_tiles = tl.cdiv(vocab, BLOCK_V)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    for tile in range(tile_lo, tile_hi):
+    for tile in tl.range(tile_lo, tile_hi, flatten=FLATTEN):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_valid = cols < vocab
         acc = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
@@ -109,14 +126,32 @@ def _lm_head_topk_kernel(
         key = tl.where(acc != acc, float("inf"), acc)  # NaN ranks as +inf
         key_valid = row_valid[:, None] & col_valid[None, :]
         key = tl.where(key_valid, key, float("-inf"))
-        # Skip the merge when no row's best logit here reaches its current k-th value: this tile's
-        # indices are larger than every index held, so an equal value would lose the tie anyway.
-        kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
-        improves = row_valid & (tl.max(key, 1) >= kth)
-        if tl.max(improves.to(tl.int32), 0) > 0:
-            best_val, best_idx = _merge_into(
-                best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
+        # Take the tile's entries in rank order (value descending, index ascending) while one of
+        # them beats its row's worst held entry, replacing that entry. After the first few tiles
+        # a row rarely gains more than one or two entries per tile, so this costs a max or two
+        # over the tile where a full K-pass merge would cost K of each. A row whose candidate
+        # does not enter is done with this tile: its worst entry did not change. `after_val` /
+        # `after_idx` is each row's last entry taken; the next candidate ranks after it (which
+        # also holds with -inf or repeated values, where masking a taken entry out would not).
+        top = tl.max(key, 1)
+        go = tl.max((row_valid & (top >= worst_val)).to(tl.int32), 0) > 0
+        after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
+        after_idx = tl.full([BLOCK_R], -1, tl.int32)
+        while go:
+            later = (key < after_val[:, None]) | ((key == after_val[:, None]) & (cols[None, :] > after_idx[:, None]))
+            later = key_valid & later
+            top = tl.max(tl.where(later, key, float("-inf")), 1)
+            top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
+            enters = row_valid & (top_idx != 2147483647) & (
+                (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
             )
+            put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
+            best_val = tl.where(put, top[:, None], best_val)
+            best_idx = tl.where(put, top_idx[:, None], best_idx)
+            after_val = tl.where(enters, top, after_val)
+            after_idx = tl.where(enters, top_idx, after_idx)
+            worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
+            go = tl.max(enters.to(tl.int32), 0) > 0
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -152,12 +187,36 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape and launch settings of `_lm_head_topk_kernel` (bench/lm_head_configs.py sweeps
+    them). splits_per_sm: the grid gets about splits_per_sm * SMs programs (CUDA); on the CPU the
+    vocabulary is cut into that many splits."""
+
+    block_r: int
+    block_v: int
+    block_h: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    splits_per_sm: int = 2
+    flatten: bool = False  # pipeline loads across vocabulary tiles, not only within one
+
+
+def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """16-bit rows take 128-wide vocabulary tiles (at N=256, H=4096, V=128256 on an H100, 787 us
+    against 1054 us with 64, bench/results/h100/draft_heads_sweeps.log); fp32 takes 64."""
+    block_v = 64 if dtype == torch.float32 else 128
+    if device.type != "cuda":
+        return LaunchConfig(row_block(num_rows), block_v, splits_per_sm=4)
+    return LaunchConfig(row_block(num_rows), block_v)
+
+
 def _launch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     k: int,
+    config: LaunchConfig | None = None,
     num_splits: int | None = None,
-    block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -168,21 +227,16 @@ def _launch(
     if num_rows == 0:
         return values, indices
 
+    config = config or default_config(num_rows, hidden.dtype, hidden.device)
     kp = max(2, triton.next_power_of_2(k))  # slots >= k stay unused
-    block_r = row_block(num_rows)
-    if block_v is None:
-        # 16-bit: 128 at every row block (at N=256, H=4096, V=128256 on an H100, 787 us against
-        # 1054 us with 64, bench/results/h100/draft_heads_sweeps.log)
-        block_v = 64 if hidden.dtype == torch.float32 else 128
-    block_h = 64 if hidden_size >= 64 else max(16, triton.next_power_of_2(hidden_size))
-    row_blocks = triton.cdiv(num_rows, block_r)
-    num_tiles = triton.cdiv(vocab, block_v)
+    block_h = config.block_h if hidden_size >= config.block_h else max(16, triton.next_power_of_2(hidden_size))
+    row_blocks = triton.cdiv(num_rows, config.block_r)
+    num_tiles = triton.cdiv(vocab, config.block_v)
     if num_splits is None:
+        num_splits = config.splits_per_sm
         if hidden.device.type == "cuda":
             index = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
-            num_splits = triton.cdiv(2 * _num_sms(index), row_blocks)
-        else:
-            num_splits = 4
+            num_splits = triton.cdiv(config.splits_per_sm * _num_sms(index), row_blocks)
     num_splits = max(1, min(num_splits, num_tiles))
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
@@ -198,11 +252,12 @@ def _launch(
         KP=kp,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
+        BLOCK_R=config.block_r,
+        BLOCK_V=config.block_v,
         BLOCK_H=block_h,
-        num_warps=4,
-        num_stages=3,
+        FLATTEN=config.flatten,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     entries = num_splits * kp
     _merge_topk_kernel[(num_rows,)](

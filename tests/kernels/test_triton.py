@@ -192,6 +192,38 @@ def test_lm_head_topk_ties_go_to_smallest_index(num_splits):
     assert indices[0].tolist() == tied
 
 
+def stable_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with the kernel's order: value descending, equal values by increasing index."""
+    values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's matmul meets the NaN
+@pytest.mark.parametrize("k", [1, 5, 16])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
+    """Small integer logits tie everywhere, across tiles and splits; some columns are -inf, so a
+    few rows' top-16 reaches into -inf entries, and a NaN ranks as +inf. Every row must match a
+    stable sort exactly: the running list replaces its worst entry, and taking a tile's entries in
+    rank order has to hold for repeated and infinite values too."""
+    gen = torch.Generator().manual_seed(k * 31 + num_splits)
+    num_rows, vocab, width = 7, 777, 24
+    hidden = torch.randint(0, 3, (num_rows, width), generator=gen).float()
+    hidden[:, 0] = 1.0
+    weight = torch.randint(-2, 3, (vocab, width), generator=gen).float()
+    weight[:, 0] = 0.0
+    weight[5:770, 0] = float("-inf")  # 12 finite columns and a NaN: a top-16 takes 3 -inf entries
+    weight[770, 0] = float("nan")
+    hidden[6, 1:] = 0.0  # row 6: every finite logit is 0
+    logits = hidden @ weight.T
+    logits = torch.where(logits.isnan(), torch.tensor(float("inf")), logits)
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), k, num_splits=num_splits)
+    expected_values, expected_indices = stable_topk(logits, k)
+    assert k < 16 or expected_values[:, -1].isneginf().all()
+    assert torch.equal(indices.cpu(), expected_indices)
+    assert torch.equal(values.cpu(), expected_values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lm_head_topk_16bit(dtype):
     gen = torch.Generator().manual_seed(4)

@@ -137,21 +137,24 @@ def _lm_head_topk_kernel(
         go = tl.max((row_valid & (top >= worst_val)).to(tl.int32), 0) > 0
         after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
         after_idx = tl.full([BLOCK_R], -1, tl.int32)
-        while go:
-            later = (key < after_val[:, None]) | ((key == after_val[:, None]) & (cols[None, :] > after_idx[:, None]))
-            later = key_valid & later
-            top = tl.max(tl.where(later, key, float("-inf")), 1)
-            top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
-            enters = row_valid & (top_idx != 2147483647) & (
-                (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
-            )
-            put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
-            best_val = tl.where(put, top[:, None], best_val)
-            best_idx = tl.where(put, top_idx[:, None], best_idx)
-            after_val = tl.where(enters, top, after_val)
-            after_idx = tl.where(enters, top_idx, after_idx)
-            worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
-            go = tl.max(enters.to(tl.int32), 0) > 0
+        # at most K entries of a tile enter a row, and one more pass finds none: K + 1 passes, each
+        # skipped once `go` is false (a `while` here crashes Triton 3.6's layout pass)
+        for _ in range(K + 1):
+            if go:
+                behind = (key == after_val[:, None]) & (cols[None, :] > after_idx[:, None])
+                later = key_valid & ((key < after_val[:, None]) | behind)
+                top = tl.max(tl.where(later, key, float("-inf")), 1)
+                top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
+                enters = row_valid & (top_idx != 2147483647) & (
+                    (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
+                )
+                put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
+                best_val = tl.where(put, top[:, None], best_val)
+                best_idx = tl.where(put, top_idx[:, None], best_idx)
+                after_val = tl.where(enters, top, after_val)
+                after_idx = tl.where(enters, top_idx, after_idx)
+                worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
+                go = tl.max(enters.to(tl.int32), 0) > 0
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])

@@ -198,16 +198,13 @@ def stable_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values[:, :k], indices[:, :k]
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's matmul meets the NaN
-@pytest.mark.parametrize("k", [1, 5, 16])
-@pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
+def check_ties_and_infinities(k, num_splits, config=None, num_rows=7):
     """Small integer logits tie everywhere, across tiles and splits; some columns are -inf, so a
-    few rows' top-16 reaches into -inf entries, and a NaN ranks as +inf. Every row must match a
-    stable sort exactly: the running list replaces its worst entry, and taking a tile's entries in
-    rank order has to hold for repeated and infinite values too."""
+    top-16 reaches into -inf entries, and a NaN ranks as +inf. Every row must match a stable sort
+    exactly: the running list replaces its worst entry, and taking a tile's entries in rank order
+    has to hold for repeated and infinite values too."""
     gen = torch.Generator().manual_seed(k * 31 + num_splits)
-    num_rows, vocab, width = 7, 777, 24
+    vocab, width = 777, 24
     hidden = torch.randint(0, 3, (num_rows, width), generator=gen).float()
     hidden[:, 0] = 1.0
     weight = torch.randint(-2, 3, (vocab, width), generator=gen).float()
@@ -217,11 +214,29 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
     hidden[6, 1:] = 0.0  # row 6: every finite logit is 0
     logits = hidden @ weight.T
     logits = torch.where(logits.isnan(), torch.tensor(float("inf")), logits)
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), k, num_splits=num_splits)
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), k, config, num_splits)
     expected_values, expected_indices = stable_topk(logits, k)
     assert k < 16 or expected_values[:, -1].isneginf().all()
     assert torch.equal(indices.cpu(), expected_indices)
     assert torch.equal(values.cpu(), expected_values)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's matmul meets the NaN
+@pytest.mark.parametrize("k", [1, 5, 16])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
+    check_ties_and_infinities(k, num_splits)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k", [1, 8, 16])
+@pytest.mark.parametrize("config", [(128, 128, 8, 1), (64, 128, 4, 2), (64, 256, 8, 2)], ids=str)
+def test_lm_head_topk_many_ties_gpu(k, config):
+    """The same on the GPU with the tile shapes bench/lm_head_configs.py sweeps, 200 rows."""
+    block_r, block_v, warps, splits = config
+    launch = lm_head_mod.LaunchConfig(block_r, block_v, num_warps=warps, splits_per_sm=splits)
+    check_ties_and_infinities(k, 3, launch, num_rows=200)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

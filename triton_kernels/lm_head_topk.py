@@ -24,6 +24,11 @@ import triton.language as tl
 
 from ._launch import dot_settings, row_block
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
 
 @triton.jit
 def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP: tl.constexpr):
@@ -63,14 +68,35 @@ def _worst_entry(best_val, best_idx, K: tl.constexpr, KP: tl.constexpr):
     return worst_val, worst_idx, worst_slot
 
 
+@triton.jit
+def _load_tiles(hidden_ptr, weight_ptr, rows64, row_valid, cols, col_valid, h, hidden_size,
+                stride_hn, stride_hh, stride_wv, stride_wh):
+    """Masked pointer loads of x [BLOCK_R, BLOCK_H] and W.T [BLOCK_H, BLOCK_V] (zeros outside)."""
+    h_valid = h < hidden_size
+    x = tl.load(
+        hidden_ptr + rows64[:, None] * stride_hn + h[None, :] * stride_hh,
+        mask=row_valid[:, None] & h_valid[None, :],
+        other=0.0,
+    )
+    wt = tl.load(
+        weight_ptr + cols.to(tl.int64)[None, :] * stride_wv + h[:, None] * stride_wh,
+        mask=col_valid[None, :] & h_valid[:, None],
+        other=0.0,
+    )
+    return x, wt
+
+
 # Row and split counts change with every tree size: not specialising on their values (== 1,
 # divisible by 16) keeps one compiled kernel per (dtype, K, BLOCK_R) instead of several.
 @triton.jit(do_not_specialize=["num_rows", "tiles_per_split", "num_splits"])
 def _lm_head_topk_kernel(
     hidden_ptr,  # [N, H]
     weight_ptr,  # [V, H]
+    hidden_desc,  # TMA descriptors of hidden ([BLOCK_R, BLOCK_H] boxes) and weight ([BLOCK_V, BLOCK_H])
+    weight_desc,  # when TMA, else None
     part_val_ptr,  # fp32 [N, num_splits, KP]
     part_idx_ptr,  # int32 [N, num_splits, KP]
+    floor_ptr,  # fp32 [N], -inf at launch: the largest k-th value any split has held for the row so far
     num_rows,  # N
     vocab,  # V
     hidden_size,  # H
@@ -85,7 +111,7 @@ def _lm_head_topk_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    FLATTEN: tl.constexpr = False,  # one software pipeline across tiles (tl.range's loop flattening)
+    TMA: tl.constexpr,  # load tiles with Hopper's tensor-memory accelerator (out-of-range reads are zeros)
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,26 +125,21 @@ def _lm_head_topk_kernel(
     best_val = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_R, KP], 2147483647, tl.int32)
     worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
+    floor = tl.full([BLOCK_R], float("-inf"), tl.float32)
     num_tiles = tl.cdiv(vocab, BLOCK_V)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    for tile in tl.range(tile_lo, tile_hi, flatten=FLATTEN):
+    for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_valid = cols < vocab
         acc = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, hidden_size, BLOCK_H):
-            h = h0 + hcols
-            h_valid = h < hidden_size
-            x = tl.load(
-                hidden_ptr + rows64[:, None] * stride_hn + h[None, :] * stride_hh,
-                mask=row_valid[:, None] & h_valid[None, :],
-                other=0.0,
-            )  # [BLOCK_R, BLOCK_H]
-            wt = tl.load(
-                weight_ptr + cols.to(tl.int64)[None, :] * stride_wv + h[:, None] * stride_wh,
-                mask=col_valid[None, :] & h_valid[:, None],
-                other=0.0,
-            )  # [BLOCK_H, BLOCK_V]
+            if TMA:
+                x = hidden_desc.load([pid_r * BLOCK_R, h0])  # [BLOCK_R, BLOCK_H]
+                wt = weight_desc.load([tile * BLOCK_V, h0]).T  # [BLOCK_H, BLOCK_V]
+            else:
+                x, wt = _load_tiles(hidden_ptr, weight_ptr, rows64, row_valid, cols, col_valid, h0 + hcols,
+                                    hidden_size, stride_hn, stride_hh, stride_wv, stride_wh)
             if DOT_FP32:
                 x = x.to(tl.float32)
                 wt = wt.to(tl.float32)
@@ -127,14 +148,14 @@ def _lm_head_topk_kernel(
         key_valid = row_valid[:, None] & col_valid[None, :]
         key = tl.where(key_valid, key, float("-inf"))
         # Take the tile's entries in rank order (value descending, index ascending) while one of
-        # them beats its row's worst held entry, replacing that entry. After the first few tiles
-        # a row rarely gains more than one or two entries per tile, so this costs a max or two
-        # over the tile where a full K-pass merge would cost K of each. A row whose candidate
-        # does not enter is done with this tile: its worst entry did not change. `after_val` /
+        # them beats its row's worst held entry, replacing that entry. A row whose candidate does
+        # not enter is done with this tile: its worst entry did not change. `after_val` /
         # `after_idx` is each row's last entry taken; the next candidate ranks after it (which
         # also holds with -inf or repeated values, where masking a taken entry out would not).
+        # An entry below `floor` (a k-th value some split holds) is never in the row's top k, so it
+        # is not taken: with every split raising the floor, few tiles need a pass at all.
         top = tl.max(key, 1)
-        go = tl.max((row_valid & (top >= worst_val)).to(tl.int32), 0) > 0
+        go = tl.max((row_valid & (top >= tl.maximum(worst_val, floor))).to(tl.int32), 0) > 0
         after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
         after_idx = tl.full([BLOCK_R], -1, tl.int32)
         # at most K entries of a tile enter a row, and one more pass finds none: K + 1 passes, each
@@ -145,7 +166,7 @@ def _lm_head_topk_kernel(
                 later = key_valid & ((key < after_val[:, None]) | behind)
                 top = tl.max(tl.where(later, key, float("-inf")), 1)
                 top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
-                enters = row_valid & (top_idx != 2147483647) & (
+                enters = row_valid & (top_idx != 2147483647) & (top >= floor) & (
                     (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
                 )
                 put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
@@ -155,6 +176,10 @@ def _lm_head_topk_kernel(
                 after_idx = tl.where(enters, top_idx, after_idx)
                 worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
                 go = tl.max(enters.to(tl.int32), 0) > 0
+        # Publish this split's k-th value and read the others' (the atomic returns the old maximum).
+        # Ties at the floor stay eligible: `top >= floor`, since an equal value can win on index.
+        shared = tl.atomic_max(floor_ptr + rows64, worst_val, mask=row_valid, sem="relaxed")
+        floor = tl.maximum(floor, tl.where(row_valid, tl.maximum(shared, worst_val), float("-inf")))
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -202,7 +227,18 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     splits_per_sm: int = 2
-    flatten: bool = False  # pipeline loads across vocabulary tiles, not only within one
+    tma: bool = False  # tensor-memory-accelerator loads where the tensors allow them (see `_tma_ok`)
+
+
+def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA reads rows whose last dimension is contiguous, from 16-byte aligned bases and strides;
+    other layouts take the pointer loads."""
+    if TensorDescriptor is None or hidden.dtype == torch.float32:
+        return False
+    return all(
+        t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in (hidden, weight)
+    )
 
 
 def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -247,8 +283,12 @@ def _launch(
     dot_fp32, precision = dot_settings(hidden)
     part_val = torch.empty(num_rows, num_splits, kp, dtype=torch.float32, device=hidden.device)
     part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
+    floor = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    tma = config.tma and _tma_ok(hidden, weight)
+    hidden_desc = TensorDescriptor.from_tensor(hidden, [config.block_r, block_h]) if tma else None
+    weight_desc = TensorDescriptor.from_tensor(weight, [config.block_v, block_h]) if tma else None
     _lm_head_topk_kernel[(row_blocks, num_splits)](
-        hidden, weight, part_val, part_idx,
+        hidden, weight, hidden_desc, weight_desc, part_val, part_idx, floor,
         num_rows, vocab, hidden_size, tiles_per_split, num_splits,
         *hidden.stride(), *weight.stride(),
         K=k,
@@ -258,7 +298,7 @@ def _launch(
         BLOCK_R=config.block_r,
         BLOCK_V=config.block_v,
         BLOCK_H=block_h,
-        FLATTEN=config.flatten,
+        TMA=tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

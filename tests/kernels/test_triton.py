@@ -198,7 +198,7 @@ def stable_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values[:, :k], indices[:, :k]
 
 
-def check_ties_and_infinities(k, num_splits, config=None, num_rows=7):
+def check_ties_and_infinities(k, num_splits, config=None, num_rows=7, dtype=torch.float32):
     """Small integer logits tie everywhere, across tiles and splits; some columns are -inf, so a
     top-16 reaches into -inf entries, and a NaN ranks as +inf. Every row must match a stable sort
     exactly: the running list replaces its worst entry, and taking a tile's entries in rank order
@@ -214,7 +214,8 @@ def check_ties_and_infinities(k, num_splits, config=None, num_rows=7):
     hidden[6, 1:] = 0.0  # row 6: every finite logit is 0
     logits = hidden @ weight.T
     logits = torch.where(logits.isnan(), torch.tensor(float("inf")), logits)
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), k, config, num_splits)
+    # small integers: exact in bf16 too, and their sums in the kernel's fp32 accumulator
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), k, config, num_splits)
     expected_values, expected_indices = stable_topk(logits, k)
     assert k < 16 or expected_values[:, -1].isneginf().all()
     assert torch.equal(indices.cpu(), expected_indices)
@@ -228,15 +229,26 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
     check_ties_and_infinities(k, num_splits)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("k", [3, 16])
+def test_lm_head_topk_tma_loads_many_ties(k):
+    """The tensor-descriptor (TMA) loads: bf16, out-of-range rows and columns read as zeros."""
+    config = lm_head_mod.LaunchConfig(16, 64, block_h=16, tma=True)
+    assert lm_head_mod._tma_ok(torch.zeros(7, 24, dtype=torch.bfloat16), torch.zeros(777, 24, dtype=torch.bfloat16))
+    check_ties_and_infinities(k, 5, config, dtype=torch.bfloat16)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("k", [1, 8, 16])
-@pytest.mark.parametrize("config", [(128, 128, 8, 1), (64, 128, 4, 2), (64, 256, 8, 2)], ids=str)
+@pytest.mark.parametrize("config", [(128, 128, 8, 1, False), (64, 128, 4, 2, False), (128, 256, 8, 1, True),
+                                    (64, 128, 4, 2, True)], ids=str)
 def test_lm_head_topk_many_ties_gpu(k, config):
-    """The same on the GPU with the tile shapes bench/lm_head_configs.py sweeps, 200 rows."""
-    block_r, block_v, warps, splits = config
-    launch = lm_head_mod.LaunchConfig(block_r, block_v, num_warps=warps, splits_per_sm=splits)
-    check_ties_and_infinities(k, 3, launch, num_rows=200)
+    """The same on the GPU with the tile shapes bench/lm_head_configs.py sweeps, 200 rows, with
+    pointer and TMA loads (bf16: TMA takes 16-bit tensors)."""
+    block_r, block_v, warps, splits, tma = config
+    launch = lm_head_mod.LaunchConfig(block_r, block_v, num_warps=warps, splits_per_sm=splits, tma=tma)
+    check_ties_and_infinities(k, 3, launch, num_rows=200, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

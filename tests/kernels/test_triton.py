@@ -477,9 +477,21 @@ AOT_SCRIPT = textwrap.dedent(
               DOT_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), num_warps=4, num_stages=2)
     build(ta._combine_kernel, dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16"),
           dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
-    build(lm._lm_head_topk_kernel, dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32",
-          part_idx_ptr="*i32"), dict(K=16, KP=16, DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16,
-          BLOCK_V=128, BLOCK_H=64), num_warps=4, num_stages=3)
+    lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32",
+                    floor_ptr="*fp32")
+    build(lm._lm_head_topk_kernel, lm_types, dict(hidden_desc=None, weight_desc=None, K=16, KP=16,
+          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False),
+          num_warps=4, num_stages=3)
+    try:  # the TMA loads: a descriptor's type as the launcher spells it
+        import torch
+        from triton.runtime.jit import mangle_type
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        desc = lambda rows, box: mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, 4096, dtype=torch.bfloat16), box))
+        lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [256, 64]))
+        build(lm._lm_head_topk_kernel, lm_types, dict(K=8, KP=8, DOT_PRECISION="tf32", DOT_FP32=False,
+              BLOCK_R=128, BLOCK_V=256, BLOCK_H=64, TMA=True), num_warps=8, num_stages=3)
+    except ImportError:
+        print("no tensor descriptors in this triton")
     build(dh._head_block_kernel, dict(x_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16"),
           dict(DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=64, BLOCK_O=64, BLOCK_I=128), num_warps=8, num_stages=3)
     build(lm._merge_topk_kernel, dict(part_val_ptr="*fp32", part_idx_ptr="*i32", values_ptr="*fp32",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -37,26 +38,17 @@ ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node 
 
 
 def configs(rows: int):
-    """The default first, then tile shapes by how likely they are to win (the deadline may cut the tail)."""
+    """The default first, then the merge variants at the default's tiles, then other tiles (the
+    deadline may cut the tail)."""
     Config = kernel.LaunchConfig
     default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
     yield default
-    if rows <= 64:
-        block_r = default.block_r
-        yield Config(block_r, 128, tma=True)
-        yield Config(block_r, 128, splits_per_sm=4, tma=True)
-        yield Config(block_r, 128, splits_per_sm=4)
-        if rows > 32:
-            yield Config(block_r, 256, num_warps=8, tma=True)
-            yield Config(block_r, 128, num_stages=4, tma=True)
-            yield Config(block_r, 128, splits_per_sm=1, tma=True)
-        return
-    for block_r, block_v, warps, stages, splits in ((128, 256, 8, 3, 1), (128, 256, 8, 4, 1), (128, 128, 8, 4, 1),
-                                                     (128, 128, 8, 3, 1), (64, 256, 8, 4, 1), (256, 128, 8, 3, 1),
-                                                     (64, 128, 4, 3, 2), (128, 256, 8, 3, 2)):
-        yield Config(block_r, block_v, num_warps=warps, num_stages=stages, splits_per_sm=splits, tma=True)
-    yield Config(128, 256, num_warps=8, num_stages=3, splits_per_sm=1)  # the best without TMA before
-    yield Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=1)
+    for ranked, floor in ((True, False), (False, True), (False, False)):
+        yield dataclasses.replace(default, ranked=ranked, floor=floor)
+    yield dataclasses.replace(default, tma=False)
+    if rows > 64:
+        for block_r, block_v, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)):
+            yield Config(block_r, block_v, num_warps=warps, num_stages=stages, splits_per_sm=1, tma=True)
 
 
 def load_before(path: Path):

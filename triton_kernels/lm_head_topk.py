@@ -112,6 +112,8 @@ def _lm_head_topk_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TMA: tl.constexpr,  # load tiles with Hopper's tensor-memory accelerator (out-of-range reads are zeros)
+    RANKED: tl.constexpr,  # take a tile's entries in rank order (else: merge the whole tile in K passes)
+    FLOOR: tl.constexpr,  # share each row's best k-th value across splits
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -154,32 +156,42 @@ def _lm_head_topk_kernel(
         # also holds with -inf or repeated values, where masking a taken entry out would not).
         # An entry below `floor` (a k-th value some split holds) is never in the row's top k, so it
         # is not taken: with every split raising the floor, few tiles need a pass at all.
-        top = tl.max(key, 1)
-        go = tl.max((row_valid & (top >= tl.maximum(worst_val, floor))).to(tl.int32), 0) > 0
-        after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
-        after_idx = tl.full([BLOCK_R], -1, tl.int32)
-        # at most K entries of a tile enter a row, and one more pass finds none: K + 1 passes, each
-        # skipped once `go` is false (a `while` here crashes Triton 3.6's layout pass)
-        for _ in range(K + 1):
-            if go:
-                behind = (key == after_val[:, None]) & (cols[None, :] > after_idx[:, None])
-                later = key_valid & ((key < after_val[:, None]) | behind)
-                top = tl.max(tl.where(later, key, float("-inf")), 1)
-                top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
-                enters = row_valid & (top_idx != 2147483647) & (top >= floor) & (
-                    (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
+        if RANKED:
+            top = tl.max(key, 1)
+            go = tl.max((row_valid & (top >= tl.maximum(worst_val, floor))).to(tl.int32), 0) > 0
+            after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
+            after_idx = tl.full([BLOCK_R], -1, tl.int32)
+            # at most K entries of a tile enter a row, and one more pass finds none: K + 1 passes, each
+            # skipped once `go` is false (a `while` here crashes Triton 3.6's layout pass)
+            for _ in range(K + 1):
+                if go:
+                    behind = (key == after_val[:, None]) & (cols[None, :] > after_idx[:, None])
+                    later = key_valid & ((key < after_val[:, None]) | behind)
+                    top = tl.max(tl.where(later, key, float("-inf")), 1)
+                    top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
+                    enters = row_valid & (top_idx != 2147483647) & (top >= floor) & (
+                        (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
+                    )
+                    put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
+                    best_val = tl.where(put, top[:, None], best_val)
+                    best_idx = tl.where(put, top_idx[:, None], best_idx)
+                    after_val = tl.where(enters, top, after_val)
+                    after_idx = tl.where(enters, top_idx, after_idx)
+                    worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
+                    go = tl.max(enters.to(tl.int32), 0) > 0
+        else:  # the K-pass merge of the whole tile into the running list, where any row can improve
+            kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
+            improves = row_valid & (tl.max(key, 1) >= tl.maximum(kth, floor))
+            if tl.max(improves.to(tl.int32), 0) > 0:
+                best_val, best_idx = _merge_into(
+                    best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
                 )
-                put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
-                best_val = tl.where(put, top[:, None], best_val)
-                best_idx = tl.where(put, top_idx[:, None], best_idx)
-                after_val = tl.where(enters, top, after_val)
-                after_idx = tl.where(enters, top_idx, after_idx)
-                worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
-                go = tl.max(enters.to(tl.int32), 0) > 0
-        # Publish this split's k-th value and read the others' (the atomic returns the old maximum).
-        # Ties at the floor stay eligible: `top >= floor`, since an equal value can win on index.
-        shared = tl.atomic_max(floor_ptr + rows64, worst_val, mask=row_valid, sem="relaxed")
-        floor = tl.maximum(floor, tl.where(row_valid, tl.maximum(shared, worst_val), float("-inf")))
+            worst_val = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
+        if FLOOR:
+            # Publish this split's k-th value and read the others' (the atomic returns the old
+            # maximum). Ties at the floor stay eligible (`top >= floor`): an equal value can win on index.
+            shared = tl.atomic_max(floor_ptr + rows64, worst_val, mask=row_valid, sem="relaxed")
+            floor = tl.maximum(floor, tl.where(row_valid, tl.maximum(shared, worst_val), float("-inf")))
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -228,6 +240,8 @@ class LaunchConfig:
     num_stages: int = 3
     splits_per_sm: int = 2
     tma: bool = False  # tensor-memory-accelerator loads where the tensors allow them (see `_tma_ok`)
+    ranked: bool = True  # the tile's entries in rank order into the list (else a K-pass merge)
+    floor: bool = True  # splits share each row's best k-th value, so tiles below it skip the merge
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -242,12 +256,19 @@ def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """16-bit rows take 128-wide vocabulary tiles (at N=256, H=4096, V=128256 on an H100, 787 us
-    against 1054 us with 64, bench/results/h100/draft_heads_sweeps.log); fp32 takes 64."""
-    block_v = 64 if dtype == torch.float32 else 128
+    """From the sweeps (bench/lm_head_configs.py; H=4096, V=128256, bf16, k=8, on an H200 in
+    bench/results/h200/lm_head_configs.log): past 64 rows, 128x128 tiles with 8 warps, 4 stages,
+    one program per SM and TMA loads (648 us at 256 rows, against 845 us with the 64-row tiles);
+    33-64 rows, 64-row tiles with 4 stages; fewer, the smallest row tile. 16-bit rows take 128-wide
+    vocabulary tiles (787 us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64."""
+    block_r = row_block(num_rows)
     if device.type != "cuda":
-        return LaunchConfig(row_block(num_rows), block_v, splits_per_sm=4)
-    return LaunchConfig(row_block(num_rows), block_v)
+        return LaunchConfig(block_r, 64 if dtype == torch.float32 else 128, splits_per_sm=4)
+    if dtype == torch.float32:
+        return LaunchConfig(block_r, 64)
+    if num_rows > 64:
+        return LaunchConfig(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True)
+    return LaunchConfig(block_r, 128, num_stages=4 if num_rows > 32 else 3, tma=True)
 
 
 def _launch(
@@ -299,6 +320,8 @@ def _launch(
         BLOCK_V=config.block_v,
         BLOCK_H=block_h,
         TMA=tma,
+        RANKED=config.ranked,
+        FLOOR=config.floor,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -230,6 +230,16 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("k", [5, 16])
+@pytest.mark.parametrize("ranked, floor", [(True, False), (False, True), (False, False)])
+def test_lm_head_topk_merge_variants_many_ties(k, ranked, floor):
+    """The merge variants bench/lm_head_configs.py compares: the K-pass merge, and each without the
+    shared floor."""
+    config = lm_head_mod.LaunchConfig(16, 64, ranked=ranked, floor=floor)
+    check_ties_and_infinities(k, 3, config)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("k", [3, 16])
 def test_lm_head_topk_tma_loads_many_ties(k):
     """The tensor-descriptor (TMA) loads: bf16, out-of-range rows and columns read as zeros."""
@@ -480,16 +490,18 @@ AOT_SCRIPT = textwrap.dedent(
     lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32",
                     floor_ptr="*fp32")
     build(lm._lm_head_topk_kernel, lm_types, dict(hidden_desc=None, weight_desc=None, K=16, KP=16,
-          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False),
+          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False,
+          RANKED=False, FLOOR=False),
           num_warps=4, num_stages=3)
     try:  # the TMA loads: a descriptor's type as the launcher spells it
         import torch
         from triton.runtime.jit import mangle_type
         from triton.tools.tensor_descriptor import TensorDescriptor
         desc = lambda rows, box: mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, 4096, dtype=torch.bfloat16), box))
-        lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [256, 64]))
+        lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [128, 64]))
         build(lm._lm_head_topk_kernel, lm_types, dict(K=8, KP=8, DOT_PRECISION="tf32", DOT_FP32=False,
-              BLOCK_R=128, BLOCK_V=256, BLOCK_H=64, TMA=True), num_warps=8, num_stages=3)
+              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True, RANKED=True, FLOOR=True), num_warps=8,
+              num_stages=4)
     except ImportError:
         print("no tensor descriptors in this triton")
     build(dh._head_block_kernel, dict(x_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16"),

@@ -38,14 +38,14 @@ ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node 
 
 
 def configs(rows: int):
-    """The default first, then the merge variants at the default's tiles, then other tiles (the
-    deadline may cut the tail)."""
+    """The default first, then it with pointer loads, then other tiles (the deadline may cut the tail)."""
     Config = kernel.LaunchConfig
     default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
     yield default
-    for ranked, floor in ((True, False), (False, True), (False, False)):
-        yield dataclasses.replace(default, ranked=ranked, floor=floor)
     yield dataclasses.replace(default, tma=False)
+    if rows <= 64:
+        yield dataclasses.replace(default, num_stages=7 - default.num_stages)  # 3 <-> 4
+        yield dataclasses.replace(default, splits_per_sm=4)
     if rows > 64:
         for block_r, block_v, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)):
             yield Config(block_r, block_v, num_warps=warps, num_stages=stages, splits_per_sm=1, tma=True)
@@ -64,11 +64,12 @@ def median_us(timer: Timer, fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deadline", type=float, default=200.0, help="stop starting new configurations after this")
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--deadline", type=float, default=200.0, help="start no configuration after")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--before", type=Path, help="an earlier triton_kernels/lm_head_topk.py to time alongside")
-    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script (TRITON_INTERPRET=1)")
+    parser.add_argument("--before", type=Path, help="an older lm_head_topk.py to time")
+    parser.add_argument("--device", default="cuda", help="cpu: smoke test (TRITON_INTERPRET=1)")
     parser.add_argument("--small", action="store_true", help="CPU smoke test: tiny shapes, two configurations")
     parser.add_argument("--out", type=Path, default=Path("lm_head_configs.csv"))
     args = parser.parse_args(argv)

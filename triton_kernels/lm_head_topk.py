@@ -2,10 +2,12 @@
 
 Stage 1 (`_lm_head_topk_kernel`): one program per (block of BLOCK_R hidden rows, split of the
 vocabulary). It walks its split's BLOCK_V-wide vocabulary tiles in increasing order, computes each
-logit tile with tl.dot (fp32 accumulation over H in BLOCK_H steps), and merges the tile into a
-running top-k held in registers. Because tiles come in increasing index order and ties go to the
-smallest index, a tile whose best logit is below every row's current k-th value cannot change the
-result and is skipped without the merge. Each program writes its split's top-k to a small buffer.
+logit tile with tl.dot (fp32 accumulation over H in BLOCK_H steps; the tiles come through Hopper's
+tensor-memory accelerator where the tensors allow it, else by masked pointer loads), and merges
+the tile into a running top-k held in registers. Because tiles come in increasing index order and
+ties go to the smallest index, a tile whose best logit is below every row's current k-th value
+cannot change the result and is skipped without the merge. Each program writes its split's top-k
+to a small buffer.
 
 Stage 2 (`_merge_topk_kernel`): one program per hidden row merges the splits' candidates
 (num_splits * KP of them, in chunks) into the final top-k.
@@ -55,20 +57,6 @@ def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP
 
 
 @triton.jit
-def _worst_entry(best_val, best_idx, K: tl.constexpr, KP: tl.constexpr):
-    """Per row of a running list ([R, KP], slots >= K unused), the entry a newcomer must beat:
-    the smallest value, and among equal values the largest index (ties go to the smallest index).
-    Returns its value, index and slot. Empty slots hold (-inf, INT32_MAX), so they go first."""
-    slot = tl.arange(0, KP)[None, :]
-    live = slot < K
-    worst_val = tl.min(tl.where(live, best_val, float("inf")), 1)
-    at_val = live & (best_val == worst_val[:, None])
-    worst_idx = tl.max(tl.where(at_val, best_idx, -1), 1)
-    worst_slot = tl.min(tl.where(at_val & (best_idx == worst_idx[:, None]), slot, KP), 1)
-    return worst_val, worst_idx, worst_slot
-
-
-@triton.jit
 def _load_tiles(hidden_ptr, weight_ptr, rows64, row_valid, cols, col_valid, h, hidden_size,
                 stride_hn, stride_hh, stride_wv, stride_wh):
     """Masked pointer loads of x [BLOCK_R, BLOCK_H] and W.T [BLOCK_H, BLOCK_V] (zeros outside)."""
@@ -96,7 +84,6 @@ def _lm_head_topk_kernel(
     weight_desc,  # when TMA, else None
     part_val_ptr,  # fp32 [N, num_splits, KP]
     part_idx_ptr,  # int32 [N, num_splits, KP]
-    floor_ptr,  # fp32 [N], -inf at launch: the largest k-th value any split has held for the row so far
     num_rows,  # N
     vocab,  # V
     hidden_size,  # H
@@ -112,8 +99,6 @@ def _lm_head_topk_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TMA: tl.constexpr,  # load tiles with Hopper's tensor-memory accelerator (out-of-range reads are zeros)
-    RANKED: tl.constexpr,  # take a tile's entries in rank order (else: merge the whole tile in K passes)
-    FLOOR: tl.constexpr,  # share each row's best k-th value across splits
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -123,11 +108,8 @@ def _lm_head_topk_kernel(
     hcols = tl.arange(0, BLOCK_H)
     slot = tl.arange(0, KP)
 
-    # The running top-k per row, unsorted (the merge kernel sorts), empty slots (-inf, INT32_MAX).
     best_val = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_R, KP], 2147483647, tl.int32)
-    worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
-    floor = tl.full([BLOCK_R], float("-inf"), tl.float32)
     num_tiles = tl.cdiv(vocab, BLOCK_V)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -149,49 +131,14 @@ def _lm_head_topk_kernel(
         key = tl.where(acc != acc, float("inf"), acc)  # NaN ranks as +inf
         key_valid = row_valid[:, None] & col_valid[None, :]
         key = tl.where(key_valid, key, float("-inf"))
-        # Take the tile's entries in rank order (value descending, index ascending) while one of
-        # them beats its row's worst held entry, replacing that entry. A row whose candidate does
-        # not enter is done with this tile: its worst entry did not change. `after_val` /
-        # `after_idx` is each row's last entry taken; the next candidate ranks after it (which
-        # also holds with -inf or repeated values, where masking a taken entry out would not).
-        # An entry below `floor` (a k-th value some split holds) is never in the row's top k, so it
-        # is not taken: with every split raising the floor, few tiles need a pass at all.
-        if RANKED:
-            top = tl.max(key, 1)
-            go = tl.max((row_valid & (top >= tl.maximum(worst_val, floor))).to(tl.int32), 0) > 0
-            after_val = tl.full([BLOCK_R], float("inf"), tl.float32)
-            after_idx = tl.full([BLOCK_R], -1, tl.int32)
-            # at most K entries of a tile enter a row, and one more pass finds none: K + 1 passes, each
-            # skipped once `go` is false (a `while` here crashes Triton 3.6's layout pass)
-            for _ in range(K + 1):
-                if go:
-                    behind = (key == after_val[:, None]) & (cols[None, :] > after_idx[:, None])
-                    later = key_valid & ((key < after_val[:, None]) | behind)
-                    top = tl.max(tl.where(later, key, float("-inf")), 1)
-                    top_idx = tl.min(tl.where(later & (key == top[:, None]), cols[None, :], 2147483647), 1)
-                    enters = row_valid & (top_idx != 2147483647) & (top >= floor) & (
-                        (top > worst_val) | ((top == worst_val) & (top_idx < worst_idx))
-                    )
-                    put = enters[:, None] & (slot[None, :] == worst_slot[:, None])
-                    best_val = tl.where(put, top[:, None], best_val)
-                    best_idx = tl.where(put, top_idx[:, None], best_idx)
-                    after_val = tl.where(enters, top, after_val)
-                    after_idx = tl.where(enters, top_idx, after_idx)
-                    worst_val, worst_idx, worst_slot = _worst_entry(best_val, best_idx, K, KP)
-                    go = tl.max(enters.to(tl.int32), 0) > 0
-        else:  # the K-pass merge of the whole tile into the running list, where any row can improve
-            kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
-            improves = row_valid & (tl.max(key, 1) >= tl.maximum(kth, floor))
-            if tl.max(improves.to(tl.int32), 0) > 0:
-                best_val, best_idx = _merge_into(
-                    best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
-                )
-            worst_val = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
-        if FLOOR:
-            # Publish this split's k-th value and read the others' (the atomic returns the old
-            # maximum). Ties at the floor stay eligible (`top >= floor`): an equal value can win on index.
-            shared = tl.atomic_max(floor_ptr + rows64, worst_val, mask=row_valid, sem="relaxed")
-            floor = tl.maximum(floor, tl.where(row_valid, tl.maximum(shared, worst_val), float("-inf")))
+        # Skip the merge when no row's best logit here reaches its current k-th value: this tile's
+        # indices are larger than every index held, so an equal value would lose the tie anyway.
+        kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
+        improves = row_valid & (tl.max(key, 1) >= kth)
+        if tl.max(improves.to(tl.int32), 0) > 0:
+            best_val, best_idx = _merge_into(
+                best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
+            )
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -240,8 +187,6 @@ class LaunchConfig:
     num_stages: int = 3
     splits_per_sm: int = 2
     tma: bool = False  # tensor-memory-accelerator loads where the tensors allow them (see `_tma_ok`)
-    ranked: bool = True  # the tile's entries in rank order into the list (else a K-pass merge)
-    floor: bool = True  # splits share each row's best k-th value, so tiles below it skip the merge
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -256,11 +201,12 @@ def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """From the sweeps (bench/lm_head_configs.py; H=4096, V=128256, bf16, k=8, on an H200 in
-    bench/results/h200/lm_head_configs.log): past 64 rows, 128x128 tiles with 8 warps, 4 stages,
-    one program per SM and TMA loads (648 us at 256 rows, against 845 us with the 64-row tiles);
-    33-64 rows, 64-row tiles with 4 stages; fewer, the smallest row tile. 16-bit rows take 128-wide
-    vocabulary tiles (787 us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64."""
+    """From the sweeps of bench/lm_head_configs.py (H=4096, V=128256, bf16, k=8; on an H200,
+    bench/results/h200/lm_head_configs.log). Past 64 rows: 128x128 tiles, 8 warps, 4 stages, one
+    program per SM, TMA loads (631 us at 256 rows; 64-row tiles with pointer loads took 822 us).
+    33-64 rows: 64-row tiles with 4 stages (298 us against 323 us). Fewer rows: the smallest row
+    tile, TMA loads (within 2% of pointer loads). 16-bit rows take 128-wide vocabulary tiles (787
+    us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64."""
     block_r = row_block(num_rows)
     if device.type != "cuda":
         return LaunchConfig(block_r, 64 if dtype == torch.float32 else 128, splits_per_sm=4)
@@ -289,7 +235,7 @@ def _launch(
 
     config = config or default_config(num_rows, hidden.dtype, hidden.device)
     kp = max(2, triton.next_power_of_2(k))  # slots >= k stay unused
-    block_h = config.block_h if hidden_size >= config.block_h else max(16, triton.next_power_of_2(hidden_size))
+    block_h = min(config.block_h, max(16, triton.next_power_of_2(hidden_size)))
     row_blocks = triton.cdiv(num_rows, config.block_r)
     num_tiles = triton.cdiv(vocab, config.block_v)
     if num_splits is None:
@@ -304,12 +250,11 @@ def _launch(
     dot_fp32, precision = dot_settings(hidden)
     part_val = torch.empty(num_rows, num_splits, kp, dtype=torch.float32, device=hidden.device)
     part_idx = torch.empty(num_rows, num_splits, kp, dtype=torch.int32, device=hidden.device)
-    floor = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
     tma = config.tma and _tma_ok(hidden, weight)
     hidden_desc = TensorDescriptor.from_tensor(hidden, [config.block_r, block_h]) if tma else None
     weight_desc = TensorDescriptor.from_tensor(weight, [config.block_v, block_h]) if tma else None
     _lm_head_topk_kernel[(row_blocks, num_splits)](
-        hidden, weight, hidden_desc, weight_desc, part_val, part_idx, floor,
+        hidden, weight, hidden_desc, weight_desc, part_val, part_idx,
         num_rows, vocab, hidden_size, tiles_per_split, num_splits,
         *hidden.stride(), *weight.stride(),
         K=k,
@@ -320,8 +265,6 @@ def _launch(
         BLOCK_V=config.block_v,
         BLOCK_H=block_h,
         TMA=tma,
-        RANKED=config.ranked,
-        FLOOR=config.floor,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -230,16 +230,6 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-@pytest.mark.parametrize("k", [5, 16])
-@pytest.mark.parametrize("ranked, floor", [(True, False), (False, True), (False, False)])
-def test_lm_head_topk_merge_variants_many_ties(k, ranked, floor):
-    """The merge variants bench/lm_head_configs.py compares: the K-pass merge, and each without the
-    shared floor."""
-    config = lm_head_mod.LaunchConfig(16, 64, ranked=ranked, floor=floor)
-    check_ties_and_infinities(k, 3, config)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("k", [3, 16])
 def test_lm_head_topk_tma_loads_many_ties(k):
     """The tensor-descriptor (TMA) loads: bf16, out-of-range rows and columns read as zeros."""
@@ -487,11 +477,9 @@ AOT_SCRIPT = textwrap.dedent(
               DOT_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), num_warps=4, num_stages=2)
     build(ta._combine_kernel, dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16"),
           dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
-    lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32",
-                    floor_ptr="*fp32")
+    lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32")
     build(lm._lm_head_topk_kernel, lm_types, dict(hidden_desc=None, weight_desc=None, K=16, KP=16,
-          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False,
-          RANKED=False, FLOOR=False),
+          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False),
           num_warps=4, num_stages=3)
     try:  # the TMA loads: a descriptor's type as the launcher spells it
         import torch
@@ -500,7 +488,7 @@ AOT_SCRIPT = textwrap.dedent(
         desc = lambda rows, box: mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, 4096, dtype=torch.bfloat16), box))
         lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [128, 64]))
         build(lm._lm_head_topk_kernel, lm_types, dict(K=8, KP=8, DOT_PRECISION="tf32", DOT_FP32=False,
-              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True, RANKED=True, FLOOR=True), num_warps=8,
+              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True), num_warps=8,
               num_stages=4)
     except ImportError:
         print("no tensor descriptors in this triton")
@@ -542,6 +530,28 @@ def test_launch_configuration_follows_the_h100_sweep(monkeypatch):
     assert attention_mod._choose_splits(cuda, 9, 300, 64) == 1
     assert attention_mod._choose_splits(torch.device("cpu"), 1, 8192, 64) == 1
     assert attention_mod._warps_for(128, 128) == 8 and attention_mod._warps_for(64, 128) == 4
+
+
+def test_lm_head_launch_configuration_follows_the_h200_sweep():
+    """bench/lm_head_configs.py on an H200 (H=4096, V=128256, bf16): 128x128 tiles with 8 warps,
+    4 stages and one program per SM past 64 rows; 64-row tiles with 4 stages up to 64; TMA loads
+    for 16-bit rows on the GPU only; the CPU (interpreter) keeps pointer loads and 4 splits."""
+    cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
+    big = lm_head_mod.default_config(256, bf16, cuda)
+    assert (big.block_r, big.block_v, big.num_warps, big.num_stages) == (128, 128, 8, 4)
+    assert (big.splits_per_sm, big.tma) == (1, True)
+    mid = lm_head_mod.default_config(64, bf16, cuda)
+    assert (mid.block_r, mid.num_warps, mid.num_stages, mid.splits_per_sm, mid.tma) == (64, 4, 4, 2, True)
+    small = lm_head_mod.default_config(4, bf16, cuda)
+    assert (small.block_r, small.num_stages, small.tma) == (16, 3, True)
+    assert not lm_head_mod.default_config(256, torch.float32, cuda).tma
+    assert lm_head_mod.default_config(256, torch.float32, cuda).block_v == 64
+    on_cpu = lm_head_mod.default_config(256, bf16, cpu)
+    assert (on_cpu.block_r, on_cpu.splits_per_sm, on_cpu.tma) == (64, 4, False)
+    # TMA needs 16-byte aligned rows: an odd width or a strided view takes the pointer loads
+    assert not lm_head_mod._tma_ok(torch.zeros(4, 33, dtype=bf16), torch.zeros(100, 33, dtype=bf16))
+    assert not lm_head_mod._tma_ok(torch.zeros(4, 64, dtype=bf16)[:, ::2], torch.zeros(100, 32, dtype=bf16))
+    assert not lm_head_mod._tma_ok(torch.zeros(4, 64), torch.zeros(100, 64))
 
 
 def test_fp32_lm_head_on_gpu_goes_to_torch(monkeypatch):

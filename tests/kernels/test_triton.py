@@ -554,6 +554,21 @@ def test_lm_head_launch_configuration_follows_the_h200_sweep():
     assert not lm_head_mod._tma_ok(torch.zeros(4, 64), torch.zeros(100, 64))
 
 
+def test_lm_head_configs_script_runs_on_the_cpu(tmp_path):
+    """bench/lm_head_configs.py's CPU smoke mode: it checks each configuration's ids against torch,
+    times it, and writes the CSV the GPU stage reads (an id mismatch would show as WRONG)."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "configs.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo / "python"))
+    result = subprocess.run([sys.executable, str(repo / "bench" / "lm_head_configs.py"), "--device", "cpu",
+                             "--small", "--repeats", "1", "--out", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = out.read_text().splitlines()
+    assert rows[0] == "shape,config,median_us,note" and len(rows) >= 6
+    assert "WRONG" not in result.stdout and "best:" in result.stdout
+
+
 def test_fp32_lm_head_on_gpu_goes_to_torch(monkeypatch):
     """Measured on an H100: the fused kernel's fp32 path is slower than cuBLAS + topk, so auto
     sends fp32 to the reference there; bf16 and a forced backend keep the kernel."""

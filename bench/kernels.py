@@ -372,10 +372,8 @@ def bench_draft_heads_topk(device, quick):
             moved = (weights.numel() + biases.numel() + lm_weight.numel() + hidden.numel()) * element
             moved += rows * heads * (width * element + k * 12)
 
-            def torch_unfused(hidden=hidden):
-                states = reference.heads.head_states(hidden, weights, biases)  # [N, K, H]
-                logits = states.reshape(rows * heads, width) @ lm_weight.T  # [N*K, V]
-                return torch.topk(logits.float(), k)
+            def torch_unfused(hidden=hidden):  # per-head blocks, [N*K, V] logits, torch.topk
+                return reference.draft_heads_topk(hidden, weights, biases, lm_weight, k)
 
             methods = {"torch_unfused": torch_unfused}
             for backend in native_backends(device, "draft_heads_topk"):

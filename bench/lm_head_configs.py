@@ -3,10 +3,12 @@
     python bench/lm_head_configs.py [--deadline SECONDS] [--before FILE] [--out CSV]
 
 For each shape (the draft-head target first: 64 rows x 4 heads = 256 rows, H=4096, V=128256, k=8,
-bf16), every `LaunchConfig` is checked against torch (the same top-k ids as `torch.topk` of the
-fp32 logits, where no two logits tie within rounding) and timed from a CUDA graph like
-bench/kernels.py. Peers in the same loop: cuBLAS logits alone (`torch_logits`, the floor a fused
-kernel competes with), logits + `torch.topk` (`torch_logits_topk`), and, with `--before`, an
+bf16), every configuration (a fused-kernel `LaunchConfig` or a cuBLAS-chunks `ChunkedConfig`) is
+checked against torch (the same top-k ids as `torch.topk` of the fp32 logits, where no two logits
+tie within rounding) and timed from a CUDA graph like bench/kernels.py. Peers in the same loop:
+cuBLAS logits alone (`torch_logits`, the floor a fused kernel competes with; `torch_logits_fp32`,
+the same written as fp32, as the chunked path's matmuls do), logits + `torch.topk`
+(`torch_logits_topk`), and, with `--before`, an
 earlier `triton_kernels/lm_head_topk.py` (e.g. `git show REV:triton_kernels/lm_head_topk.py`).
 Then `draft_heads_topk` at the issue's shape (N=1/8/64 rows, K=4 heads, one block each) as
 bench/kernels.py times it: torch unfused against the Triton blocks + LM-head top-k with the
@@ -38,16 +40,26 @@ ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node 
 
 
 def configs(rows: int):
-    """The default first, then it with pointer loads, then other tiles (the deadline may cut the tail)."""
-    Config = kernel.LaunchConfig
+    """The default first, then the other path's best guesses (fused kernel, or cuBLAS chunks with a
+    Triton top-k), then variations (the deadline may cut the tail)."""
+    Config, Chunked = kernel.LaunchConfig, kernel.ChunkedConfig
     default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
     yield default
-    yield dataclasses.replace(default, tma=False)
+    fused = (Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True) if rows > 64
+             else Config(kernel.row_block(rows), 128, num_stages=4 if rows > 32 else 3, tma=True))
+    chunk_v = kernel.chunk_width(rows)
+    for config in (fused, Chunked(chunk_v)):
+        if config != default:
+            yield config
+    for chunk in (chunk_v // 2, chunk_v * 2):
+        yield Chunked(chunk)
+    yield Chunked(chunk_v, block_r=8, block_s=1024)
+    yield Chunked(chunk_v, block_r=32, block_s=256, num_warps=8)
+    yield dataclasses.replace(fused, tma=False)
     if rows <= 64:
-        yield dataclasses.replace(default, num_stages=7 - default.num_stages)  # 3 <-> 4
-        yield dataclasses.replace(default, splits_per_sm=4)
+        yield dataclasses.replace(fused, num_stages=7 - fused.num_stages)  # 3 <-> 4
     if rows > 64:
-        for block_r, block_v, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)):
+        for block_r, block_v, warps, stages in ((128, 256, 8, 3), (64, 128, 4, 4)):
             yield Config(block_r, block_v, num_warps=warps, num_stages=stages, splits_per_sm=1, tma=True)
 
 
@@ -99,13 +111,16 @@ def main(argv=None) -> int:
             "torch_logits": lambda hidden=hidden: hidden @ weight.T,
             "torch_logits_topk": lambda hidden=hidden: torch.topk((hidden @ weight.T).float(), K),
         }
+        if device.type == "cuda" and kernel.fp32_logits_available(device):  # what the chunked path's matmuls write
+            peers["torch_logits_fp32"] = lambda hidden=hidden: torch.mm(hidden, weight.T, out_dtype=torch.float32)
         if before is not None:
             peers["before"] = lambda hidden=hidden: before.lm_head_topk(hidden, weight, K)
         for name, fn in peers.items():
             record(shape, name, median_us(timer, fn, args.repeats))
             print(f"{shape} {name}: {results[-1]['median_us']:.1f} us", flush=True)
         candidates = list(configs(rows)) if not args.small else [kernel.default_config(rows, dtype, device),
-                                                                kernel.LaunchConfig(16, 64, splits_per_sm=3)]
+                                                                kernel.LaunchConfig(16, 64, splits_per_sm=3),
+                                                                kernel.ChunkedConfig(300, block_s=64)]
         default = candidates[0]
         best = None
         for config in candidates:

@@ -25,35 +25,13 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_settings, row_block
+from ._topk import merge_into
+from .lm_head_chunked import ChunkedConfig, chunk_width, fp32_logits_available, launch as launch_chunked
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton < 3.4: pointer loads only
     TensorDescriptor = None
-
-
-@triton.jit
-def _merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP: tl.constexpr):
-    """Top-K over the union of a running list ([R, KP], slots >= K unused) and candidates [R, C].
-
-    Returns the new running list, descending, ties by smallest index. Works row by row (axis 1)."""
-    slot = tl.arange(0, KP)[None, :]
-    cand_a = (slot < K) & (best_idx >= 0)
-    cand_b = key_valid
-    new_val = tl.full(best_val.shape, float("-inf"), tl.float32)
-    new_idx = tl.full(best_idx.shape, 2147483647, tl.int32)
-    for t in tl.static_range(K):
-        top_a = tl.max(tl.where(cand_a, best_val, float("-inf")), 1)
-        top_b = tl.max(tl.where(cand_b, key, float("-inf")), 1)
-        top = tl.maximum(top_a, top_b)
-        idx_a = tl.min(tl.where(cand_a & (best_val == top[:, None]), best_idx, 2147483647), 1)
-        idx_b = tl.min(tl.where(cand_b & (key == top[:, None]), key_idx, 2147483647), 1)
-        idx = tl.minimum(idx_a, idx_b)
-        new_val = tl.where(slot == t, top[:, None], new_val)
-        new_idx = tl.where(slot == t, idx[:, None], new_idx)
-        cand_a = cand_a & (best_idx != idx[:, None])
-        cand_b = cand_b & (key_idx != idx[:, None])
-    return new_val, new_idx
 
 
 @triton.jit
@@ -136,7 +114,7 @@ def _lm_head_topk_kernel(
         kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
         improves = row_valid & (tl.max(key, 1) >= kth)
         if tl.max(improves.to(tl.int32), 0) > 0:
-            best_val, best_idx = _merge_into(
+            best_val, best_idx = merge_into(
                 best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
             )
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
@@ -164,7 +142,7 @@ def _merge_topk_kernel(
         valid = e < num_entries
         val = tl.load(part_val_ptr + row * num_entries + e, mask=valid, other=float("-inf"))
         idx = tl.load(part_idx_ptr + row * num_entries + e, mask=valid, other=2147483647)
-        best_val, best_idx = _merge_into(best_val, best_idx, val, idx, valid & (idx != 2147483647), K, KP)
+        best_val, best_idx = merge_into(best_val, best_idx, val, idx, valid & (idx != 2147483647), K, KP)
     tl.store(values_ptr + row * K + slot, best_val, mask=slot < K)
     tl.store(indices_ptr + row * K + slot, best_idx.to(tl.int64), mask=slot < K)
 
@@ -200,7 +178,7 @@ def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig | ChunkedConfig:
     """From the sweeps of bench/lm_head_configs.py (H=4096, V=128256, bf16, k=8; on an H200,
     bench/results/h200/lm_head_configs.log). Past 64 rows: 128x128 tiles, 8 warps, 4 stages, one
     program per SM, TMA loads (631 us at 256 rows; 64-row tiles with pointer loads took 822 us).
@@ -213,6 +191,8 @@ def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> L
     if dtype == torch.float32:
         return LaunchConfig(block_r, 64)
     if num_rows > 64:
+        if fp32_logits_available(device):
+            return ChunkedConfig(chunk_width(num_rows))
         return LaunchConfig(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True)
     return LaunchConfig(block_r, 128, num_stages=4 if num_rows > 32 else 3, tma=True)
 
@@ -221,19 +201,21 @@ def _launch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     k: int,
-    config: LaunchConfig | None = None,
+    config: LaunchConfig | ChunkedConfig | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     assert weight.shape[1] == hidden_size and weight.dtype == hidden.dtype
     assert 1 <= k <= min(vocab, 16)
+    config = config or default_config(num_rows, hidden.dtype, hidden.device)
+    if isinstance(config, ChunkedConfig):
+        return launch_chunked(hidden, weight, k, config)
     values = torch.empty(num_rows, k, dtype=torch.float32, device=hidden.device)
     indices = torch.empty(num_rows, k, dtype=torch.int64, device=hidden.device)
     if num_rows == 0:
         return values, indices
 
-    config = config or default_config(num_rows, hidden.dtype, hidden.device)
     kp = max(2, triton.next_power_of_2(k))  # slots >= k stay unused
     block_h = min(config.block_h, max(16, triton.next_power_of_2(hidden_size)))
     row_blocks = triton.cdiv(num_rows, config.block_r)

@@ -238,6 +238,29 @@ def test_lm_head_topk_tma_loads_many_ties(k):
     check_ties_and_infinities(k, 5, config, dtype=torch.bfloat16)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("k,dtype", [(1, torch.float32), (5, torch.bfloat16), (16, torch.float32)])
+def test_lm_head_topk_chunked_many_ties(k, dtype):
+    """The many-row path (matmul per vocabulary chunk, Triton top-k per segment, running merge):
+    777 columns in chunks of 100 read in 32-wide segments, so ties and -inf entries cross
+    segments and chunks, and the short last chunk has fewer segments than the others (a merge
+    that read the earlier chunk's leftover candidates would repeat indices)."""
+    config = lm_head_mod.ChunkedConfig(chunk_v=100, block_r=4, block_s=32)
+    check_ties_and_infinities(k, 1, config, dtype=dtype)
+
+
+def test_lm_head_topk_chunked_matches_torch():
+    """Random logits, 37 rows (a partial row block), a last chunk of one column."""
+    gen = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(37, 48, generator=gen), torch.randn(1001, 48, generator=gen)
+    config = lm_head_mod.ChunkedConfig(chunk_v=200, block_r=16, block_s=64)
+    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 8, config)
+    expected_values, expected_indices = torch.topk(hidden @ weight.T, 8)
+    assert torch.equal(indices.cpu(), expected_indices)
+    torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
+    assert lm_head_mod._launch(hidden[:0].to(DEVICE), weight.to(DEVICE), 8, config)[0].shape == (0, 8)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("k", [1, 8, 16])
@@ -249,6 +272,17 @@ def test_lm_head_topk_many_ties_gpu(k, config):
     block_r, block_v, warps, splits, tma = config
     launch = lm_head_mod.LaunchConfig(block_r, block_v, num_warps=warps, splits_per_sm=splits, tma=tma)
     check_ties_and_infinities(k, 3, launch, num_rows=200, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k", [1, 8, 16])
+@pytest.mark.parametrize("config", [(100, 4, 32, 4), (300, 16, 64, 4), (4096, 32, 256, 8)], ids=str)
+def test_lm_head_topk_chunked_many_ties_gpu(k, config):
+    """The many-row path on the GPU: cuBLAS writes each chunk's fp32 logits."""
+    chunk_v, block_r, block_s, warps = config
+    launch = lm_head_mod.ChunkedConfig(chunk_v, block_r=block_r, block_s=block_s, num_warps=warps)
+    check_ties_and_infinities(k, 1, launch, num_rows=200, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -418,7 +452,7 @@ def test_tree_attention_gpu(dtype, batch, num_nodes, heads, head_dim, max_prefix
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("num_rows", [1, 8, 33])
+@pytest.mark.parametrize("num_rows", [1, 8, 33, 200])  # 200: bf16 takes the chunked path
 @pytest.mark.parametrize("k", [1, 8, 16])
 def test_lm_head_topk_gpu(dtype, num_rows, k):
     gen = torch.Generator().manual_seed(num_rows + k)
@@ -496,6 +530,12 @@ AOT_SCRIPT = textwrap.dedent(
           dict(DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=64, BLOCK_O=64, BLOCK_I=128), num_warps=8, num_stages=3)
     build(lm._merge_topk_kernel, dict(part_val_ptr="*fp32", part_idx_ptr="*i32", values_ptr="*fp32",
           indices_ptr="*i64"), dict(K=1, KP=2, BLOCK_E=512), num_warps=4)
+    from triton_kernels import lm_head_chunked as ch
+    build(ch._segment_topk_kernel, dict(logits_ptr="*fp32", part_val_ptr="*fp32", part_idx_ptr="*i32"),
+          dict(K=8, KP=8, BLOCK_R=16, BLOCK_S=512), num_warps=4)
+    for final in (False, True):
+        build(ch._merge_running_kernel, dict(part_val_ptr="*fp32", part_idx_ptr="*i32", values_ptr="*fp32",
+              indices_ptr="*i64"), dict(K=8, KP=8, BLOCK_E=256, FINAL=final), num_warps=4)
     print("compiled")
     """
 )
@@ -532,11 +572,18 @@ def test_launch_configuration_follows_the_h100_sweep(monkeypatch):
     assert attention_mod._warps_for(128, 128) == 8 and attention_mod._warps_for(64, 128) == 4
 
 
-def test_lm_head_launch_configuration_follows_the_h200_sweep():
-    """bench/lm_head_configs.py on an H200 (H=4096, V=128256, bf16): 128x128 tiles with 8 warps,
-    4 stages and one program per SM past 64 rows; 64-row tiles with 4 stages up to 64; TMA loads
-    for 16-bit rows on the GPU only; the CPU (interpreter) keeps pointer loads and 4 splits."""
+def test_lm_head_launch_configuration_follows_the_h200_sweep(monkeypatch):
+    """bench/lm_head_configs.py on an H200 (H=4096, V=128256, bf16): past 64 rows, cuBLAS chunks
+    of 16 MB of fp32 logits with the Triton top-k (where torch writes fp32 from a 16-bit matmul;
+    else 128x128 fused tiles with 8 warps, 4 stages, one program per SM); 64-row tiles with 4
+    stages up to 64; TMA loads for 16-bit rows on the GPU only; the CPU (interpreter) keeps the
+    fused kernel's pointer loads and 4 splits."""
     cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
+    big = lm_head_mod.default_config(256, bf16, cuda)
+    assert big == lm_head_mod.ChunkedConfig(chunk_v=16384)
+    assert lm_head_mod.default_config(1000, bf16, cuda).chunk_v == 4096
+    assert lm_head_mod.default_config(65, bf16, cuda).chunk_v == 32768  # 4M / 65 = 64527 -> 32768
+    monkeypatch.setattr(lm_head_mod, "fp32_logits_available", lambda device: False)
     big = lm_head_mod.default_config(256, bf16, cuda)
     assert (big.block_r, big.block_v, big.num_warps, big.num_stages) == (128, 128, 8, 4)
     assert (big.splits_per_sm, big.tma) == (1, True)

@@ -40,27 +40,27 @@ ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node 
 
 
 def configs(rows: int):
-    """The default first, then the other path's best guesses (fused kernel, or cuBLAS chunks with a
-    Triton top-k), then variations (the deadline may cut the tail)."""
+    """The default first, then the other path's best guess (fused kernel, or cuBLAS chunks with a
+    Triton top-k), then variations: the K-pass merge, chunk and segment shapes, pointer loads, other
+    tiles (the deadline may cut the tail)."""
     Config, Chunked = kernel.LaunchConfig, kernel.ChunkedConfig
     default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
-    yield default
     fused = (Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True) if rows > 64
              else Config(kernel.row_block(rows), 128, num_stages=4 if rows > 32 else 3, tma=True))
     chunk_v = kernel.chunk_width(rows)
-    for config in (fused, Chunked(chunk_v)):
-        if config != default:
-            yield config
-    for chunk in (chunk_v // 2, chunk_v * 2):
-        yield Chunked(chunk)
-    yield Chunked(chunk_v, block_r=8, block_s=1024)
-    yield Chunked(chunk_v, block_r=32, block_s=256, num_warps=8)
-    yield dataclasses.replace(fused, tma=False)
+    candidates = [default, fused, dataclasses.replace(fused, insert=False), Chunked(chunk_v),
+                  Chunked(chunk_v, block_r=8, block_s=1024), Chunked(chunk_v, block_r=32, block_s=256, num_warps=8),
+                  Chunked(chunk_v * 2), dataclasses.replace(fused, tma=False)]
     if rows <= 64:
-        yield dataclasses.replace(fused, num_stages=7 - fused.num_stages)  # 3 <-> 4
-    if rows > 64:
-        for block_r, block_v, warps, stages in ((128, 256, 8, 3), (64, 128, 4, 4)):
-            yield Config(block_r, block_v, num_warps=warps, num_stages=stages, splits_per_sm=1, tma=True)
+        candidates.append(dataclasses.replace(fused, num_stages=7 - fused.num_stages))  # 3 <-> 4
+    else:
+        candidates += [Config(128, 256, num_warps=8, num_stages=3, splits_per_sm=1, tma=True),
+                       Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=2, tma=True)]
+    seen = set()
+    for config in candidates:
+        if config not in seen:
+            seen.add(config)
+            yield config
 
 
 def load_before(path: Path):

@@ -26,3 +26,33 @@ def merge_into(best_val, best_idx, key, key_idx, key_valid, K: tl.constexpr, KP:
         cand_a = cand_a & (best_idx != idx[:, None])
         cand_b = cand_b & (key_idx != idx[:, None])
     return new_val, new_idx
+
+
+@triton.jit
+def insert_candidates(best_val, best_idx, key, key_idx, cand, K: tl.constexpr, KP: tl.constexpr):
+    """Insert a tile's candidates [R, C] (where `cand`) into a running top-K [R, KP], best first.
+
+    The running list is kept unsorted (the final merge sorts it); each insertion replaces its worst
+    entry (smallest value, then largest index). Candidates come in rank order (value descending,
+    then index ascending), so one that does not beat the worst entry cannot enter, and neither can
+    any after it. The number of passes is the largest per-row candidate count (at most K): after
+    the first tiles few logits reach a row's k-th value, so most tiles take one or two passes
+    where `merge_into` always takes K."""
+    slot = tl.arange(0, KP)[None, :]
+    in_use = slot < K
+    passes = tl.minimum(tl.max(tl.sum(cand.to(tl.int32), 1), 0), K)
+    for _ in range(passes):
+        top = tl.max(tl.where(cand, key, float("-inf")), 1)
+        idx = tl.min(tl.where(cand & (key == top[:, None]), key_idx, 2147483647), 1)
+        worst_val = tl.min(tl.where(in_use, best_val, float("inf")), 1)
+        is_worst_val = in_use & (best_val == worst_val[:, None])
+        worst_idx = tl.max(tl.where(is_worst_val, best_idx, -1), 1)
+        # empty slots all read (-inf, 2147483647): take one of them, the highest
+        worst_slot = tl.max(tl.where(is_worst_val & (best_idx == worst_idx[:, None]), slot, -1), 1)
+        # a row with no candidate left has top = -inf and idx = 2147483647, which beats nothing
+        better = (top > worst_val) | ((top == worst_val) & (idx < worst_idx))
+        target = (slot == worst_slot[:, None]) & better[:, None]
+        best_val = tl.where(target, top[:, None], best_val)
+        best_idx = tl.where(target, idx[:, None], best_idx)
+        cand = cand & (key_idx != idx[:, None])
+    return best_val, best_idx

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._topk import merge_into
+from ._topk import insert_candidates, merge_into
 
 EMPTY = 2147483647  # the index of an empty slot
 SENTINEL = tl.constexpr(EMPTY)  # the same inside kernels
@@ -77,7 +77,8 @@ def _segment_topk_kernel(
     best_idx = tl.full([BLOCK_R, KP], SENTINEL, tl.int32)
     if tl.max(improves.to(tl.int32), 0) > 0:
         key_idx = (col_offset + cols)[None, :] + rows[:, None] * 0
-        best_val, best_idx = merge_into(best_val, best_idx, key, key_idx, key_valid & improves[:, None], K, KP)
+        cand = key_valid & (key >= kth[:, None])
+        best_val, best_idx = insert_candidates(best_val, best_idx, key, key_idx, cand, K, KP)
     out = row_base[:, None] + (segment + 1) * KP + slot[None, :]
     tl.store(part_val_ptr + out, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + out, best_idx, mask=row_valid[:, None])

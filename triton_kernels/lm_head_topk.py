@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_settings, row_block
-from ._topk import merge_into
+from ._topk import insert_candidates, merge_into
 from .lm_head_chunked import ChunkedConfig, chunk_width, fp32_logits_available, launch as launch_chunked
 
 try:
@@ -77,6 +77,7 @@ def _lm_head_topk_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TMA: tl.constexpr,  # load tiles with Hopper's tensor-memory accelerator (out-of-range reads are zeros)
+    INSERT: tl.constexpr,  # merge a tile by inserting its few candidates (else K passes over the tile)
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,9 +115,12 @@ def _lm_head_topk_kernel(
         kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
         improves = row_valid & (tl.max(key, 1) >= kth)
         if tl.max(improves.to(tl.int32), 0) > 0:
-            best_val, best_idx = merge_into(
-                best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
-            )
+            key_idx = cols[None, :] + rows[:, None] * 0
+            if INSERT:
+                cand = key_valid & (key >= kth[:, None])
+                best_val, best_idx = insert_candidates(best_val, best_idx, key, key_idx, cand, K, KP)
+            else:
+                best_val, best_idx = merge_into(best_val, best_idx, key, key_idx, key_valid, K, KP)
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -165,6 +169,7 @@ class LaunchConfig:
     num_stages: int = 3
     splits_per_sm: int = 2
     tma: bool = False  # tensor-memory-accelerator loads where the tensors allow them (see `_tma_ok`)
+    insert: bool = True  # `insert_candidates` (passes: the largest candidate count) or `merge_into` (K passes)
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -247,6 +252,7 @@ def _launch(
         BLOCK_V=config.block_v,
         BLOCK_H=block_h,
         TMA=tma,
+        INSERT=config.insert,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

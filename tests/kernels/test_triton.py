@@ -230,6 +230,13 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("k", [5, 16])
+def test_lm_head_topk_k_pass_merge_many_ties(k):
+    """The K-pass tile merge (`insert=False`), which the default's candidate insertion replaced."""
+    check_ties_and_infinities(k, 3, lm_head_mod.LaunchConfig(16, 64, splits_per_sm=3, insert=False))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("k", [3, 16])
 def test_lm_head_topk_tma_loads_many_ties(k):
     """The tensor-descriptor (TMA) loads: bf16, out-of-range rows and columns read as zeros."""
@@ -513,7 +520,7 @@ AOT_SCRIPT = textwrap.dedent(
           dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
     lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32")
     build(lm._lm_head_topk_kernel, lm_types, dict(hidden_desc=None, weight_desc=None, K=16, KP=16,
-          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False),
+          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False, INSERT=False),
           num_warps=4, num_stages=3)
     try:  # the TMA loads: a descriptor's type as the launcher spells it
         import torch
@@ -522,7 +529,7 @@ AOT_SCRIPT = textwrap.dedent(
         desc = lambda rows, box: mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, 4096, dtype=torch.bfloat16), box))
         lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [128, 64]))
         build(lm._lm_head_topk_kernel, lm_types, dict(K=8, KP=8, DOT_PRECISION="tf32", DOT_FP32=False,
-              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True), num_warps=8,
+              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True, INSERT=True), num_warps=8,
               num_stages=4)
     except ImportError:
         print("no tensor descriptors in this triton")

@@ -11,7 +11,7 @@ def main(path: str) -> None:
     data = json.load(open(path))
     methods = [m for m in data["methods"] if m != "hf"]
     head = "| category | prompts | HF tok/s | " + " | ".join(
-        f"{m} x" + ("" if m == "hf_pld" else f" / tau / step ms") for m in methods) + " | lossless |"
+        f"{m} x" + ("" if m == "hf_pld" else " / tau / step ms") for m in methods) + " | lossless |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for category, rows in data["summary"].items():

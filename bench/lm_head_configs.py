@@ -33,7 +33,8 @@ from kernels import Timer  # noqa: E402
 
 from treedec import reference  # noqa: E402
 import triton_kernels  # noqa: E402, F401  (the package, so that --before's relative imports resolve)
-from triton_kernels import draft_heads, lm_head_topk as kernel  # noqa: E402
+from triton_kernels import draft_heads, lm_head_chunked as chunked, lm_head_topk as kernel  # noqa: E402
+from triton_kernels._launch import row_block  # noqa: E402
 
 WIDTH, VOCAB, HEADS, K = 4096, 128256, 4, 8
 ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node greedy verify's width
@@ -41,14 +42,14 @@ ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node 
 
 def configs(rows: int):
     """The default first, then the other path's best guess (fused kernel, or cuBLAS chunks with a
-    Triton top-k), then variations: the K-pass merge, chunk and segment shapes, pointer loads, other
+    Triton top-k), then variations: chunk and segment shapes, pointer loads, other
     tiles (the deadline may cut the tail)."""
-    Config, Chunked = kernel.LaunchConfig, kernel.ChunkedConfig
+    Config, Chunked = kernel.LaunchConfig, chunked.ChunkedConfig
     default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
     fused = (Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True) if rows > 64
-             else Config(kernel.row_block(rows), 128, num_stages=4 if rows > 32 else 3, tma=True))
-    chunk_v = kernel.chunk_width(rows)
-    candidates = [default, fused, dataclasses.replace(fused, insert=False), Chunked(chunk_v),
+             else Config(row_block(rows), 128, num_stages=4 if rows > 32 else 3, tma=True))
+    chunk_v = chunked.chunk_width(rows)
+    candidates = [default, fused, Chunked(chunk_v),
                   Chunked(chunk_v, block_r=8, block_s=1024), Chunked(chunk_v, block_r=32, block_s=256, num_warps=8),
                   Chunked(chunk_v * 2), dataclasses.replace(fused, tma=False)]
     if rows <= 64:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
             "torch_logits": lambda hidden=hidden: hidden @ weight.T,
             "torch_logits_topk": lambda hidden=hidden: torch.topk((hidden @ weight.T).float(), K),
         }
-        if device.type == "cuda" and kernel.fp32_logits_available(device):  # what the chunked path's matmuls write
+        if device.type == "cuda" and chunked.fp32_logits_available(device):  # what the chunked path's matmuls write
             peers["torch_logits_fp32"] = lambda hidden=hidden: torch.mm(hidden, weight.T, out_dtype=torch.float32)
         if before is not None:
             peers["before"] = lambda hidden=hidden: before.lm_head_topk(hidden, weight, K)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
             print(f"{shape} {name}: {results[-1]['median_us']:.1f} us", flush=True)
         candidates = list(configs(rows)) if not args.small else [kernel.default_config(rows, dtype, device),
                                                                 kernel.LaunchConfig(16, 64, splits_per_sm=3),
-                                                                kernel.ChunkedConfig(300, block_s=64)]
+                                                                chunked.ChunkedConfig(300, block_s=64)]
         default = candidates[0]
         best = None
         for config in candidates:

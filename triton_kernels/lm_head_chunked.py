@@ -1,10 +1,20 @@
 """LM-head top-k for many rows: cuBLAS logits of one vocabulary chunk at a time, a Triton top-k over each.
 
 Past a few dozen rows the projection is compute-bound (256 rows x H=4096 x V=128256 is 269 GFLOP),
-and a Triton matmul without warp specialisation reaches about two thirds of cuBLAS on Hopper (597
-against 404 us on an H200, bench/results/h200/lm_head_configs.log). So this path lets cuBLAS do
+and the fused Triton kernel, without warp specialisation, runs at about two thirds of cuBLAS on
+Hopper (597-633 us against 395-404 us for the logits alone on an H200). This path lets cuBLAS do
 the matmul and keeps only the top-k in Triton. The [N, V] logits are still never materialised:
 one [N, chunk_v] fp32 chunk exists at a time, sized to stay in L2 while its top-k reads it.
+
+Not the default: `lm_head_topk.default_config` never picks it. Measured on an H200 with a K-pass
+merge per segment it lost everywhere (855-1325 us at 256 rows against 633 for the fused kernel,
+bench/results/h200/lm_head_configs_chunked.log): the top-k, not the matmul, took the time,
+because a segment merges whenever any of its rows has a logit above that row's k-th, which is
+nearly always. The segments now insert only those logits (`_topk.insert_candidates`): after the
+first chunk a row's k-th is high, so a segment takes one or two passes instead of K. This is
+untimed on a GPU; bench/lm_head_configs.py sweeps this path beside the fused kernel. (The same
+insertion in the fused kernel, as rank-order passes at fd89d91, did not pay: 656-675 against 631
+us. There the matmul, not the merge, sets the pace.)
 
 Per chunk (in increasing vocabulary order):
 1. `torch.mm` writes the chunk's fp32 logits (fp32 accumulation, like the fused kernel).

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._launch import dot_settings, row_block
-from ._topk import insert_candidates, merge_into
-from .lm_head_chunked import ChunkedConfig, chunk_width, fp32_logits_available, launch as launch_chunked
+from ._topk import merge_into
+from .lm_head_chunked import ChunkedConfig, launch as launch_chunked
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -77,7 +77,6 @@ def _lm_head_topk_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TMA: tl.constexpr,  # load tiles with Hopper's tensor-memory accelerator (out-of-range reads are zeros)
-    INSERT: tl.constexpr,  # merge a tile by inserting its few candidates (else K passes over the tile)
 ):
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,12 +114,9 @@ def _lm_head_topk_kernel(
         kth = tl.min(tl.where(slot[None, :] < K, best_val, float("inf")), 1)
         improves = row_valid & (tl.max(key, 1) >= kth)
         if tl.max(improves.to(tl.int32), 0) > 0:
-            key_idx = cols[None, :] + rows[:, None] * 0
-            if INSERT:
-                cand = key_valid & (key >= kth[:, None])
-                best_val, best_idx = insert_candidates(best_val, best_idx, key, key_idx, cand, K, KP)
-            else:
-                best_val, best_idx = merge_into(best_val, best_idx, key, key_idx, key_valid, K, KP)
+            best_val, best_idx = merge_into(
+                best_val, best_idx, key, cols[None, :] + rows[:, None] * 0, key_valid, K, KP
+            )
     part = (rows64[:, None] * num_splits + split) * KP + slot[None, :]
     tl.store(part_val_ptr + part, best_val, mask=row_valid[:, None])
     tl.store(part_idx_ptr + part, best_idx, mask=row_valid[:, None])
@@ -169,7 +165,6 @@ class LaunchConfig:
     num_stages: int = 3
     splits_per_sm: int = 2
     tma: bool = False  # tensor-memory-accelerator loads where the tensors allow them (see `_tma_ok`)
-    insert: bool = True  # `insert_candidates` (passes: the largest candidate count) or `merge_into` (K passes)
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -183,21 +178,21 @@ def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig | ChunkedConfig:
+def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """From the sweeps of bench/lm_head_configs.py (H=4096, V=128256, bf16, k=8; on an H200,
     bench/results/h200/lm_head_configs.log). Past 64 rows: 128x128 tiles, 8 warps, 4 stages, one
     program per SM, TMA loads (631 us at 256 rows; 64-row tiles with pointer loads took 822 us).
     33-64 rows: 64-row tiles with 4 stages (298 us against 323 us). Fewer rows: the smallest row
     tile, TMA loads (within 2% of pointer loads). 16-bit rows take 128-wide vocabulary tiles (787
-    us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64."""
+    us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64. The cuBLAS-chunks path
+    (`ChunkedConfig`) lost at every row count with its first top-k (K passes per segment): 855 us
+    at best against 633 at 256 rows (lm_head_configs_chunked.log)."""
     block_r = row_block(num_rows)
     if device.type != "cuda":
         return LaunchConfig(block_r, 64 if dtype == torch.float32 else 128, splits_per_sm=4)
     if dtype == torch.float32:
         return LaunchConfig(block_r, 64)
     if num_rows > 64:
-        if fp32_logits_available(device):
-            return ChunkedConfig(chunk_width(num_rows))
         return LaunchConfig(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True)
     return LaunchConfig(block_r, 128, num_stages=4 if num_rows > 32 else 3, tma=True)
 
@@ -252,7 +247,6 @@ def _launch(
         BLOCK_V=config.block_v,
         BLOCK_H=block_h,
         TMA=tma,
-        INSERT=config.insert,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

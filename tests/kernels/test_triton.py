@@ -230,13 +230,6 @@ def test_lm_head_topk_many_ties_and_infinities(k, num_splits):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-@pytest.mark.parametrize("k", [5, 16])
-def test_lm_head_topk_k_pass_merge_many_ties(k):
-    """The K-pass tile merge (`insert=False`), which the default's candidate insertion replaced."""
-    check_ties_and_infinities(k, 3, lm_head_mod.LaunchConfig(16, 64, splits_per_sm=3, insert=False))
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("k", [3, 16])
 def test_lm_head_topk_tma_loads_many_ties(k):
     """The tensor-descriptor (TMA) loads: bf16, out-of-range rows and columns read as zeros."""
@@ -520,7 +513,7 @@ AOT_SCRIPT = textwrap.dedent(
           dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
     lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32")
     build(lm._lm_head_topk_kernel, lm_types, dict(hidden_desc=None, weight_desc=None, K=16, KP=16,
-          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False, INSERT=False),
+          DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_R=16, BLOCK_V=128, BLOCK_H=64, TMA=False),
           num_warps=4, num_stages=3)
     try:  # the TMA loads: a descriptor's type as the launcher spells it
         import torch
@@ -529,7 +522,7 @@ AOT_SCRIPT = textwrap.dedent(
         desc = lambda rows, box: mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, 4096, dtype=torch.bfloat16), box))
         lm_types.update(hidden_desc=desc(256, [128, 64]), weight_desc=desc(1024, [128, 64]))
         build(lm._lm_head_topk_kernel, lm_types, dict(K=8, KP=8, DOT_PRECISION="tf32", DOT_FP32=False,
-              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True, INSERT=True), num_warps=8,
+              BLOCK_R=128, BLOCK_V=128, BLOCK_H=64, TMA=True), num_warps=8,
               num_stages=4)
     except ImportError:
         print("no tensor descriptors in this triton")
@@ -579,18 +572,12 @@ def test_launch_configuration_follows_the_h100_sweep(monkeypatch):
     assert attention_mod._warps_for(128, 128) == 8 and attention_mod._warps_for(64, 128) == 4
 
 
-def test_lm_head_launch_configuration_follows_the_h200_sweep(monkeypatch):
-    """bench/lm_head_configs.py on an H200 (H=4096, V=128256, bf16): past 64 rows, cuBLAS chunks
-    of 16 MB of fp32 logits with the Triton top-k (where torch writes fp32 from a 16-bit matmul;
-    else 128x128 fused tiles with 8 warps, 4 stages, one program per SM); 64-row tiles with 4
-    stages up to 64; TMA loads for 16-bit rows on the GPU only; the CPU (interpreter) keeps the
-    fused kernel's pointer loads and 4 splits."""
+def test_lm_head_launch_configuration_follows_the_h200_sweep():
+    """bench/lm_head_configs.py on an H200 (H=4096, V=128256, bf16): 128x128 tiles with 8 warps,
+    4 stages and one program per SM past 64 rows (the cuBLAS-chunks path lost there); 64-row tiles
+    with 4 stages up to 64; TMA loads for 16-bit rows on the GPU only; the CPU (interpreter) keeps
+    pointer loads and 4 splits."""
     cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
-    big = lm_head_mod.default_config(256, bf16, cuda)
-    assert big == lm_head_mod.ChunkedConfig(chunk_v=16384)
-    assert lm_head_mod.default_config(1000, bf16, cuda).chunk_v == 4096
-    assert lm_head_mod.default_config(65, bf16, cuda).chunk_v == 32768  # 4M / 65 = 64527 -> 32768
-    monkeypatch.setattr(lm_head_mod, "fp32_logits_available", lambda device: False)
     big = lm_head_mod.default_config(256, bf16, cuda)
     assert (big.block_r, big.block_v, big.num_warps, big.num_stages) == (128, 128, 8, 4)
     assert (big.splits_per_sm, big.tma) == (1, True)
@@ -606,6 +593,14 @@ def test_lm_head_launch_configuration_follows_the_h200_sweep(monkeypatch):
     assert not lm_head_mod._tma_ok(torch.zeros(4, 33, dtype=bf16), torch.zeros(100, 33, dtype=bf16))
     assert not lm_head_mod._tma_ok(torch.zeros(4, 64, dtype=bf16)[:, ::2], torch.zeros(100, 32, dtype=bf16))
     assert not lm_head_mod._tma_ok(torch.zeros(4, 64), torch.zeros(100, 64))
+
+
+def test_lm_head_chunk_width_holds_16_mb_of_fp32_logits():
+    from triton_kernels import lm_head_chunked
+
+    assert lm_head_chunked.chunk_width(256) == 16384  # 256 x 16384 x 4 bytes = 16 MB
+    assert lm_head_chunked.chunk_width(65) == 32768  # 4M / 65 = 64527: the power of two below
+    assert lm_head_chunked.chunk_width(1000) == 4096 and lm_head_chunked.chunk_width(1) == 65536
 
 
 def test_lm_head_configs_script_runs_on_the_cpu(tmp_path):

@@ -215,7 +215,6 @@ def emitted_tokens(verify, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     """DRAWS runs of `verify` on the fixed tree as one batch: (first token, second token or -1
     when the step emits only one, the first token's node or -1 when it is the bonus)."""
     generator = torch.Generator().manual_seed(seed)
-    num_nodes = len(STAT_PARENTS)
     parents = torch.tensor([STAT_PARENTS], dtype=torch.int32).expand(DRAWS, -1).contiguous()
     tokens = torch.tensor([STAT_TOKENS]).expand(DRAWS, -1).contiguous()
     probs = torch.tensor([STAT_PROBS]).expand(DRAWS, -1, -1).contiguous()

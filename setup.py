@@ -134,7 +134,8 @@ else:
 setup(
     packages=[*find_packages("python"), "treedec_triton"],
     package_dir={"": "python", "treedec_triton": "triton_kernels"},
-    package_data={"treedec": ["heads/weights/*/heads.json", "heads/weights/*/heads.safetensors"]},
+    package_data={"treedec": ["heads/weights/*/heads.json", "heads/weights/*/heads.safetensors",
+                              "heads/weights/*/token_frequencies.safetensors"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -2,6 +2,7 @@
 
     python bench/tau_fixed_cost.py --questions ../shared/data/spec_bench/dev.jsonl
         [--methods auto medusa hydra] [--limit-per-category 1] [--max-new-tokens 128] [--threads 2]
+        [--heads-options '{"draft_vocab": 8192}']
 
 `treedec bench e2e` reports tau too, but there the sizer prices each tree from step times measured
 in the same run, and on a shared 2-core CPU those move by 20% between runs: the same code gave
@@ -15,6 +16,7 @@ Greedy, one generate call per prompt, each method with its own learned state.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -58,6 +60,8 @@ def main() -> dict[str, float]:
     parser.add_argument("--limit-per-category", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heads-options", type=json.loads, default={},
+                        help="JSON options for medusa and hydra, e.g. '{\"draft_vocab\": 8192}'")
     args = parser.parse_args()
     if args.max_new_tokens < 1 or args.limit_per_category < 1:
         parser.error("--max-new-tokens and --limit-per-category must be at least 1")
@@ -67,8 +71,9 @@ def main() -> dict[str, float]:
     results = {}
     for method in args.methods:
         set_learned_state(model, LearnedState(cost=FixedCost()))  # nothing calibrated or re-measured
-        treedec.patch(model, drafter=method)
+        treedec.patch(model, drafter=method, **(args.heads_options if method in ("medusa", "hydra") else {}))
         steps = tokens = 0
+        seconds_drafting = 0.0
         per_prompt = []
         started = time.perf_counter()
         for prompt in prompts:
@@ -76,13 +81,14 @@ def main() -> dict[str, float]:
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             new = out.shape[1] - inputs["input_ids"].shape[1]
             steps += model.treedec.last_stats["steps"]
+            seconds_drafting += model.treedec.last_stats["draft_seconds"]
             tokens += new
             per_prompt.append(f"{new / model.treedec.last_stats['steps']:.2f}")
         treedec.unpatch(model)
         results[method] = tokens / steps
         seconds = time.perf_counter() - started
-        print(f"{method:<10} tau {tokens / steps:.3f} over {len(prompts)} prompts ({seconds:.0f} s); "
-              f"per prompt {' '.join(per_prompt)}", flush=True)
+        print(f"{method:<10} tau {tokens / steps:.3f} over {len(prompts)} prompts ({seconds:.0f} s, of which "
+              f"{seconds_drafting:.1f} s drafting); per prompt {' '.join(per_prompt)}", flush=True)
     set_learned_state(model, None)
     return results
 

@@ -312,7 +312,11 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     assert "saved to" in capsys.readouterr().out
     assert load(out).config.kind == "hydra"
     assert {p.name for p in out.iterdir()} >= {"heads.json", "heads.safetensors", "distill_data.pt", "checkpoint.pt",
-                                               "train_log.json"}
+                                               "train_log.json", "token_frequencies.safetensors"}
+    # a probability per generated position of the training text: they sum to the positions
+    frequencies = load(out).token_frequencies
+    assert frequencies.shape == (model.config.vocab_size,)
+    torch.testing.assert_close(float(frequencies.sum()), float(load(out).meta["trained_on_tokens"]), rtol=1e-4, atol=0)
 
 
 def test_best_tree_on_a_hand_computed_example():
@@ -506,3 +510,101 @@ def test_eos_and_max_new_tokens_inside_accepted_paths(kind, tmp_path):
                              pad_token_id=0)
         treedec.unpatch(model)
         assert torch.equal(got, expected), new
+
+
+def test_token_frequencies_rank_the_draft_vocabulary():
+    """A token's frequency is the model's probability for it summed over the generated positions;
+    the draft vocabulary is the most frequent ids, ties to the smaller id, in increasing id order."""
+    from treedec.heads.training import Example
+    from treedec.heads.vocab import default_size, draft_vocabulary, token_frequencies
+
+    lm_head = torch.nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(torch.eye(10) * 60.0)  # a one-hot state picks its token with probability ~1
+    chosen = [9, 9, 4, 4, 1, 7, 8]  # the state at position t picks chosen[t]
+    hidden = torch.nn.functional.one_hot(torch.tensor(chosen), 10).float()
+    # generated from position 3: the states at 2..5 count (the last one's output is past the text)
+    first = Example(torch.arange(7), hidden, 3)
+    second = Example(torch.zeros(4, dtype=torch.int64), hidden[[5, 2, 2, 0]], 1)  # states 0..2 count
+    frequencies = token_frequencies([first, second], lm_head, chunk=2)
+    expected = torch.tensor([0, 1, 0, 0, 4, 0, 0, 2, 0, 0], dtype=torch.float64)  # 4, 4, 1, 7 then 7, 4, 4
+    torch.testing.assert_close(frequencies, expected, atol=1e-6, rtol=0)
+    assert draft_vocabulary(expected, 2).tolist() == [4, 7]
+    assert draft_vocabulary(expected, 4).tolist() == [0, 1, 4, 7]  # then the smallest of the tied zeros
+    assert draft_vocabulary(expected, 50).tolist() == list(range(10))
+    assert default_size(expected, 0.5) == 1 and default_size(expected, 0.6) == 2  # 4/7, then 6/7 of the mass
+    assert default_size(expected, 1.0) == 3 and default_size(torch.zeros(4), 0.99) == 1
+    for size in (0, 2.5, True):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            draft_vocabulary(expected, size)
+
+
+def test_token_frequencies_round_trip_with_the_heads(tmp_path):
+    from treedec.heads.vocab import save_frequencies
+
+    model = peaked(seed=1)
+    save(random_heads("medusa", model), tmp_path / "h")
+    assert load(tmp_path / "h").token_frequencies is None  # heads saved before frequencies were
+    frequencies = torch.rand(model.config.vocab_size)
+    save_frequencies(frequencies, tmp_path / "h")
+    assert torch.equal(load(tmp_path / "h").token_frequencies, frequencies)
+    save_frequencies(frequencies[:5], tmp_path / "h")
+    with pytest.raises(ValueError, match="holds \\(5,\\) frequencies"):
+        load(tmp_path / "h")
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_guess_only_draft_vocabulary_tokens_and_stay_lossless(kind, monkeypatch, tmp_path):
+    """With draft_vocab=N the heads' nodes hold only the N most frequent tokens (ids mapped back
+    from the LM head's rows), and the output is still the model's greedy text, batch 1 and 3."""
+    from treedec.drafters import heads as heads_drafter
+    from treedec.heads.vocab import save_frequencies
+
+    model = peaked(seed=3)
+    vocab = model.config.vocab_size
+    save(random_heads(kind, model, seed=2), tmp_path / kind)
+    frequencies = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
+    save_frequencies(frequencies, tmp_path / kind)
+    allowed = set(torch.topk(frequencies, vocab // 3).indices.tolist())
+    tries = []
+    original = heads_drafter.HeadsDrafter.propose
+    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
+                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
+    for batch in (1, 3):
+        expected = model.generate(ids[:batch], attention_mask=mask[:batch], max_new_tokens=24, do_sample=False)
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind, context=False, draft_vocab=vocab // 3)
+        out = model.generate(ids[:batch], attention_mask=mask[:batch], max_new_tokens=24, do_sample=False)
+        assert torch.equal(out, expected) and model.treedec.last_stats["draft_vocab"] == vocab // 3
+        treedec.unpatch(model)
+    guessed = {trie.tokens[i] for trie in tries for i in range(1, len(trie))}
+    assert guessed and guessed <= allowed
+    # without draft_vocab: the tokens that hold DRAFT_MASS of the frequency (uniform-ish here: most)
+    drafter = heads_drafter.HeadsDrafter(load(tmp_path / kind))
+    size = drafter.vocab_ids.shape[0]
+    top = torch.sort(frequencies.double(), descending=True).values
+    assert top[: size - 1].sum() < heads_drafter.DRAFT_MASS * top.sum() <= top[:size].sum()
+    assert heads_drafter.HeadsDrafter(load(tmp_path / kind), draft_vocab=7).vocab_ids.shape == (7,)
+
+
+def test_draft_vocab_needs_frequencies_and_a_positive_size(tmp_path):
+    model = peaked(seed=1)
+    save(random_heads("medusa", model), tmp_path / "h")
+    with pytest.raises(ValueError, match="token frequencies"):
+        treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=10)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=0)
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=model.config.vocab_size)  # all: fine
+
+
+def test_shipped_heads_fit_in_20_mb_and_carry_token_frequencies():
+    """Both kinds ship within the issue's 20 MB, each with the frequencies that pick its draft
+    vocabulary: 16090 of SmolLM2's 49152 tokens hold 99% of the probability."""
+    from treedec.drafters.heads import HeadsDrafter
+    from treedec.heads.shipped import SHIPPED_DIR
+
+    assert sum(f.stat().st_size for f in SHIPPED_DIR.rglob("*") if f.is_file()) <= 20 * 2**20
+    for kind in ("medusa", "hydra"):
+        heads = load(SHIPPED_DIR / kind)
+        assert heads.token_frequencies.shape == (heads.config.vocab_size,) == (49152,)
+        assert HeadsDrafter(heads).vocab_ids.shape == (16090,)

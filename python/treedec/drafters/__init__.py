@@ -14,7 +14,7 @@ from .none import NoDrafter
 from .recycling import RecyclingDrafter, RecyclingTable
 
 DRAFTERS = ("auto", "lookup", "recycling", "layerskip", "medusa", "hydra", None)
-HEADS_OPTIONS = ("heads", "widths", "context")
+HEADS_OPTIONS = ("heads", "widths", "context", "draft_vocab")
 LOOKUP_OPTIONS = tuple(inspect.signature(LookupDrafter).parameters)
 RECYCLING_OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 
@@ -47,7 +47,8 @@ def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict)
         if not isinstance(context, bool):
             raise ValueError(f"context = {context!r} must be True or False")
         return HeadsDrafter(_heads_for(name, options.get("heads"), tables), options.get("widths"),
-                            make_drafter("auto", {}, vocab_size, tables) if context else None)
+                            make_drafter("auto", {}, vocab_size, tables) if context else None,
+                            draft_vocab=options.get("draft_vocab"))
     if name == "layerskip":  # its skip-set search result lives in the model's tables
         return LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
     lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}

@@ -20,6 +20,11 @@ With a `context` drafter (option `context`, default True: drafter="auto", lookup
 Recycling), each step's tree is the context drafter's with the heads' nodes merged in: the heads
 guess where the text has no match, the context where the heads are unsure, and the sizer keeps
 whichever nodes earn their cost.
+
+The heads guess among the `draft_vocab` most frequent tokens of their training text (option
+`draft_vocab`; by default the tokens holding DRAFT_MASS of the model's probability where the heads
+carry token frequencies, else the whole
+vocabulary): each guess reads that many rows of the LM head instead of all V (heads/vocab.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from .. import ops
 from ..heads import DraftHeads
 from ..heads.tree import best_tree
+from ..heads.vocab import default_size, draft_vocabulary
 from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
@@ -45,6 +51,11 @@ DRAFT_DTYPES = {torch.float32: torch.bfloat16}
 # Bins of a guess's probability among its head's top-k (renormalised over those k: an upper bound
 # of its probability, and the kernel streams no normaliser). 7 bins x depth x rank keys.
 CONFIDENCE_EDGES = torch.tensor([0.1, 0.2, 0.35, 0.5, 0.7, 0.85])
+# The default draft vocabulary, for heads that carry token frequencies: the fewest tokens holding
+# this much of the model's probability over their training text (SmolLM2: 16090 of 49152 tokens).
+# On Spec-Bench with the verify cost fixed, 8192, 16384 and 24576 tokens kept Medusa's and Hydra's
+# tau within the run-to-run spread of the full vocabulary's (README, "Draft vocabulary").
+DRAFT_MASS = 0.99
 
 
 def confidence_bins(values: torch.Tensor) -> torch.Tensor:
@@ -58,8 +69,20 @@ def confidence_bins(values: torch.Tensor) -> torch.Tensor:
 class HeadsDrafter(Drafter):
     uses_model = True
 
-    def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None, context: Drafter | None = None):
+    def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None, context: Drafter | None = None,
+                 draft_vocab: int | None = None):
         given_widths = widths
+        if draft_vocab is not None:
+            if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < 1:
+                raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int >= 1 (or None: the default)")
+            if heads.token_frequencies is None and draft_vocab < heads.config.vocab_size:
+                raise ValueError(f"draft_vocab = {draft_vocab} needs heads saved with their token frequencies "
+                                 "(heads/vocab.py; `treedec train-heads` writes them); these heads have none")
+        elif heads.token_frequencies is not None:
+            draft_vocab = default_size(heads.token_frequencies, DRAFT_MASS)
+        # the ids the heads may guess (None: all); the LM-head rows are picked on the model's device
+        self.vocab_ids = (None if draft_vocab is None or draft_vocab >= heads.config.vocab_size
+                          else draft_vocabulary(heads.token_frequencies, draft_vocab))
         self.context = context
         if context is not None:  # the context drafter's needs become this drafter's
             self.wants_uniforms, self.topk = context.wants_uniforms, context.topk
@@ -118,7 +141,8 @@ class HeadsDrafter(Drafter):
             self.context.observe(outcome)
 
     def report(self) -> dict:
-        return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None}
+        return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None,
+                "draft_vocab": self.heads.config.vocab_size if self.vocab_ids is None else len(self.vocab_ids)}
 
     @torch.inference_mode()
     def draft_batch(self, runner, cache, rows, roots, hidden=None) -> None:
@@ -132,14 +156,14 @@ class HeadsDrafter(Drafter):
             weights, biases = self._stacked
             width = max(self.widths)
             if self.heads.lm_heads is None:
-                values, ids, _ = ops.draft_heads_topk(hidden, weights, biases, self._lm_weight, width)
+                values, ids, _ = ops.draft_heads_topk(hidden, weights, biases, self._lm_weights[0], width)
             else:  # each head through its own LM head: one call per head
-                per_head = [ops.draft_heads_topk(hidden, weights[k : k + 1], biases[k : k + 1],
-                                                 self.heads.lm_heads[k].detach(), width)
+                per_head = [ops.draft_heads_topk(hidden, weights[k : k + 1], biases[k : k + 1], self._lm_weights[k],
+                                                 width)
                             for k in range(weights.shape[0])]
                 values = torch.cat([out[0] for out in per_head], dim=1)
                 ids = torch.cat([out[1] for out in per_head], dim=1)
-            ids, bins = ids.cpu(), confidence_bins(values.cpu())
+            ids, bins = self._vocab_ids(ids).cpu(), confidence_bins(values.cpu())
             for b, seq in enumerate(rows):
                 if self.paths is not None:
                     node_of = {(): 0}
@@ -180,9 +204,8 @@ class HeadsDrafter(Drafter):
             tokens = torch.tensor([node[2] for node in frontier], device=device)
             joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
             weights, biases = self._stacked[depth]
-            lm_weight = self.heads.lm_weight(depth, self._lm_weight).detach()
-            values, ids, states = ops.draft_heads_topk(joined, weights, biases, lm_weight, width)
-            ids, bins, states = ids[:, 0].cpu(), confidence_bins(values[:, 0].cpu()), states[:, 0]
+            values, ids, states = ops.draft_heads_topk(joined, weights, biases, self._lm_weights[depth], width)
+            ids, bins, states = self._vocab_ids(ids[:, 0]).cpu(), confidence_bins(values[:, 0].cpu()), states[:, 0]
             next_frontier, parents = [], []
             for f, (b, node, _, path) in enumerate(frontier):
                 for rank in (children[path] if self.paths is not None else range(width)):
@@ -193,6 +216,10 @@ class HeadsDrafter(Drafter):
                     parents.append(f)
             frontier = next_frontier
             states = states[torch.tensor(parents, device=device)]
+
+    def _vocab_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary positions -> token ids."""
+        return ids if self._rows is None else self._rows[ids]
 
     def _check(self, runner, hidden) -> None:
         if self._checked:
@@ -206,9 +233,16 @@ class HeadsDrafter(Drafter):
         on_cpu_or_cuda = hidden.device.type in ("cpu", "cuda")  # where the bf16 kernels are
         self._dtype = DRAFT_DTYPES.get(hidden.dtype, hidden.dtype) if on_cpu_or_cuda else hidden.dtype
         self.heads.to(device=hidden.device, dtype=self._dtype)
-        # heads with their own LM heads never read the model's; a copy only where the dtype differs
-        shared = self.heads.lm_heads is None
-        self._lm_weight = runner.lm_head.weight.detach().to(self._dtype) if shared else None
+        # [V', H] per head: the model's LM head (shared) or the head's own, restricted to the draft
+        # vocabulary; a copy only where the dtype or the rows differ
+        self._rows = rows = None if self.vocab_ids is None else self.vocab_ids.to(hidden.device)
+        if self.heads.lm_heads is None:
+            shared = runner.lm_head.weight.detach()
+            shared = (shared if rows is None else shared[rows]).to(self._dtype)
+            self._lm_weights = [shared] * config.num_heads
+        else:
+            self._lm_weights = [weight.detach() if rows is None else weight.detach()[rows]
+                                for weight in self.heads.lm_heads]
         if self.kind == "medusa":
             self._stacked = self.heads.stacked()
         else:

@@ -7,7 +7,8 @@
   follows the branch it extends.
 
 Both share the base model's LM head (frozen); only the blocks train. Heads are saved as
-safetensors weights next to a JSON config (`save` / `load`).
+safetensors weights next to a JSON config (`save` / `load`), with the tokens' frequencies in
+their training text, which rank the draft vocabulary (`vocab`).
 """
 
 from .modules import HEAD_KINDS, DraftHeads, HeadsConfig, HydraHeads, MedusaHeads, build_heads, load, save

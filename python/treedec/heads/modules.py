@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .vocab import FREQUENCIES_NAME, load_frequencies
+
 HEAD_KINDS = ("medusa", "hydra")
 CONFIG_NAME = "heads.json"
 WEIGHTS_NAME = "heads.safetensors"
@@ -60,6 +62,7 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.config = config
         self.meta: dict = {}  # what `load` found beside the config: accuracies, training cost
+        self.token_frequencies: torch.Tensor | None = None  # [V] in the training text (heads/vocab.py)
         self.lm_heads = None
         if config.own_lm_head:  # filled from the base LM head by `init_lm_heads` before training
             self.lm_heads = nn.ParameterList(
@@ -171,4 +174,8 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
+    heads.token_frequencies = load_frequencies(directory)
+    if heads.token_frequencies is not None and heads.token_frequencies.shape != (config.vocab_size,):
+        raise ValueError(f"{directory / FREQUENCIES_NAME} holds {tuple(heads.token_frequencies.shape)} frequencies; "
+                         f"its heads' vocabulary has {config.vocab_size} tokens")
     return heads.to(device=device, dtype=dtype).eval()

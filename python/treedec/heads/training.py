@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..prompts import eos_ids, left_pad, until_eos
 from .modules import DraftHeads, HeadsConfig, build_heads, save
+from .vocab import save_frequencies, token_frequencies
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
@@ -440,6 +441,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     heads.init_lm_heads(model.get_output_embeddings().weight.detach().float().cpu())  # a resumed run loads its own
     training, held_out = split_held_out(examples)
     generated = sum(len(e.tokens) - e.generated_from for e in training)
+    # the draft vocabulary's ranking (heads/vocab.py)
+    heads.token_frequencies = token_frequencies(training, model.get_output_embeddings())
     train_began = time.perf_counter()
 
     def save_heads(reports: list[EpochReport]) -> None:
@@ -460,6 +463,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "loss": reports[-1].loss if reports else None,
         }
         save(heads, out, extra, dtype=save_dtype)
+        save_frequencies(heads.token_frequencies, out)
         (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
 
     reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out,

@@ -316,7 +316,8 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     # a probability per generated position of the training text: they sum to the positions
     frequencies = load(out).token_frequencies
     assert frequencies.shape == (model.config.vocab_size,)
-    torch.testing.assert_close(float(frequencies.sum()), float(load(out).meta["trained_on_tokens"]), rtol=1e-4, atol=0)
+    trained_on = float(load(out).meta["trained_on_tokens"])
+    torch.testing.assert_close(float(frequencies.sum()), trained_on, rtol=1e-4, atol=0)
 
 
 def test_best_tree_on_a_hand_computed_example():
@@ -594,7 +595,7 @@ def test_draft_vocab_needs_frequencies_and_a_positive_size(tmp_path):
         treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=10)
     with pytest.raises(ValueError, match="draft_vocab"):
         treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=0)
-    treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=model.config.vocab_size)  # all: fine
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=model.config.vocab_size)  # all
 
 
 def test_shipped_heads_fit_in_20_mb_and_carry_token_frequencies():

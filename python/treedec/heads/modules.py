@@ -174,8 +174,8 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
-    heads.token_frequencies = load_frequencies(directory)
-    if heads.token_frequencies is not None and heads.token_frequencies.shape != (config.vocab_size,):
-        raise ValueError(f"{directory / FREQUENCIES_NAME} holds {tuple(heads.token_frequencies.shape)} frequencies; "
-                         f"its heads' vocabulary has {config.vocab_size} tokens")
+    frequencies = heads.token_frequencies = load_frequencies(directory)
+    if frequencies is not None and frequencies.shape != (config.vocab_size,):
+        raise ValueError(f"{directory / FREQUENCIES_NAME} holds {tuple(frequencies.shape)} frequencies; its heads' "
+                         f"vocabulary has {config.vocab_size} tokens")
     return heads.to(device=device, dtype=dtype).eval()

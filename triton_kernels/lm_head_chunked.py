@@ -137,17 +137,20 @@ def chunk_width(num_rows: int) -> int:
 
 def fp32_logits_available(device: torch.device) -> bool:
     """Whether torch can write a 16-bit matmul's fp32-accumulated result as fp32 (`mm` with
-    `out_dtype`, CUDA builds since torch 2.8). On the CPU the chunk is upcast before the matmul."""
+    `out_dtype`: torch 2.11 on the H200 has it). On the CPU the chunk is upcast before the matmul."""
     return device.type != "cuda" or hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 def _project(hidden: torch.Tensor, weight_chunk: torch.Tensor, out: torch.Tensor) -> None:
-    """out[N, w] = hidden @ weight_chunk.T, accumulated and stored in fp32."""
+    """out[N, w] = hidden @ weight_chunk.T, accumulated in fp32 and stored as fp32 (rounded to the
+    inputs' 16 bits first where torch cannot write a 16-bit matmul's result as fp32)."""
     if hidden.dtype == torch.float32:
         torch.mm(hidden, weight_chunk.T, out=out)
-    elif hidden.device.type == "cuda":
+    elif hidden.device.type == "cuda" and fp32_logits_available(hidden.device):
         torch.mm(hidden, weight_chunk.T, out_dtype=torch.float32, out=out)
-    else:  # CPU (interpreter tests): 16-bit products are exact in fp32
+    elif hidden.device.type == "cuda":  # no `out_dtype`: 16-bit logits, as the reference rounds them
+        out.copy_(torch.mm(hidden, weight_chunk.T))
+    else:  # CPU (the interpreter tests): upcast, then an fp32 matmul
         torch.mm(hidden.float(), weight_chunk.T.float(), out=out)
 
 

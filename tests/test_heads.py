@@ -68,7 +68,7 @@ def test_bad_configs_and_options_raise(tmp_path):
 @pytest.mark.parametrize("context", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_is_lossless_with_random_heads(kind, batch, context, tmp_path):
+def test_greedy_is_lossless_with_random_heads(kind, batch, context, tmp_path, flat_step_costs):
     model = peaked(seed=3)
     save(random_heads(kind, model, seed=batch), tmp_path / kind)
     ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
@@ -82,7 +82,7 @@ def test_greedy_is_lossless_with_random_heads(kind, batch, context, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_an_fp32_models_heads_draft_in_bf16(kind, tmp_path):
+def test_an_fp32_models_heads_draft_in_bf16(kind, tmp_path, flat_step_costs):
     """The drafts (not the verify) run in bf16 on an fp32 model; the output stays the fp32 model's."""
     from treedec.patching import learned_tables
 
@@ -468,7 +468,7 @@ def test_hydra_drafts_as_much_of_the_static_tree_as_the_sizer_keeps(monkeypatch,
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_own_lm_heads_start_as_the_models_train_and_stay_lossless(kind, tmp_path):
+def test_own_lm_heads_start_as_the_models_train_and_stay_lossless(kind, tmp_path, flat_step_costs):
     """own_lm_head: each head its own [V, H] projection, a copy of the model's at the start, then
     trained (the model's own stays untouched); saved, loaded and drafted with, losslessly."""
     from treedec.heads.training import train_heads

@@ -204,8 +204,8 @@ if wanted heads; then
         --collect-batch-tokens "${HEADS_BATCH_TOKENS:-320000}" --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
         --batch-size 512 --lr 2e-3 --save-dtype bf16 ${HEADS_EXTRA:-} --out "$DATA/$kind" || STATUS=1
-      cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/train_log.json \
-        "$WORK/heads_$kind/" 2>/dev/null
+      cp "$DATA/$kind"/heads.json "$DATA/$kind"/heads.safetensors "$DATA/$kind"/token_frequencies.safetensors \
+        "$DATA/$kind"/train_log.json "$WORK/heads_$kind/" 2>/dev/null
       pack
     done
   else

@@ -34,22 +34,19 @@ from kernels import Timer  # noqa: E402
 from treedec import reference  # noqa: E402
 import triton_kernels  # noqa: E402, F401  (the package, so that --before's relative imports resolve)
 from triton_kernels import draft_heads, lm_head_chunked as chunked, lm_head_topk as kernel  # noqa: E402
-from triton_kernels._launch import row_block  # noqa: E402
 
 WIDTH, VOCAB, HEADS, K = 4096, 128256, 4, 8
 ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node greedy verify's width
 
 
 def configs(rows: int):
-    """The default first, then the other path's best guess (fused kernel, or cuBLAS chunks with a
-    Triton top-k), then variations: chunk and segment shapes, pointer loads, other
-    tiles (the deadline may cut the tail)."""
+    """The default (the fused kernel) first, then the cuBLAS-chunks path at several chunk and
+    segment shapes, then the fused kernel with pointer loads and other tiles (the deadline may cut
+    the tail)."""
     Config, Chunked = kernel.LaunchConfig, chunked.ChunkedConfig
-    default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
-    fused = (Config(128, 128, num_warps=8, num_stages=4, splits_per_sm=1, tma=True) if rows > 64
-             else Config(row_block(rows), 128, num_stages=4 if rows > 32 else 3, tma=True))
+    fused = default = kernel.default_config(rows, torch.bfloat16, torch.device("cuda"))
     chunk_v = chunked.chunk_width(rows)
-    candidates = [default, fused, Chunked(chunk_v),
+    candidates = [default, Chunked(chunk_v),
                   Chunked(chunk_v, block_r=8, block_s=1024), Chunked(chunk_v, block_r=32, block_s=256, num_warps=8),
                   Chunked(chunk_v * 2), dataclasses.replace(fused, tma=False)]
     if rows <= 64:

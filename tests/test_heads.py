@@ -534,7 +534,7 @@ def test_token_frequencies_rank_the_draft_vocabulary():
     assert draft_vocabulary(expected, 4).tolist() == [0, 1, 4, 7]  # then the smallest of the tied zeros
     assert draft_vocabulary(expected, 50).tolist() == list(range(10))
     assert default_size(expected, 0.5) == 1 and default_size(expected, 0.6) == 2  # 4/7, then 6/7 of the mass
-    assert default_size(expected, 1.0) == 3 and default_size(torch.zeros(4), 0.99) == 1
+    assert default_size(expected, 1.0) == 3 and default_size(torch.zeros(4), 0.99) == 4  # no ranking: all
     for size in (0, 2.5, True):
         with pytest.raises(ValueError, match="draft_vocab"):
             draft_vocabulary(expected, size)
@@ -554,16 +554,24 @@ def test_token_frequencies_round_trip_with_the_heads(tmp_path):
         load(tmp_path / "h")
 
 
+@pytest.mark.parametrize("own_lm_head", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
-def test_heads_guess_only_draft_vocabulary_tokens_and_stay_lossless(kind, monkeypatch, tmp_path):
+def test_heads_guess_only_draft_vocabulary_tokens_and_stay_lossless(kind, own_lm_head, monkeypatch, tmp_path):
     """With draft_vocab=N the heads' nodes hold only the N most frequent tokens (ids mapped back
-    from the LM head's rows), and the output is still the model's greedy text, batch 1 and 3."""
+    from the LM head's rows), and the output is still the model's greedy text, batch 1 and 3;
+    heads with their own LM heads read only those rows of theirs."""
     from treedec.drafters import heads as heads_drafter
     from treedec.heads.vocab import save_frequencies
 
     model = peaked(seed=3)
     vocab = model.config.vocab_size
-    save(random_heads(kind, model, seed=2), tmp_path / kind)
+    heads = random_heads(kind, model, seed=2)
+    if own_lm_head:
+        config = HeadsConfig(kind, 3, model.config.hidden_size, vocab, own_lm_head=True)
+        heads = build_heads(config)
+        heads.load_state_dict(random_heads(kind, model, seed=2).state_dict(), strict=False)
+        heads.init_lm_heads(model.lm_head.weight.detach() * torch.linspace(0.5, 1.5, vocab)[:, None])
+    save(heads, tmp_path / kind)
     frequencies = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
     save_frequencies(frequencies, tmp_path / kind)
     allowed = set(torch.topk(frequencies, vocab // 3).indices.tolist())
@@ -609,3 +617,57 @@ def test_shipped_heads_fit_in_20_mb_and_carry_token_frequencies():
         heads = load(SHIPPED_DIR / kind)
         assert heads.token_frequencies.shape == (heads.config.vocab_size,) == (49152,)
         assert HeadsDrafter(heads).vocab_ids.shape == (16090,)
+
+
+def test_medusa_guesses_are_the_top_of_the_draft_vocabulary(monkeypatch, tmp_path):
+    """The first step's depth-1 guesses are the top 4 of head 1's logits over the draft vocabulary
+    alone (within bf16 rounding: an fp32 model's heads draft in bf16), so positions in the LM
+    head's restricted rows are mapped back to the right ids."""
+    from treedec.drafters import heads as heads_drafter
+    from treedec.heads.vocab import draft_vocabulary, save_frequencies
+
+    model = peaked(seed=3)
+    vocab = model.config.vocab_size
+    heads = random_heads("medusa", model, seed=2)
+    save(heads, tmp_path / "m")
+    frequencies = torch.rand(vocab, generator=torch.Generator().manual_seed(1))
+    save_frequencies(frequencies, tmp_path / "m")
+    tries = []
+    original = heads_drafter.HeadsDrafter.propose
+    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
+                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    ids = torch.tensor([repetitive_prompt(2, 15)])
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context=False, widths=[4], draft_vocab=40)
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    with torch.no_grad():  # the first step's root is the prompt's last token: the heads read the state before it
+        hidden = model.model(ids).last_hidden_state[:, -2]
+        logits = heads.states(hidden)[0, 0] @ model.lm_head.weight.T
+    allowed = draft_vocabulary(frequencies, 40)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[allowed] = logits[allowed]
+    fourth = masked.topk(4).values[-1]
+    guessed = [tries[0].tokens[i] for i in range(1, len(tries[0]))]
+    assert len(guessed) == 4 and set(guessed) <= set(allowed.tolist())
+    assert all(masked[t] >= fourth - 0.02 * fourth.abs() for t in guessed)  # the mapping is right
+    assert sorted(guessed) != sorted(logits.topk(4).indices.tolist())  # the restriction mattered here
+
+
+def test_draft_vocab_below_the_widest_depth_raises(tmp_path):
+    from treedec.heads.vocab import save_frequencies
+
+    model = peaked(seed=1)
+    save(random_heads("medusa", model), tmp_path / "h")
+    save_frequencies(torch.rand(model.config.vocab_size), tmp_path / "h")
+    with pytest.raises(ValueError, match="at least 4"):  # the default widths take 4 guesses at depth 1
+        treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=3)
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=4)
+
+
+def test_save_writes_the_frequencies_and_drops_stale_ones(tmp_path):
+    model = peaked(seed=1)
+    heads = random_heads("hydra", model)
+    heads.token_frequencies = torch.rand(model.config.vocab_size)
+    save(heads, tmp_path / "h")
+    assert torch.equal(load(tmp_path / "h").token_frequencies, heads.token_frequencies)
+    save(random_heads("hydra", model, seed=1), tmp_path / "h")  # other heads, no frequencies
+    assert load(tmp_path / "h").token_frequencies is None

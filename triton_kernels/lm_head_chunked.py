@@ -4,7 +4,8 @@ Past a few dozen rows the projection is compute-bound (256 rows x H=4096 x V=128
 and the fused Triton kernel, without warp specialisation, runs at about two thirds of cuBLAS on
 Hopper (597-633 us against 395-404 us for the logits alone on an H200). This path lets cuBLAS do
 the matmul and keeps only the top-k in Triton. The [N, V] logits are still never materialised:
-one [N, chunk_v] fp32 chunk exists at a time, sized to stay in L2 while its top-k reads it.
+one [N, chunk_v] fp32 chunk exists at a time. `chunk_width(N)` gives the width whose chunk is 16
+MB, which stays in L2 while its top-k reads it (bench/lm_head_configs.py sweeps around it).
 
 Not the default: `lm_head_topk.default_config` never picks it. Measured on an H200 with a K-pass
 merge per segment it lost everywhere (855-1325 us at 256 rows against 633 for the fused kernel,
@@ -49,6 +50,14 @@ class ChunkedConfig:
     block_r: int = 16
     block_s: int = 512
     num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_r", "block_s", "num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"{name} = {value!r} must be a power of two")
+        if not isinstance(self.chunk_v, int) or self.chunk_v < 1:
+            raise ValueError(f"chunk_v = {self.chunk_v!r} must be an int >= 1")
 
 
 @triton.jit(do_not_specialize=["num_rows", "width", "col_offset", "row_entries"])
@@ -143,7 +152,9 @@ def fp32_logits_available(device: torch.device) -> bool:
 
 def _project(hidden: torch.Tensor, weight_chunk: torch.Tensor, out: torch.Tensor) -> None:
     """out[N, w] = hidden @ weight_chunk.T, accumulated in fp32 and stored as fp32 (rounded to the
-    inputs' 16 bits first where torch cannot write a 16-bit matmul's result as fp32)."""
+    inputs' 16 bits first where torch cannot write a 16-bit matmul's result as fp32). fp32 inputs
+    follow torch's matmul precision setting (TF32 where it allows it), unlike the fused kernel's
+    full-precision fp32 path; `default_config` sends fp32 to the fused kernel."""
     if hidden.dtype == torch.float32:
         torch.mm(hidden, weight_chunk.T, out=out)
     elif hidden.device.type == "cuda" and fp32_logits_available(hidden.device):

@@ -28,6 +28,7 @@ from treedec import reference  # noqa: E402
 from treedec.reference.tree import unpack_bits  # noqa: E402
 from triton_kernels import draft_heads as draft_heads_mod  # noqa: E402
 from triton_kernels import lm_head_topk as lm_head_mod  # noqa: E402
+from triton_kernels.lm_head_chunked import chunk_width  # noqa: E402
 from triton_kernels import tree_attention as attention_mod  # noqa: E402
 from helpers import make_parents  # noqa: E402
 
@@ -452,13 +453,15 @@ def test_tree_attention_gpu(dtype, batch, num_nodes, heads, head_dim, max_prefix
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("num_rows", [1, 8, 33, 200])  # 200: bf16 takes the chunked path
+@pytest.mark.parametrize("num_rows", [1, 8, 33, 200])  # 200: the 128-row tiles
 @pytest.mark.parametrize("k", [1, 8, 16])
-def test_lm_head_topk_gpu(dtype, num_rows, k):
+@pytest.mark.parametrize("chunked", [False, True], ids=["fused", "chunked"])
+def test_lm_head_topk_gpu(dtype, num_rows, k, chunked):
     gen = torch.Generator().manual_seed(num_rows + k)
     hidden = torch.randn(num_rows, 576, generator=gen).to("cuda", dtype)
     weight = (torch.randn(49152, 576, generator=gen) * 0.05).to("cuda", dtype)
-    values, indices = lm_head_mod.lm_head_topk(hidden, weight, k)
+    config = lm_head_mod.ChunkedConfig(chunk_width(num_rows)) if chunked else None
+    values, indices = lm_head_mod._launch(hidden, weight, k, config)
     logits = hidden.float() @ weight.float().T  # fp32 logits of the same inputs
     expected_values = torch.topk(logits, k).values
     torch.testing.assert_close(values, expected_values, atol=1e-3, rtol=1e-3)
@@ -601,6 +604,9 @@ def test_lm_head_chunk_width_holds_16_mb_of_fp32_logits():
     assert lm_head_chunked.chunk_width(256) == 16384  # 256 x 16384 x 4 bytes = 16 MB
     assert lm_head_chunked.chunk_width(65) == 32768  # 4M / 65 = 64527: the power of two below
     assert lm_head_chunked.chunk_width(1000) == 4096 and lm_head_chunked.chunk_width(1) == 65536
+    for bad in (dict(block_s=500), dict(block_r=0), dict(num_warps=3), dict(chunk_v=0)):
+        with pytest.raises(ValueError, match="must be"):
+            lm_head_chunked.ChunkedConfig(**bad)
 
 
 def test_lm_head_configs_script_runs_on_the_cpu(tmp_path):

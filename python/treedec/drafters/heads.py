@@ -53,8 +53,8 @@ DRAFT_DTYPES = {torch.float32: torch.bfloat16}
 CONFIDENCE_EDGES = torch.tensor([0.1, 0.2, 0.35, 0.5, 0.7, 0.85])
 # The default draft vocabulary, for heads that carry token frequencies: the fewest tokens holding
 # this much of the model's probability over their training text (SmolLM2: 16090 of 49152 tokens).
-# On Spec-Bench with the verify cost fixed, 8192, 16384 and 24576 tokens kept Medusa's and Hydra's
-# tau within 0.04 of the whole vocabulary's, with no trend in the size (README, "Draft vocabulary").
+# On Spec-Bench with the verify cost fixed, 8192, 16384 and 24576 tokens moved Medusa's and Hydra's
+# tau by at most 0.044 from the whole vocabulary's, with no trend in the size (README, "Draft vocabulary").
 DRAFT_MASS = 0.99
 
 
@@ -72,17 +72,6 @@ class HeadsDrafter(Drafter):
     def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None, context: Drafter | None = None,
                  draft_vocab: int | None = None):
         given_widths = widths
-        if draft_vocab is not None:
-            if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < 1:
-                raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int >= 1 (or None: the default)")
-            if heads.token_frequencies is None and draft_vocab < heads.config.vocab_size:
-                raise ValueError(f"draft_vocab = {draft_vocab} needs heads saved with their token frequencies "
-                                 "(heads/vocab.py; `treedec train-heads` writes them); these heads have none")
-        elif heads.token_frequencies is not None:
-            draft_vocab = default_size(heads.token_frequencies, DRAFT_MASS)
-        # the ids the heads may guess (None: all); the LM-head rows are picked on the model's device
-        self.vocab_ids = (None if draft_vocab is None or draft_vocab >= heads.config.vocab_size
-                          else draft_vocabulary(heads.token_frequencies, draft_vocab))
         self.context = context
         if context is not None:  # the context drafter's needs become this drafter's
             self.wants_uniforms, self.topk = context.wants_uniforms, context.topk
@@ -103,10 +92,32 @@ class HeadsDrafter(Drafter):
         if accuracies and given_widths is None:
             self.paths = best_tree(accuracies, STATIC_TREE_NODES)
             self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
+        # the ids the heads may guess (None: all); the LM-head rows are picked on the model's device
+        self.vocab_ids = self._draft_vocabulary(draft_vocab)
         self.drafts: dict[int, DraftTrie] = {}
         self.drafted = self.accepted = 0
         self.kept = float(STATIC_TREE_NODES)  # moving average of the verified nodes per sequence
         self._checked = False
+
+    def _draft_vocabulary(self, draft_vocab: int | None) -> torch.Tensor | None:
+        """The ids of the draft vocabulary (heads/vocab.py), None for the whole vocabulary."""
+        frequencies, vocab_size, widest = self.heads.token_frequencies, self.heads.config.vocab_size, max(self.widths)
+        if frequencies is not None and frequencies.shape != (vocab_size,):
+            raise ValueError(f"the heads' token frequencies have shape {tuple(frequencies.shape)}; their vocabulary "
+                             f"has {vocab_size} tokens")
+        if draft_vocab is None:
+            if frequencies is None:
+                return None
+            draft_vocab = max(default_size(frequencies, DRAFT_MASS), widest)
+        if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < widest:
+            raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {widest}, the most guesses the "
+                             "heads take at one depth (or None: the default)")
+        if draft_vocab >= vocab_size:
+            return None
+        if frequencies is None:
+            raise ValueError(f"draft_vocab = {draft_vocab} needs heads saved with their token frequencies "
+                             "(heads/vocab.py; `treedec train-heads` writes them); these heads have none")
+        return draft_vocabulary(frequencies, draft_vocab)
 
     def start(self, histories) -> None:
         self.drafts = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .vocab import FREQUENCIES_NAME, load_frequencies
+from .vocab import FREQUENCIES_NAME, load_frequencies, save_frequencies
 
 HEAD_KINDS = ("medusa", "hydra")
 CONFIG_NAME = "heads.json"
@@ -145,8 +145,8 @@ def build_heads(config: HeadsConfig) -> DraftHeads:
 
 def save(heads: DraftHeads, directory: str | Path, extra: dict | None = None,
          dtype: torch.dtype | None = None) -> Path:
-    """Weights as safetensors (in `dtype`, default their own) and the config (plus `extra`, e.g.
-    accuracies) as JSON in `directory`."""
+    """Weights as safetensors (in `dtype`, default their own), the config (plus `extra`, e.g.
+    accuracies) as JSON, and the token frequencies where the heads have them, in `directory`."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -154,6 +154,10 @@ def save(heads: DraftHeads, directory: str | Path, extra: dict | None = None,
     save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in heads.state_dict().items()},
               directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps({**asdict(heads.config), **(extra or {})}, indent=2) + "\n")
+    if heads.token_frequencies is not None:
+        save_frequencies(heads.token_frequencies, directory)
+    else:  # a file left by other heads would rank these heads' draft vocabulary
+        (directory / FREQUENCIES_NAME).unlink(missing_ok=True)
     return directory
 
 

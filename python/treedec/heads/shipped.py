@@ -1,7 +1,9 @@
 """The heads that ship inside the package, for the embedded SmolLM2-135M-Instruct only.
 
-They live in `weights/<kind>/` (heads.json + heads.safetensors, bf16) and were trained by
-`treedec train-heads` on a GPU (the command is in each heads.json's `command`, and in README).
+They live in `weights/<kind>/` (heads.json + heads.safetensors, bf16, and
+token_frequencies.safetensors for the draft vocabulary) and were trained by `treedec train-heads`
+on a GPU (the command is in each heads.json's `command`, and in README; the frequencies' origin
+is in its `token_frequencies_from`).
 """
 
 from __future__ import annotations

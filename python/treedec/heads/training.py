@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..prompts import eos_ids, left_pad, until_eos
 from .modules import DraftHeads, HeadsConfig, build_heads, save
-from .vocab import save_frequencies, token_frequencies
+from .vocab import token_frequencies
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
@@ -462,8 +462,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "rank_accuracy": reports[-1].rank_accuracy if reports else [],
             "loss": reports[-1].loss if reports else None,
         }
-        save(heads, out, extra, dtype=save_dtype)
-        save_frequencies(heads.token_frequencies, out)
+        save(heads, out, extra, dtype=save_dtype)  # with the token frequencies
         (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
 
     reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out,

@@ -66,4 +66,6 @@ def default_size(frequencies: torch.Tensor, mass: float) -> int:
     """The fewest most-frequent tokens that hold `mass` of the total frequency: 16090 of SmolLM2's
     49152 tokens hold 99% of its probability over the shipped heads' frequency text."""
     cumulative = torch.sort(frequencies.double(), descending=True).values.cumsum(0)
+    if cumulative[-1] <= 0:  # nothing counted: no ranking to trust
+        return frequencies.numel()
     return min(int((cumulative < mass * cumulative[-1]).sum()) + 1, frequencies.numel())

@@ -511,6 +511,15 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_sweep(path: Path, rows: list[dict], fieldnames: list[str], started: float) -> None:
+    """A launch sweep's rows (bench/*_configs.py) as a fresh CSV, and the line saying so."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} rows to {path} in {time.time() - started:.0f}s")
+
+
 def plot(path: Path) -> None:
     try:
         import matplotlib

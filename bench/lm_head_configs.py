@@ -18,7 +18,6 @@ default configuration and with the fastest one found. Writes every row as CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib.util
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from kernels import Timer  # noqa: E402
+from kernels import Timer, write_sweep  # noqa: E402
 
 from treedec import reference  # noqa: E402
 import triton_kernels  # noqa: E402, F401  (the package, so that --before's relative imports resolve)
@@ -175,11 +174,7 @@ def main(argv=None) -> int:
                              if name.startswith("triton"))
         print(f"{shape} {line}  ({speedups} against torch_unfused)", flush=True)
 
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["shape", "config", "median_us", "note"])
-        writer.writeheader()
-        writer.writerows(results)
-    print(f"{len(results)} rows to {args.out} in {time.time() - start:.0f}s")
+    write_sweep(args.out, results, ["shape", "config", "median_us", "note"], start)
     return 0
 
 

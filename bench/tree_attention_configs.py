@@ -12,7 +12,6 @@ max_err). The defaults in triton_kernels/tree_attention.py come from this table.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from kernels import MODELS, Timer, random_parents  # noqa: E402
+from kernels import MODELS, Timer, random_parents, write_sweep  # noqa: E402
 
 from treedec import reference  # noqa: E402
 from triton_kernels import tree_attention as kernel  # noqa: E402
@@ -119,11 +118,7 @@ def main(argv=None) -> int:
                 f"{best['median_us']:7.1f}us {best['gbps']:6.0f}GB/s [{best['config']}]",
                 flush=True,
             )
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["shape", "config", "median_us", "gbps", "max_err"])
-        writer.writeheader()
-        writer.writerows(results)
-    print(f"{len(results)} rows to {args.out} in {time.time() - start:.0f}s")
+    write_sweep(args.out, results, ["shape", "config", "median_us", "gbps", "max_err"], start)
     return 0
 
 

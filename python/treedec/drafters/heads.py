@@ -34,7 +34,7 @@ import torch
 from .. import ops
 from ..heads import DraftHeads
 from ..heads.tree import best_tree
-from ..heads.vocab import default_size, draft_vocabulary
+from ..heads.vocab import check_frequencies, default_size, draft_vocabulary
 from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
@@ -102,9 +102,7 @@ class HeadsDrafter(Drafter):
     def _draft_vocabulary(self, draft_vocab: int | None) -> torch.Tensor | None:
         """The ids of the draft vocabulary (heads/vocab.py), None for the whole vocabulary."""
         frequencies, vocab_size, widest = self.heads.token_frequencies, self.heads.config.vocab_size, max(self.widths)
-        if frequencies is not None and frequencies.shape != (vocab_size,):
-            raise ValueError(f"the heads' token frequencies have shape {tuple(frequencies.shape)}; their vocabulary "
-                             f"has {vocab_size} tokens")
+        check_frequencies(frequencies, vocab_size, "token_frequencies")
         if draft_vocab is None:
             if frequencies is None:
                 return None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .vocab import FREQUENCIES_NAME, load_frequencies, save_frequencies
+from .vocab import FREQUENCIES_NAME, check_frequencies, load_frequencies, save_frequencies
 
 HEAD_KINDS = ("medusa", "hydra")
 CONFIG_NAME = "heads.json"
@@ -178,8 +178,6 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
-    frequencies = heads.token_frequencies = load_frequencies(directory)
-    if frequencies is not None and frequencies.shape != (config.vocab_size,):
-        raise ValueError(f"{directory / FREQUENCIES_NAME} holds {tuple(frequencies.shape)} frequencies; its heads' "
-                         f"vocabulary has {config.vocab_size} tokens")
+    heads.token_frequencies = load_frequencies(directory)
+    check_frequencies(heads.token_frequencies, config.vocab_size, str(directory / FREQUENCIES_NAME))
     return heads.to(device=device, dtype=dtype).eval()

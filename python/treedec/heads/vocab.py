@@ -52,6 +52,13 @@ def load_frequencies(directory: str | Path) -> torch.Tensor | None:
     return load_file(path)["frequencies"] if path.exists() else None
 
 
+def check_frequencies(frequencies: torch.Tensor | None, vocab_size: int, source: str) -> None:
+    """A ValueError unless `frequencies` (from `source`) is None or one per token of the vocabulary."""
+    if frequencies is not None and frequencies.shape != (vocab_size,):
+        raise ValueError(f"{source} holds {tuple(frequencies.shape)} frequencies; its heads' vocabulary has "
+                         f"{vocab_size} tokens")
+
+
 def draft_vocabulary(frequencies: torch.Tensor, size: int) -> torch.Tensor:
     """int64 [min(size, V)]: the ids of the `size` most frequent tokens (ties to the smaller id), in
     increasing id order, so that a tie between two guesses still goes to the smaller id, as over

@@ -289,6 +289,9 @@ def test_train_heads_command_refuses_a_token_budget_below_one(tmp_path, capsys):
     assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path),
                              "--collect-batch-tokens", "0"]) == 2
     assert "--collect-batch-tokens must be >= 1" in capsys.readouterr().err
+    for bad in ("7", "-3", "many"):
+        assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path), "--draft-vocab", bad]) == 2
+        assert "--draft-vocab must be 'all' or an int >= 8" in capsys.readouterr().err
 
 
 def test_train_heads_command(monkeypatch, tmp_path, capsys):
@@ -308,9 +311,10 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
                              "--out", str(out), "--questions", str(tmp_path / "none.jsonl")]) == 2
     assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
-                             "--max-new-tokens", "20", "--out", str(out), "--questions", str(questions)]) == 0
+                             "--max-new-tokens", "20", "--out", str(out), "--questions", str(questions),
+                             "--draft-vocab", "all"]) == 0
     assert "saved to" in capsys.readouterr().out
-    assert load(out).config.kind == "hydra"
+    assert load(out).config.kind == "hydra" and load(out).meta["draft_vocab"] == model.config.vocab_size
     assert {p.name for p in out.iterdir()} >= {"heads.json", "heads.safetensors", "distill_data.pt", "checkpoint.pt",
                                                "train_log.json", "token_frequencies.safetensors"}
     # a probability per generated position of the training text: they sum to the positions
@@ -604,6 +608,78 @@ def test_draft_vocab_needs_frequencies_and_a_positive_size(tmp_path):
     with pytest.raises(ValueError, match="draft_vocab"):
         treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=0)
     treedec.patch(model, drafter="medusa", heads=tmp_path / "h", draft_vocab=model.config.vocab_size)  # all
+
+
+def test_targets_outside_the_draft_vocabulary_are_misses_not_losses():
+    """Training over a draft vocabulary: targets become positions in it; a token outside it (-1)
+    adds nothing to the loss and counts as a miss of every rank; -100 (past the end) stays out."""
+    from treedec.heads.training import Positions, _Tally, argmax_loss, restrict_targets
+
+    targets = torch.tensor([[5, -100], [7, 3]])
+    positions = Positions(torch.zeros(2, 4), torch.arange(2), targets, torch.zeros_like(targets), torch.zeros_like(targets))
+    mapped = restrict_targets(positions, torch.tensor([3, 5]), vocab_size=10).targets
+    assert mapped.tolist() == [[1, -100], [-1, 0]]
+    assert restrict_targets(positions, None, vocab_size=10) is positions
+    logits = torch.full((2, 2, 8), -5.0)  # rank 0 is each row's target where there is one
+    logits[0, 0, 1] = logits[1, 1, 0] = logits[1, 0, 4] = 5.0
+    loss = argmax_loss(logits, mapped, "sum")
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 0], logits[1, 1]]), torch.tensor([1, 0]),
+                                                 reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    tally = _Tally(2)
+    tally.add(logits, mapped, float(loss))
+    mean, per_rank = tally.result()
+    assert per_rank[:, 0].tolist() == [0.5, 1.0]  # head 1: one hit, one target outside the vocabulary
+    torch.testing.assert_close(mean, float(expected) / 2)  # the loss is over the two targets in it
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_trained_over_a_draft_vocabulary_draft_from_it(kind, monkeypatch, tmp_path):
+    """train_heads(draft_vocab=N) trains over the N most frequent tokens of its text, says so in the
+    config, and the drafter then guesses from those N by default (losslessly) and refuses more;
+    by default it trains over the tokens holding DRAFT_MASS of the frequency."""
+    from treedec.drafters import heads as heads_drafter
+    from treedec.heads import training
+    from treedec.heads.vocab import DRAFT_MASS, default_size, draft_vocabulary
+
+    model = peaked(seed=4)
+    vocab = model.config.vocab_size
+    prompts = [repetitive_prompt(s, 10) for s in range(4)]
+    widths = []
+    original = training.head_logits
+    monkeypatch.setattr(training, "head_logits",
+                        lambda *args: widths.append(original(*args).shape[-1]) or original(*args))
+    heads, reports = training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / kind,
+                                          epochs=3, lr=3e-3, batch_size=16, max_new_tokens=40, progress=False,
+                                          draft_vocab=12)
+    assert set(widths) == {12} and reports[-1].loss < reports[0].loss
+    loaded = load(tmp_path / kind)
+    assert loaded.meta["draft_vocab"] == 12
+    drafter = heads_drafter.HeadsDrafter(loaded, widths=(2, 2))
+    assert torch.equal(drafter.vocab_ids, draft_vocabulary(loaded.token_frequencies, 12))
+    ids = torch.tensor([repetitive_prompt(1, 10)])
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind, context=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), expected)
+    assert model.treedec.last_stats["draft_vocab"] == 12
+    treedec.unpatch(model)
+    with pytest.raises(ValueError, match="trained over their 12 most frequent tokens"):
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind, draft_vocab=13)
+    treedec.patch(model, drafter=kind, heads=tmp_path / kind, draft_vocab=8)  # a subset is fine
+    treedec.unpatch(model)
+    # the default size, and the whole vocabulary
+    training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / "default", epochs=1,
+                         batch_size=16, max_new_tokens=40, progress=False)
+    frequencies = load(tmp_path / "default").token_frequencies
+    assert load(tmp_path / "default").meta["draft_vocab"] == max(default_size(frequencies, DRAFT_MASS), 8)
+    widths.clear()
+    training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / "all", epochs=1,
+                         batch_size=16, max_new_tokens=40, progress=False, draft_vocab=vocab + 5)
+    assert set(widths) == {vocab} and load(tmp_path / "all").meta["draft_vocab"] == vocab
+    for bad in (7, 0, 12.0, True):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / "bad", epochs=1,
+                                 progress=False, draft_vocab=bad)
 
 
 def test_shipped_heads_fit_in_20_mb_and_carry_token_frequencies():

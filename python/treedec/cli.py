@@ -256,12 +256,18 @@ def cmd_train_heads(args) -> int:
     from pathlib import Path
 
     from .benchmark import encode_prompt
-    from .heads.training import train_heads
+    from .heads.training import RANKS, train_heads
     from .prompts import BUILTIN_PROMPTS, load_questions
 
     if args.collect_batch_tokens is not None and args.collect_batch_tokens < 1:
         print(f"--collect-batch-tokens must be >= 1 (got {args.collect_batch_tokens})", file=sys.stderr)
         return 2  # before loading a model
+    draft_vocab = args.draft_vocab
+    if draft_vocab is not None and draft_vocab != "all":
+        if not draft_vocab.isdigit() or int(draft_vocab) < RANKS:
+            print(f"--draft-vocab must be 'all' or an int >= {RANKS} (got {draft_vocab!r})", file=sys.stderr)
+            return 2
+        draft_vocab = int(draft_vocab)
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster
     if args.model:
@@ -309,7 +315,8 @@ def cmd_train_heads(args) -> int:
                              collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
                              save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype],
                              command=" ".join(["treedec", *args.argv]), own_lm_head=args.own_lm_head,
-                             soft_targets=args.soft_targets, collect_batch_tokens=args.collect_batch_tokens)
+                             soft_targets=args.soft_targets, collect_batch_tokens=args.collect_batch_tokens,
+                             draft_vocab=model.config.vocab_size if draft_vocab == "all" else draft_vocab)
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -367,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--soft-targets", action="store_true",
                        help="learn the model's whole next-token distribution at each target, not only its "
                             "argmax (one more LM-head pass per batch; reported loss stays the argmax's)")
+    train.add_argument("--draft-vocab", default=None,
+                       help="train over the N most frequent tokens of the collected text, the ones the heads will "
+                            "guess from (default: the fewest holding 99%% of the model's probability there; "
+                            "'all': the whole vocabulary)")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     train.add_argument("--batch-size", type=int, default=64)

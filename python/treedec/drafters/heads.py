@@ -23,8 +23,9 @@ whichever nodes earn their cost.
 
 The heads guess among the most frequent tokens of their training text, and each guess reads only
 those rows of the LM head instead of all V (heads/vocab.py). Option `draft_vocab=N` keeps N
-tokens. By default, heads that carry token frequencies keep the tokens holding DRAFT_MASS of the
-model's probability, and heads without them keep the whole vocabulary.
+tokens. By default: the tokens the heads were trained over (`draft_vocab` in their config, which
+also bounds N), else for heads that carry token frequencies the tokens holding DRAFT_MASS of the
+model's probability, else the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from .. import ops
 from ..heads import DraftHeads
 from ..heads.tree import best_tree
-from ..heads.vocab import check_frequencies, default_size, draft_vocabulary
+from ..heads.vocab import DRAFT_MASS, check_frequencies, default_size, draft_vocabulary
 from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
@@ -51,11 +52,6 @@ DRAFT_DTYPES = {torch.float32: torch.bfloat16}
 # Bins of a guess's probability among its head's top-k (renormalised over those k: an upper bound
 # of its probability, and the kernel streams no normaliser). 7 bins x depth x rank keys.
 CONFIDENCE_EDGES = torch.tensor([0.1, 0.2, 0.35, 0.5, 0.7, 0.85])
-# The default draft vocabulary, for heads that carry token frequencies: the fewest tokens holding
-# this much of the model's probability over their training text (SmolLM2: 16090 of 49152 tokens).
-# On Spec-Bench with the verify cost fixed, 8192, 16384 and 24576 tokens moved Medusa's and Hydra's
-# tau by at most 0.044 from the whole vocabulary's, with no trend in the size (README, "Draft vocabulary").
-DRAFT_MASS = 0.99
 
 
 def confidence_bins(values: torch.Tensor) -> torch.Tensor:
@@ -103,13 +99,20 @@ class HeadsDrafter(Drafter):
         """The ids of the draft vocabulary (heads/vocab.py), None for the whole vocabulary."""
         frequencies, vocab_size, widest = self.heads.token_frequencies, self.heads.config.vocab_size, max(self.widths)
         check_frequencies(frequencies, vocab_size, "token_frequencies")
+        # heads trained over a draft vocabulary (train-heads since 2026-11-28) never learned to rank
+        # the tokens outside it: their logits there are untrained, so no larger set may be drafted
+        trained = self.heads.meta.get("draft_vocab")
         if draft_vocab is None:
             if frequencies is None:
                 return None
-            draft_vocab = max(default_size(frequencies, DRAFT_MASS), widest)
+            draft_vocab = max(trained or default_size(frequencies, DRAFT_MASS), widest)
         if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < widest:
             raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {widest}, the most guesses the "
                              "heads take at one depth (or None: the default)")
+        if trained is not None and draft_vocab > trained:
+            raise ValueError(f"draft_vocab = {draft_vocab}: these heads were trained over their {trained} most frequent "
+                             f"tokens and cannot rank the rest; use at most {trained} (or train them with a larger "
+                             "`train-heads --draft-vocab`)")
         if draft_vocab >= vocab_size:
             return None
         if frequencies is None:

@@ -12,7 +12,9 @@
    position, not the sampled token, because greedy decoding accepts exactly the argmax. With
    `soft_targets`, the model's whole distribution there instead (its argmax and its near misses).
    Hydra heads are teacher-forced with the text's tokens t+1 .. t+1+k. AdamW with a cosine
-   learning-rate decay over all epochs.
+   learning-rate decay over all epochs. The logits span only the draft vocabulary (heads/vocab.py),
+   the tokens the drafter will guess from: about a third of the LM head's rows for SmolLM2, so a
+   step costs about a third as much, and no gradient is spent on tokens the heads never draft.
 
 Only positions in the generated part are used: that is the model's own text, the distribution the
 heads meet when drafting. Every 10th prompt is held out, with all its continuations: the reported
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..prompts import eos_ids, left_pad, until_eos
 from .modules import DraftHeads, HeadsConfig, build_heads, save
-from .vocab import token_frequencies
+from .vocab import DRAFT_MASS, default_size, draft_vocabulary, token_frequencies, vocabulary_positions
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)
@@ -268,9 +270,13 @@ def _batches(positions: Positions, batch_size: int, generator: torch.Generator |
                positions.teacher_rows[chosen])
 
 
-def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """[N, K, V] logits of every head (hidden [N, H]; inputs [N, K]: token t+1+k for Hydra)."""
+def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Tensor,
+                vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K, V'] logits of every head (hidden [N, H]; inputs [N, K]: token t+1+k for Hydra) over
+    the tokens `vocab_ids` (None: all V), in that order."""
     base_weight = model.get_output_embeddings().weight.float()
+    if vocab_ids is not None:
+        base_weight = base_weight[vocab_ids]
     if heads.config.kind == "medusa":
         states = heads.states(hidden)
     else:
@@ -278,12 +284,22 @@ def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Te
         states = heads.states(hidden, embed(inputs).float())
     if heads.lm_heads is None:
         return torch.nn.functional.linear(states, base_weight)
-    return torch.stack([torch.nn.functional.linear(states[:, k], heads.lm_weight(k, base_weight))
-                        for k in range(heads.config.num_heads)], dim=1)
+    own = [weight if vocab_ids is None else weight[vocab_ids] for weight in heads.lm_heads]
+    return torch.stack([torch.nn.functional.linear(states[:, k], own[k]) for k in range(heads.config.num_heads)],
+                       dim=1)
+
+
+def argmax_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against the targets that exist and lie in the vocabulary trained over
+    (targets >= 0: -100 past a sequence's end, -1 a token outside the draft vocabulary)."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.where(targets < 0, -100, targets).reshape(-1),
+                                             ignore_index=-100, reduction=reduction)
 
 
 class _Tally:
-    """Loss and per-head per-rank hits summed over batches (training and evaluation alike)."""
+    """Loss and per-head per-rank hits summed over batches (training and evaluation alike). A
+    target outside the draft vocabulary (-1) counts as a miss of every rank, as it is when drafting."""
 
     def __init__(self, num_heads: int):
         self.hits, self.counts = torch.zeros(num_heads, RANKS), torch.zeros(num_heads)  # on the CPU
@@ -295,7 +311,7 @@ class _Tally:
         ranked = logits.topk(RANKS, dim=-1).indices  # [N, K, RANKS]
         self.hits += ((ranked == targets.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).float().cpu()
         self.counts += valid.sum(0).float().cpu()
-        self.loss, self.rows = self.loss + loss_sum, self.rows + int(valid.sum())
+        self.loss, self.rows = self.loss + loss_sum, self.rows + int((targets >= 0).sum())
 
     def result(self) -> tuple[float, torch.Tensor]:
         """Mean loss per target, and accuracy per head and rank [K, RANKS]."""
@@ -303,16 +319,16 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, model, positions: Positions, batch_size: int = 64) -> tuple[float, torch.Tensor]:
-    """Loss and per-head per-rank accuracy [K, RANKS] on `positions` (held-out prompts')."""
+def evaluate(heads: DraftHeads, model, positions: Positions, batch_size: int = 64,
+             vocab_ids: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """Loss and per-head per-rank accuracy [K, RANKS] on `positions` (held-out prompts'), over the
+    tokens `vocab_ids` (positions' targets already mapped into them, see `restrict_targets`)."""
     tally = _Tally(heads.config.num_heads)
     was_training = heads.training
     heads.eval()
     for hidden, targets, inputs, _ in _batches(positions, batch_size, None):
-        logits = head_logits(heads, model, hidden, inputs)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        tally.add(logits, targets, float(loss))
+        logits = head_logits(heads, model, hidden, inputs, vocab_ids)
+        tally.add(logits, targets, float(argmax_loss(logits, targets, "sum")))
     heads.train(was_training)
     return tally.result()
 
@@ -326,28 +342,46 @@ def _learning_rate(lr: float, step: int, total: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def soft_target_loss(logits: torch.Tensor, teacher_states: torch.Tensor, targets: torch.Tensor, model) -> torch.Tensor:
-    """Mean cross-entropy of the heads' logits [N, K, V] against the model's whole next-token
-    distribution at each target (its LM head over teacher_states [N, K, H]), over the targets
-    that exist (targets != -100): the greedy target is that distribution's argmax, and the rest of
-    it says which other tokens are near misses, which the lower ranks of a tree draft."""
+def soft_target_loss(logits: torch.Tensor, teacher_states: torch.Tensor, targets: torch.Tensor, model,
+                     vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the heads' logits [N, K, V'] against the model's whole next-token
+    distribution at each target (its LM head over teacher_states [N, K, H], renormalised over
+    `vocab_ids`), over the targets that exist (targets != -100): the greedy target is that
+    distribution's argmax, and the rest of it says which other tokens are near misses, which the
+    lower ranks of a tree draft."""
     with torch.no_grad():
-        teacher = torch.nn.functional.linear(teacher_states, model.get_output_embeddings().weight.float())
+        weight = model.get_output_embeddings().weight.float()
+        teacher = torch.nn.functional.linear(teacher_states, weight if vocab_ids is None else weight[vocab_ids])
         teacher = teacher.softmax(-1)
     per_target = -(teacher * logits.log_softmax(-1)).sum(-1)  # [N, K]
     valid = targets != -100
     return (per_target * valid).sum() / valid.sum().clamp(min=1)
 
 
+def restrict_targets(positions: Positions, vocab_ids: torch.Tensor | None, vocab_size: int) -> Positions:
+    """Targets as positions in `vocab_ids` (-1 for a token outside it, -100 kept); as they are
+    without a draft vocabulary."""
+    if vocab_ids is None:
+        return positions
+    lookup = vocabulary_positions(vocab_ids.to(positions.targets.device), vocab_size)
+    targets = positions.targets
+    mapped = torch.where(targets >= 0, lookup[targets.clamp(min=0)], targets)
+    return Positions(positions.states, positions.rows, mapped, positions.inputs, positions.teacher_rows)
+
+
 def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, out: Path | None = None, progress: bool = True,
-          held_out: list[Example] | None = None, after_epoch=None, soft_targets: bool = False) -> list[EpochReport]:
+          held_out: list[Example] | None = None, after_epoch=None, soft_targets: bool = False,
+          vocab_ids: torch.Tensor | None = None) -> list[EpochReport]:
     """Train `heads` (on the model's device) on `examples`; with `out`, a checkpoint after every
     epoch and resuming from one (the learning-rate schedule spans the `epochs` asked for now).
     With `held_out`, each epoch's reported loss and accuracies are measured on those sequences
     (the training set's would flatter heads that memorise). `after_epoch(reports)` runs after each.
     `soft_targets`: learn the model's whole distribution at each target (`soft_target_loss`)
-    instead of its argmax alone; the reported loss stays the argmax's cross-entropy either way."""
+    instead of its argmax alone; the reported loss stays the argmax's cross-entropy either way.
+    `vocab_ids`: train over those tokens only, the draft vocabulary the drafter will guess from
+    (heads/vocab.py): the LM-head pass, most of a step's work, reads only their rows, and a target
+    outside them, which no draft can hit, is left out of the loss (and counted as a miss)."""
     device = next(model.parameters()).device
     heads.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -362,8 +396,10 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
         parameter.requires_grad_(False)
     heads.train()
     num_heads = heads.config.num_heads
-    positions = flatten(examples, num_heads).to(device)
-    evaluation = flatten(held_out, num_heads).to(device) if held_out else None
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocab_ids = None if vocab_ids is None else vocab_ids.to(device)
+    positions = restrict_targets(flatten(examples, num_heads).to(device), vocab_ids, vocab_size)
+    evaluation = restrict_targets(flatten(held_out, num_heads).to(device), vocab_ids, vocab_size) if held_out else None
     steps_per_epoch = math.ceil(positions.rows.shape[0] / batch_size)
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
@@ -375,17 +411,19 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
                                                                             disable=not progress)):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(lr, epoch * steps_per_epoch + step, epochs * steps_per_epoch)
-            logits = head_logits(heads, model, hidden, inputs)
-            hard = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     ignore_index=-100)
-            loss = soft_target_loss(logits, positions.states[teacher_rows], targets, model) if soft_targets else hard
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            tally.add(logits, targets, float(hard.detach()) * int((targets != -100).sum()))
+            logits = head_logits(heads, model, hidden, inputs, vocab_ids)
+            hard = argmax_loss(logits, targets)
+            loss = (soft_target_loss(logits, positions.states[teacher_rows], targets, model, vocab_ids)
+                    if soft_targets else hard)
+            counted = int((targets >= 0).sum())
+            if counted:  # a batch whose targets all lie outside the vocabulary has nothing to learn
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            tally.add(logits, targets, float(hard.detach()) * counted if counted else 0.0)
         epoch_loss, per_rank = tally.result()
         if evaluation is not None:
-            epoch_loss, per_rank = evaluate(heads, model, evaluation, batch_size)
+            epoch_loss, per_rank = evaluate(heads, model, evaluation, batch_size, vocab_ids)
         report = EpochReport(epoch + 1, epoch_loss, per_rank[:, 0].tolist(), per_rank[:, :5].sum(-1).tolist(),
                              per_rank.tolist(), time.perf_counter() - began)
         reports.append(report)
@@ -418,9 +456,18 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
                 save_dtype: torch.dtype = torch.float32, command: str = "",
                 own_lm_head: bool = False, soft_targets: bool = False,
-                collect_batch_tokens: int | None = None) -> tuple[DraftHeads, list[EpochReport]]:
+                collect_batch_tokens: int | None = None,
+                draft_vocab: int | None = None) -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
-    (weights in `save_dtype`; `command`, the command line that trained them, goes in the config)."""
+    (weights in `save_dtype`; `command`, the command line that trained them, goes in the config).
+    The heads train over their draft vocabulary (`train`): the `draft_vocab` most frequent tokens
+    of the training text, by default the fewest that hold DRAFT_MASS of it, at least RANKS;
+    `draft_vocab` >= V trains over the whole vocabulary. The size goes in the config as
+    `draft_vocab`, which the drafter then guesses from."""
+    if draft_vocab is not None and (not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool)
+                                    or draft_vocab < RANKS):
+        raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {RANKS} (the ranks whose "
+                         "accuracy is measured) or None (the default)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / DATA_NAME
@@ -443,6 +490,10 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     generated = sum(len(e.tokens) - e.generated_from for e in training)
     # the draft vocabulary's ranking (heads/vocab.py)
     heads.token_frequencies = token_frequencies(training, model.get_output_embeddings())
+    vocab_size = model.config.vocab_size
+    size = min(draft_vocab if draft_vocab is not None else max(default_size(heads.token_frequencies, DRAFT_MASS),
+                                                                RANKS), vocab_size)
+    vocab_ids = None if size >= vocab_size else draft_vocabulary(heads.token_frequencies, size)
     train_began = time.perf_counter()
 
     def save_heads(reports: list[EpochReport]) -> None:
@@ -453,6 +504,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "accuracy_on": "held-out prompts" if held_out else "training sequences",
             "targets": "the model's distribution (soft)" if soft_targets else "the model's argmax",
             "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
+            "draft_vocab": size,  # the tokens trained over: the drafter guesses from these
             "epochs": len(reports),
             "collect_seconds": round(collected_seconds, 1),
             "train_seconds": round(time.perf_counter() - train_began, 1),
@@ -466,6 +518,6 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
         (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")
 
     reports = train(heads, model, training, epochs, lr, batch_size, out=out, progress=progress, held_out=held_out,
-                    after_epoch=save_heads, soft_targets=soft_targets)
+                    after_epoch=save_heads, soft_targets=soft_targets, vocab_ids=vocab_ids)
     save_heads(reports)  # also where every epoch was done before (a resumed run with nothing left)
     return heads, reports

@@ -15,7 +15,7 @@ def compact_by_loop(cache, prefix_len, accept_nodes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_layers_compacted_in_place(dtype):
-    batch, heads, rows, dim, num_nodes = 3, 2, 40, 5, 7
+    batch, heads, rows, dim = 3, 2, 40, 5
     caches = [torch.randn(batch, heads, rows, dim).to(dtype) for _ in range(4)]
     expected_input = [c.clone() for c in caches]
     prefix_len = torch.tensor([0, 11, 30], dtype=torch.int32)

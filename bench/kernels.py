@@ -359,8 +359,9 @@ def bench_draft_heads_topk(device, quick):
     if device.type == "cuda":
         shapes = [("llama3-8b", 4096, 128256, torch.bfloat16)]
         row_counts = (1, 8, 64) if not quick else (64,)
-    else:
+    else:  # the embedded model's heads, then (not with --quick: 1 GB of LM head) the GPU shape
         shapes = [("smollm2-135m", 576, 49152, dtype) for dtype in (torch.float32, torch.bfloat16)]
+        shapes += [("llama3-8b", 4096, 128256, torch.bfloat16)] if not quick else []
         row_counts = (1, 8, 64) if not quick else (8,)
     for model, width, vocab, dtype in shapes:
         weights = (torch.randn(heads, blocks, width, width, generator=generator) / width**0.5).to(device, dtype)

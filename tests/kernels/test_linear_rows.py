@@ -78,8 +78,9 @@ def test_routing_is_scoped_and_only_for_few_rows(monkeypatch):
     """Inside `routed` a plain nn.Linear takes the kernel for at most MAX_ROWS rows (and torch
     for more, or with autograd on); outside it, and for wrapped modules, nothing changes."""
     calls = []
-    real = ops.linear_rows
-    monkeypatch.setattr(ops, "linear_rows", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = ops.loop_linear_rows
+    monkeypatch.setattr(ops, "loop_linear_rows",
+                        lambda device: lambda *a: calls.append(a[0].shape[0]) or real(device)(*a))
     stack = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4, bias=False))
     hooked = torch.nn.Linear(4, 4)
     hooked.forward = lambda x: x  # something else owns this module's forward
@@ -105,8 +106,8 @@ def test_decode_loop_routes_projections_unless_turned_off(monkeypatch):
     from treedec.models import tiny_llama
 
     calls = []
-    real = ops.linear_rows
-    monkeypatch.setattr(ops, "linear_rows", lambda *a: calls.append(1) or real(*a))
+    real = ops.loop_linear_rows
+    monkeypatch.setattr(ops, "loop_linear_rows", lambda device: lambda *a: calls.append(1) or real(device)(*a))
     model = tiny_llama(seed=1)
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
     want = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -119,3 +120,18 @@ def test_decode_loop_routes_projections_unless_turned_off(monkeypatch):
         assert all("forward" not in m.__dict__ for m in model.modules())  # restored after the call
     with pytest.raises(ValueError, match="cpu_linear"):
         treedec.patch(model, cpu_linear="yes")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_the_loops_unchecked_linear_rows_is_the_ops_own(backend, monkeypatch):
+    """ops.loop_linear_rows: what ops.linear_rows runs under TREEDEC_BACKEND, same results."""
+    monkeypatch.setenv("TREEDEC_BACKEND", backend)
+    run = ops.loop_linear_rows(torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight = torch.randn(5, 37, generator=generator).to(dtype), torch.randn(11, 37, generator=generator).to(dtype)
+        bias = torch.randn(11, generator=generator).to(dtype)
+        torch.testing.assert_close(run(x, weight, bias), ops.linear_rows(x, weight, bias), rtol=0, atol=0)
+        torch.testing.assert_close(run(x, weight), ops.linear_rows(x, weight), rtol=0, atol=0)
+    if backend == "reference" or not ops.available_backends()["cpp"]:
+        assert run is reference.linear_rows

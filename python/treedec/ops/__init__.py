@@ -9,7 +9,7 @@ from ._backend import available_backends, choose_backend, requested_backend
 from .attention import tree_attention
 from .compact import compact_kv
 from .heads import draft_heads_topk
-from .linear import linear_rows
+from .linear import linear_rows, loop_linear_rows
 from .lm_head import lm_head_backend, lm_head_topk
 from .rows import gather_rows, scatter_rows
 from .sample import sample_tokens
@@ -26,6 +26,7 @@ __all__ = [
     "linear_rows",
     "lm_head_backend",
     "lm_head_topk",
+    "loop_linear_rows",
     "requested_backend",
     "sample_tokens",
     "scatter_rows",

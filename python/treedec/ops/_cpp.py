@@ -113,7 +113,20 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    module = _native.require_cpp()
+    return _linear_rows(_native.require_cpp(), os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(), x, weight,
+                        bias)
+
+
+def linear_rows_runner():
+    """`linear_rows` with the module, ISA and thread count looked up once, for a caller that makes
+    hundreds of calls in a row (the decode loop's projections: about 200 a step, where these
+    lookups cost more than 1 ms)."""
+    module, isa, threads = _native.require_cpp(), os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads()
+    return lambda x, weight, bias=None: _linear_rows(module, isa, threads, x, weight, bias)
+
+
+def _linear_rows(module, isa: str, threads: int, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:
@@ -124,7 +137,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     module.linear_rows(
         x.data_ptr(), weight.data_ptr(), 0 if bias32 is None else bias32.data_ptr(), out.data_ptr(),
         rows, weight.shape[0], width, x.stride(0), weight.stride(0),
-        x.dtype == torch.bfloat16, os.environ.get("TREEDEC_CPU_ISA", "auto"), num_threads(),
+        x.dtype == torch.bfloat16, isa, threads,
     )  # fmt: skip
     return out
 

@@ -1,6 +1,6 @@
 import torch
 
-from . import _library
+from . import _cpp, _library
 from ._backend import choose_backend
 from ._checks import check_projection, check_same_device, check_tensor
 
@@ -34,3 +34,12 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if _library.compiling():
         return torch.ops.treedec.linear_rows(x, weight, bias, backend)
     return _library.implementation("linear_rows", backend)(x, weight, bias)
+
+
+def loop_linear_rows(device: torch.device):
+    """The function `linear_rows` runs on `device` under the current TREEDEC_BACKEND, without the
+    per-call argument checks and backend choice: for a caller whose tensors are known to fit (the
+    decode loop's own nn.Linear weights and activations, layers.py), which calls it about 200
+    times a step. Look it up again when TREEDEC_BACKEND or the thread count may have changed."""
+    backend = choose_backend(device, "linear_rows")
+    return _cpp.linear_rows_runner() if backend == "cpp" else _library.implementation("linear_rows", backend)

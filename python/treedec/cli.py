@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--samples", type=int, default=0,
                        help="sampled continuations per prompt, after the greedy one (default 0)")
     train.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
-    train.add_argument("--collect-batch", type=int, default=8, help="prompts per generate call (default 8)")
+    train.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
     train.add_argument("--collect-batch-tokens", type=int, default=None,
                        help="a generate call also stops growing before rows x (longest prompt + "
                             "--max-new-tokens) passes this (default: no limit): large GPU batches of "

@@ -70,7 +70,7 @@ class EpochReport:
 
 @torch.inference_mode()
 def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128, samples: int = 0,
-            temperature: float = 0.8, batch_size: int = 8, seed: int = 0, progress: bool = True,
+            temperature: float = 0.8, batch_size: int = 32, seed: int = 0, progress: bool = True,
             max_seconds: float | None = None, batch_tokens: int | None = None) -> list[Example]:
     """Continuations of the prompts until `tokens` new ones: every prompt greedily first, then
     `samples` rounds of sampled ones (plain multinomial at `temperature`), at most `batch_size`
@@ -453,7 +453,7 @@ def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example
 def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, tokens: int, out: str | Path,
                 epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, max_new_tokens: int = 128,
                 base_model: str = "", progress: bool = True, samples: int = 0, temperature: float = 0.8,
-                collect_batch: int = 8, num_blocks: int = 1, collect_seconds: float | None = None,
+                collect_batch: int = 32, num_blocks: int = 1, collect_seconds: float | None = None,
                 save_dtype: torch.dtype = torch.float32, command: str = "",
                 own_lm_head: bool = False, soft_targets: bool = False,
                 collect_batch_tokens: int | None = None,

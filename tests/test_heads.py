@@ -676,6 +676,10 @@ def test_heads_trained_over_a_draft_vocabulary_draft_from_it(kind, monkeypatch, 
     training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / "all", epochs=1,
                          batch_size=16, max_new_tokens=40, progress=False, draft_vocab=vocab + 5)
     assert set(widths) == {vocab} and load(tmp_path / "all").meta["draft_vocab"] == vocab
+    # heads trained over every token draft from the default share of them, as the shipped ones do
+    every = load(tmp_path / "all")
+    share = default_size(every.token_frequencies, DRAFT_MASS)
+    assert share < vocab and len(heads_drafter.HeadsDrafter(every, widths=(2, 2)).vocab_ids) == share
     for bad in (7, 0, 12.0, True):
         with pytest.raises(ValueError, match="draft_vocab"):
             training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / "bad", epochs=1,

@@ -23,9 +23,9 @@ whichever nodes earn their cost.
 
 The heads guess among the most frequent tokens of their training text, and each guess reads only
 those rows of the LM head instead of all V (heads/vocab.py). Option `draft_vocab=N` keeps N
-tokens. By default: the tokens the heads were trained over (`draft_vocab` in their config, which
-also bounds N), else for heads that carry token frequencies the tokens holding DRAFT_MASS of the
-model's probability, else the whole vocabulary.
+tokens. By default, heads that carry token frequencies keep the tokens holding DRAFT_MASS of the
+model's probability, and heads without them keep the whole vocabulary. Heads trained over a draft
+vocabulary (`draft_vocab` in their config) keep at most those tokens, by default and for N alike.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class HeadsDrafter(Drafter):
         if draft_vocab is None:
             if frequencies is None:
                 return None
-            draft_vocab = max(trained or default_size(frequencies, DRAFT_MASS), widest)
+            draft_vocab = max(min(default_size(frequencies, DRAFT_MASS), trained or vocab_size), widest)
         if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < widest:
             raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {widest}, the most guesses the "
                              "heads take at one depth (or None: the default)")

@@ -32,6 +32,8 @@ def test_branch_decomposition(num_nodes, q_heads, kv_heads):
     k = torch.randn(batch, kv_heads, rows, dim)
     v = torch.randn(batch, kv_heads, rows, dim)
     out = tree_attention(q, k, v, prefix_len, mask, kv_start)
+    # check=False (the decode loop's per-layer call) runs the same computation, unchecked
+    torch.testing.assert_close(tree_attention(q, k, v, prefix_len, mask, kv_start, check=False), out, rtol=0, atol=0)
     group = q_heads // kv_heads
     for b in range(batch):
         p = int(prefix_len[b])

@@ -221,7 +221,8 @@ def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
     assert "auto       tau" in capsys.readouterr().out
     assert not hasattr(model, "treedec") and learned_state(model) is None
     assert script.FixedCost().cost(1, 6) == pytest.approx(0.078)
-    assert script.FixedCost().cost(2, 64) == pytest.approx(0.51)  # past the curve: proportional to work
+    # past the curve (work 2 x 64): CostCurve's extrapolation, the last segment's slope (51 ms / 16)
+    assert script.FixedCost().cost(2, 64) == pytest.approx(0.255 + 0.051 / 16 * 64)
 
 
 def test_shared_state_script_reproduces_the_old_benchmark(monkeypatch, tmp_path, capsys, flat_step_costs):

@@ -29,11 +29,23 @@ def triton_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("drafter", ["auto", None])
-def test_lossless_with_triton_attention_and_lm_head(triton_backend, drafter):
+def test_lossless_with_triton_attention_and_lm_head(triton_backend, drafter, monkeypatch):
+    """Lossless, and the loop's per-layer attention calls skip the op's argument checks (their read
+    of prefix_len would make a GPU wait at every layer; the cache checks each step once)."""
+    from treedec.ops import attention as attention_op
+
+    checked = []
+    real = attention_op._check_arguments
+    monkeypatch.setattr(attention_op, "_check_arguments", lambda *args: checked.append(1) or real(*args))
     model = tiny_llama(seed=11)
     ids, mask = left_padded([repetitive_prompt(13, 7), repetitive_prompt(14, 15), [9, 4]])
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     treedec.patch(model, drafter=drafter)
     assert ops.choose_backend(torch.device("cpu"), "lm_head_topk") == "triton"
+    calls = []
+    kernel = attention_op._library.implementation("tree_attention", "triton")
+    monkeypatch.setitem(attention_op._library._IMPLEMENTATIONS["tree_attention"], "triton",
+                        lambda *args: calls.append(1) or kernel(*args))
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     assert torch.equal(got, expected)
+    assert calls and not checked  # the kernel ran every layer, the checks never

@@ -32,8 +32,9 @@ def test_branch_decomposition(num_nodes, q_heads, kv_heads):
     k = torch.randn(batch, kv_heads, rows, dim)
     v = torch.randn(batch, kv_heads, rows, dim)
     out = tree_attention(q, k, v, prefix_len, mask, kv_start)
-    # check=False (the decode loop's per-layer call) runs the same computation, unchecked
-    torch.testing.assert_close(tree_attention(q, k, v, prefix_len, mask, kv_start, check=False), out, rtol=0, atol=0)
+    # check_values=False (the decode loop's per-layer call) runs the same computation
+    torch.testing.assert_close(tree_attention(q, k, v, prefix_len, mask, kv_start, check_values=False), out,
+                               rtol=0, atol=0)
     group = q_heads // kv_heads
     for b in range(batch):
         p = int(prefix_len[b])
@@ -55,6 +56,8 @@ def test_bad_arguments_raise():
         tree_attention(q, kv, kv, torch.tensor([9], dtype=torch.int32), mask)
     with pytest.raises(ValueError, match="tree_mask has shape"):
         tree_attention(q, kv, kv, torch.tensor([0], dtype=torch.int32), mask[:, :1])
+    with pytest.raises(ValueError, match="tree_mask has shape"):  # shapes are checked either way
+        tree_attention(q, kv, kv, torch.tensor([0], dtype=torch.int32), mask[:, :1], check_values=False)
 
 
 def test_model_tree_forward_matches_plain_forward_per_path():

@@ -613,7 +613,9 @@ def test_draft_vocab_needs_frequencies_and_a_positive_size(tmp_path):
 def test_targets_outside_the_draft_vocabulary_are_misses_not_losses():
     """Training over a draft vocabulary: targets become positions in it; a token outside it (-1)
     adds nothing to the loss and counts as a miss of every rank; -100 (past the end) stays out."""
-    from treedec.heads.training import Positions, _Tally, argmax_loss, restrict_targets
+    import types
+
+    from treedec.heads.training import Positions, _Tally, argmax_loss, restrict_targets, soft_target_loss
 
     targets = torch.tensor([[5, -100], [7, 3]])
     positions = Positions(torch.zeros(2, 4), torch.arange(2), targets, torch.zeros_like(targets), torch.zeros_like(targets))
@@ -631,6 +633,14 @@ def test_targets_outside_the_draft_vocabulary_are_misses_not_losses():
     mean, per_rank = tally.result()
     assert per_rank[:, 0].tolist() == [0.5, 1.0]  # head 1: one hit, one target outside the vocabulary
     torch.testing.assert_close(mean, float(expected) / 2)  # the loss is over the two targets in it
+    # soft targets: the teacher over the vocabulary's rows, the same two targets
+    lm_head = torch.nn.Linear(4, 10, bias=False)
+    model = types.SimpleNamespace(get_output_embeddings=lambda: lm_head)
+    states, small = torch.randn(2, 2, 4), torch.randn(2, 2, 2)
+    teacher = torch.softmax(states @ lm_head.weight[[3, 5]].T, -1).detach()
+    per_target = -(teacher * small.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(soft_target_loss(small, states, mapped, model, torch.tensor([3, 5])),
+                               (per_target[0, 0] + per_target[1, 1]) / 2)
 
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
@@ -653,6 +663,9 @@ def test_heads_trained_over_a_draft_vocabulary_draft_from_it(kind, monkeypatch, 
                                           epochs=3, lr=3e-3, batch_size=16, max_new_tokens=40, progress=False,
                                           draft_vocab=12)
     assert set(widths) == {12} and reports[-1].loss < reports[0].loss
+    with pytest.raises(ValueError, match="trained over 12 tokens; this run asks for 13"):  # resuming
+        training.train_heads(model, prompts, kind, num_heads=2, tokens=120, out=tmp_path / kind, epochs=4,
+                             batch_size=16, max_new_tokens=40, progress=False, draft_vocab=13)
     loaded = load(tmp_path / kind)
     assert loaded.meta["draft_vocab"] == 12
     drafter = heads_drafter.HeadsDrafter(loaded, widths=(2, 2))
@@ -663,8 +676,10 @@ def test_heads_trained_over_a_draft_vocabulary_draft_from_it(kind, monkeypatch, 
     assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), expected)
     assert model.treedec.last_stats["draft_vocab"] == 12
     treedec.unpatch(model)
-    with pytest.raises(ValueError, match="trained over their 12 most frequent tokens"):
+    with pytest.raises(ValueError, match="draft_vocab = 13: these heads were trained over their 12 most frequent"):
         treedec.patch(model, drafter=kind, heads=tmp_path / kind, draft_vocab=13)
+    with pytest.raises(ValueError, match="widths of up to 16 guesses a depth: these heads were trained over their 12"):
+        treedec.patch(model, drafter=kind, heads=tmp_path / kind, widths=[16])
     treedec.patch(model, drafter=kind, heads=tmp_path / kind, draft_vocab=8)  # a subset is fine
     treedec.unpatch(model)
     # the default size, and the whole vocabulary

@@ -73,9 +73,9 @@ class TreeStep:
             return reference.tree_attention(
                 q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, dense_mask=step.dense_mask()
             )
-        # the loop built this step's tree and cache rows: no checks, whose read of prefix_len would
-        # make a GPU wait at every layer
-        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, check=False)
+        # the cache checked this step's rows (begin_step): no per-layer read of prefix_len, which
+        # would make a GPU's host wait at every layer
+        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, check_values=False)
 
 
 def treedec_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

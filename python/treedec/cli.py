@@ -375,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learn the model's whole next-token distribution at each target, not only its "
                             "argmax (one more LM-head pass per batch; reported loss stays the argmax's)")
     train.add_argument("--draft-vocab", default=None,
-                       help="train over the N most frequent tokens of the collected text, the ones the heads will "
-                            "guess from (default: the fewest holding 99%% of the model's probability there; "
-                            "'all': the whole vocabulary)")
+                       help="train over the N most frequent tokens of the collected text; the heads then draft "
+                            "from at most these (default: the fewest holding 99%% of the model's probability "
+                            "there, which the drafter also keeps by default; 'all': the whole vocabulary)")
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     train.add_argument("--batch-size", type=int, default=64)

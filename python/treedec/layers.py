@@ -24,10 +24,12 @@ ROUTED_DTYPES = (torch.float32, torch.bfloat16)
 
 def few_row_forward(module: torch.nn.Linear, x: torch.Tensor, run=ops.linear_rows) -> torch.Tensor:
     """nn.Linear.forward, through `run` (ops.linear_rows or the loop's unchecked form of it) when x
-    is a CPU tensor of the weight's dtype with at most MAX_ROWS rows."""
+    is a CPU tensor of the weight's dtype and width with at most MAX_ROWS rows (torch's layer, and
+    its errors, otherwise)."""
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
-    if not 0 < rows <= MAX_ROWS or x.dtype != module.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled():
+    unfit = x.dtype != module.weight.dtype or x.device.type != "cpu" or width != module.in_features
+    if not 0 < rows <= MAX_ROWS or unfit or torch.is_grad_enabled():
         return torch.nn.Linear.forward(module, x)
     out = run(x.reshape(rows, width), module.weight, module.bias)
     return out.view(*x.shape[:-1], out.shape[-1])

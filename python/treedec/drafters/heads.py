@@ -102,6 +102,7 @@ class HeadsDrafter(Drafter):
         # heads trained over a draft vocabulary (train-heads since 2026-11-28) never learned to rank
         # the tokens outside it: their logits there are untrained, so no larger set may be drafted
         trained = self.heads.meta.get("draft_vocab")
+        given = draft_vocab is not None
         if draft_vocab is None:
             if frequencies is None:
                 return None
@@ -110,8 +111,9 @@ class HeadsDrafter(Drafter):
             raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {widest}, the most guesses the "
                              "heads take at one depth (or None: the default)")
         if trained is not None and draft_vocab > trained:
-            raise ValueError(f"draft_vocab = {draft_vocab}: these heads were trained over their {trained} most frequent "
-                             f"tokens and cannot rank the rest; use at most {trained} (or train them with a larger "
+            asked = f"draft_vocab = {draft_vocab}" if given else f"widths of up to {widest} guesses a depth"
+            raise ValueError(f"{asked}: these heads were trained over their {trained} most frequent tokens and cannot "
+                             f"rank the rest; use at most {trained} (or train them with a larger "
                              "`train-heads --draft-vocab`)")
         if draft_vocab >= vocab_size:
             return None

@@ -346,15 +346,15 @@ def soft_target_loss(logits: torch.Tensor, teacher_states: torch.Tensor, targets
                      vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the heads' logits [N, K, V'] against the model's whole next-token
     distribution at each target (its LM head over teacher_states [N, K, H], renormalised over
-    `vocab_ids`), over the targets that exist (targets != -100): the greedy target is that
-    distribution's argmax, and the rest of it says which other tokens are near misses, which the
-    lower ranks of a tree draft."""
+    `vocab_ids`), over the targets that exist and lie in that vocabulary (targets >= 0, as for
+    `argmax_loss`): the greedy target is that distribution's argmax, and the rest of it says which
+    other tokens are near misses, which the lower ranks of a tree draft."""
     with torch.no_grad():
         weight = model.get_output_embeddings().weight.float()
         teacher = torch.nn.functional.linear(teacher_states, weight if vocab_ids is None else weight[vocab_ids])
         teacher = teacher.softmax(-1)
     per_target = -(teacher * logits.log_softmax(-1)).sum(-1)  # [N, K]
-    valid = targets != -100
+    valid = targets >= 0
     return (per_target * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -386,9 +386,16 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
     heads.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     start_epoch, reports = 0, []
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    trained_over = vocab_size if vocab_ids is None else len(vocab_ids)
     checkpoint = None if out is None else Path(out) / CHECKPOINT_NAME
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
+        # a checkpoint from before draft vocabularies trained over every token
+        if state.get("draft_vocab", vocab_size) != trained_over:
+            raise ValueError(f"{checkpoint} trained over {state.get('draft_vocab', vocab_size)} tokens; this run asks "
+                             f"for {trained_over}: resume with the same draft vocabulary (train-heads --draft-vocab) "
+                             "or train into a fresh directory")
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, reports = state["epoch"], [EpochReport(**r) for r in state["reports"]]
@@ -396,7 +403,6 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
         parameter.requires_grad_(False)
     heads.train()
     num_heads = heads.config.num_heads
-    vocab_size = model.get_output_embeddings().weight.shape[0]
     vocab_ids = None if vocab_ids is None else vocab_ids.to(device)
     positions = restrict_targets(flatten(examples, num_heads).to(device), vocab_ids, vocab_size)
     evaluation = restrict_targets(flatten(held_out, num_heads).to(device), vocab_ids, vocab_size) if held_out else None
@@ -435,7 +441,7 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
                   f"({report.seconds:.0f} s)")
         if checkpoint is not None:
             torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                        "reports": [r.__dict__ for r in reports]}, checkpoint)
+                        "reports": [r.__dict__ for r in reports], "draft_vocab": trained_over}, checkpoint)
         if after_epoch is not None:
             after_epoch(reports)
     heads.eval()
@@ -463,7 +469,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     The heads train over their draft vocabulary (`train`): the `draft_vocab` most frequent tokens
     of the training text, by default the fewest that hold DRAFT_MASS of it, at least RANKS;
     `draft_vocab` >= V trains over the whole vocabulary. The size goes in the config as
-    `draft_vocab`, which the drafter then guesses from."""
+    `draft_vocab`, which then caps the drafter's draft vocabulary."""
     if draft_vocab is not None and (not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool)
                                     or draft_vocab < RANKS):
         raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {RANKS} (the ranks whose "
@@ -489,7 +495,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     training, held_out = split_held_out(examples)
     generated = sum(len(e.tokens) - e.generated_from for e in training)
     # the draft vocabulary's ranking (heads/vocab.py)
-    heads.token_frequencies = token_frequencies(training, model.get_output_embeddings())
+    # float32, as saved: the drafter ranks the saved values, and float64 ties could rank differently
+    heads.token_frequencies = token_frequencies(training, model.get_output_embeddings()).float()
     vocab_size = model.config.vocab_size
     size = min(draft_vocab if draft_vocab is not None else max(default_size(heads.token_frequencies, DRAFT_MASS),
                                                                 RANKS), vocab_size)
@@ -504,7 +511,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "accuracy_on": "held-out prompts" if held_out else "training sequences",
             "targets": "the model's distribution (soft)" if soft_targets else "the model's argmax",
             "held_out_tokens": sum(len(e.tokens) - e.generated_from for e in held_out),
-            "draft_vocab": size,  # the tokens trained over: the drafter guesses from these
+            "draft_vocab": size,  # the tokens trained over: the drafter guesses from at most these
             "epochs": len(reports),
             "collect_seconds": round(collected_seconds, 1),
             "train_seconds": round(time.perf_counter() - train_began, 1),

@@ -15,7 +15,7 @@ def tree_attention(
     tree_mask: torch.Tensor,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
-    check: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their own ancestors.
 
@@ -32,25 +32,25 @@ def tree_attention(
         First visible cache row (left padding); 0 when omitted. Rows below it are never read.
     scale : float, optional
         Softmax scale; 1/sqrt(D) when omitted.
-    check : bool
-        False skips the argument checks, for a caller that built the arguments itself: the
-        decode loop calls this once per layer, and the check of prefix_len reads it back to the
-        host, which on a GPU waits for every queued kernel (two waits a layer, 60 a step for a
-        30-layer model). Malformed arguments are then not caught.
+    check_values : bool
+        False skips the one check that reads a tensor's values (prefix_len + T within the cache
+        rows), for a caller that ensured it: the decode loop calls this once per layer, and that
+        read makes a GPU's host wait for every queued kernel (two waits a layer, 60 a step for a
+        30-layer model); its cache checks the rows once a step. Types and shapes are checked
+        either way.
 
     Returns
     -------
     [B, Hq, T, D] in q's dtype.
     """
-    if check:
-        _check_arguments(q, k, v, prefix_len, tree_mask, kv_start)
+    _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values)
     backend = choose_backend(q.device, "tree_attention")
     if _library.compiling():
         return torch.ops.treedec.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale, backend)
     return _library.implementation("tree_attention", backend)(q, k, v, prefix_len, tree_mask, kv_start, scale)
 
 
-def _check_arguments(q, k, v, prefix_len, tree_mask, kv_start) -> None:
+def _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values: bool) -> None:
     check_tensor("q", q, FLOAT_DTYPES, 4)
     check_tensor("k", k, FLOAT_DTYPES, 4)
     check_tensor("v", v, FLOAT_DTYPES, 4)
@@ -67,5 +67,5 @@ def _check_arguments(q, k, v, prefix_len, tree_mask, kv_start) -> None:
     if kv_start is not None:
         check_tensor("kv_start", kv_start, (torch.int32,), 1)
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len, tree_mask=tree_mask, kv_start=kv_start)
-    if not capturing() and (int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]):
+    if check_values and not capturing() and (int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]):
         raise ValueError(f"prefix_len + T must fit in the {k.shape[2]} cache rows of k and v")

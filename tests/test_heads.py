@@ -618,7 +618,8 @@ def test_targets_outside_the_draft_vocabulary_are_misses_not_losses():
     from treedec.heads.training import Positions, _Tally, argmax_loss, restrict_targets, soft_target_loss
 
     targets = torch.tensor([[5, -100], [7, 3]])
-    positions = Positions(torch.zeros(2, 4), torch.arange(2), targets, torch.zeros_like(targets), torch.zeros_like(targets))
+    unused = torch.zeros_like(targets)  # Hydra's inputs and the teacher rows play no part here
+    positions = Positions(torch.zeros(2, 4), torch.arange(2), targets, unused, unused)
     mapped = restrict_targets(positions, torch.tensor([3, 5]), vocab_size=10).targets
     assert mapped.tolist() == [[1, -100], [-1, 0]]
     assert restrict_targets(positions, None, vocab_size=10) is positions

@@ -22,10 +22,10 @@ MAX_ROWS = 16  # beyond this torch's GEMM catches up (bench/kernels.py, linear_r
 ROUTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def few_row_forward(module: torch.nn.Linear, x: torch.Tensor, run=ops.linear_rows) -> torch.Tensor:
-    """nn.Linear.forward, through `run` (ops.linear_rows or the loop's unchecked form of it) when x
-    is a CPU tensor of the weight's dtype and width with at most MAX_ROWS rows (torch's layer, and
-    its errors, otherwise)."""
+def few_row_forward(module: torch.nn.Linear, run, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward, through `run` (ops.loop_linear_rows's function) when x is a CPU tensor of
+    the weight's dtype and width with at most MAX_ROWS rows (torch's layer, and its errors,
+    otherwise)."""
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
     unfit = x.dtype != module.weight.dtype or x.device.type != "cpu" or width != module.in_features
@@ -55,7 +55,7 @@ def routed(modules: list[torch.nn.Linear]):
     CPU tensors of a routed dtype (routable_linears), and few_row_forward checks each input."""
     run = ops.loop_linear_rows(torch.device("cpu")) if modules else None
     for module in modules:
-        module.forward = functools.partial(few_row_forward, module, run=run)
+        module.forward = functools.partial(few_row_forward, module, run)
     try:
         yield
     finally:

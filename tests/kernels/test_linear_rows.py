@@ -129,7 +129,8 @@ def test_the_loops_unchecked_linear_rows_is_the_ops_own(backend, monkeypatch):
     run = ops.loop_linear_rows(torch.device("cpu"))
     generator = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
-        x, weight = torch.randn(5, 37, generator=generator).to(dtype), torch.randn(11, 37, generator=generator).to(dtype)
+        x = torch.randn(5, 37, generator=generator).to(dtype)
+        weight = torch.randn(11, 37, generator=generator).to(dtype)
         bias = torch.randn(11, generator=generator).to(dtype)
         torch.testing.assert_close(run(x, weight, bias), ops.linear_rows(x, weight, bias), rtol=0, atol=0)
         torch.testing.assert_close(run(x, weight), ops.linear_rows(x, weight), rtol=0, atol=0)

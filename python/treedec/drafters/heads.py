@@ -250,13 +250,12 @@ class HeadsDrafter(Drafter):
         # [V', H] per head: the model's LM head (shared) or the head's own, restricted to the draft
         # vocabulary; a copy only where the dtype or the rows differ
         self._rows = rows = None if self.vocab_ids is None else self.vocab_ids.to(hidden.device)
-        if self.heads.lm_heads is None:
-            shared = runner.lm_head.weight.detach()
-            shared = (shared if rows is None else shared[rows]).to(self._dtype)
-            self._lm_weights = [shared] * config.num_heads
-        else:
-            self._lm_weights = [weight.detach() if rows is None else weight.detach()[rows]
-                                for weight in self.heads.lm_heads]
+        base = runner.lm_head.weight.detach()
+        weights = [self.heads.lm_weight(k, base).detach() for k in range(config.num_heads)]
+        weights = [weight if rows is None else weight[rows] for weight in weights]
+        if self.heads.lm_heads is None:  # one shared copy, in the drafting dtype
+            weights = [weights[0].to(self._dtype)] * config.num_heads
+        self._lm_weights = weights
         if self.kind == "medusa":
             self._stacked = self.heads.stacked()
         else:

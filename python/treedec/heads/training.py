@@ -275,18 +275,19 @@ def head_logits(heads: DraftHeads, model, hidden: torch.Tensor, inputs: torch.Te
     """[N, K, V'] logits of every head (hidden [N, H]; inputs [N, K]: token t+1+k for Hydra) over
     the tokens `vocab_ids` (None: all V), in that order."""
     base_weight = model.get_output_embeddings().weight.float()
-    if vocab_ids is not None:
-        base_weight = base_weight[vocab_ids]
+
+    def rows(weight: torch.Tensor) -> torch.Tensor:
+        return weight if vocab_ids is None else weight[vocab_ids]
+
     if heads.config.kind == "medusa":
         states = heads.states(hidden)
     else:
         embed = getattr(model, model.base_model_prefix).embed_tokens
         states = heads.states(hidden, embed(inputs).float())
-    if heads.lm_heads is None:
-        return torch.nn.functional.linear(states, base_weight)
-    own = [weight if vocab_ids is None else weight[vocab_ids] for weight in heads.lm_heads]
-    return torch.stack([torch.nn.functional.linear(states[:, k], own[k]) for k in range(heads.config.num_heads)],
-                       dim=1)
+    if heads.lm_heads is None:  # every head through the one shared projection: one batched product
+        return torch.nn.functional.linear(states, rows(base_weight))
+    return torch.stack([torch.nn.functional.linear(states[:, k], rows(heads.lm_weight(k, base_weight)))
+                        for k in range(heads.config.num_heads)], dim=1)
 
 
 def argmax_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -498,8 +499,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     # float32, as saved: the drafter ranks the saved values, and float64 ties could rank differently
     heads.token_frequencies = token_frequencies(training, model.get_output_embeddings()).float()
     vocab_size = model.config.vocab_size
-    size = min(draft_vocab if draft_vocab is not None else max(default_size(heads.token_frequencies, DRAFT_MASS),
-                                                                RANKS), vocab_size)
+    default = max(default_size(heads.token_frequencies, DRAFT_MASS), RANKS)
+    size = min(draft_vocab if draft_vocab is not None else default, vocab_size)
     vocab_ids = None if size >= vocab_size else draft_vocabulary(heads.token_frequencies, size)
     train_began = time.perf_counter()
 

@@ -67,5 +67,7 @@ def _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values: boo
     if kv_start is not None:
         check_tensor("kv_start", kv_start, (torch.int32,), 1)
     check_same_device(q=q, k=k, v=v, prefix_len=prefix_len, tree_mask=tree_mask, kv_start=kv_start)
-    if check_values and not capturing() and (int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]):
+    if not check_values or capturing():
+        return
+    if int(prefix_len.min()) < 0 or int(prefix_len.max()) + num_nodes > k.shape[2]:
         raise ValueError(f"prefix_len + T must fit in the {k.shape[2]} cache rows of k and v")

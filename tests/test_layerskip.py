@@ -195,6 +195,12 @@ def test_stop_below_one_drafts_nothing_and_branching_adds_siblings(monkeypatch):
         ({"mode": "swift", "skip_layers": [1]}, "skip_layers"),
         ({"mode": "fixed"}, "skip_layers"),
         ({"mode": "fixed", "skip_layers": "1,2"}, "skip_layers"),
+        ({"mode": "fixed", "skip_layers": []}, "non-empty list"),
+        ({"mode": "fixed", "skip_layers": [[1], []]}, "non-empty list"),
+        ({"mode": "fixed", "skip_layers": [1.0]}, "skip_layers"),
+        ({"draft_depth": True}, "draft_depth"),
+        ({"draft_depth": 2.5}, "draft_depth"),
+        ({"reuse_kv": 1}, "reuse_kv"),
         ({"mode": "swift", "exit_layer": 3}, "exit_layer"),
         ({"stop_below": 1.5}, "stop_below"),
         ({"branch_k": 0}, "branch_k"),
@@ -210,10 +216,11 @@ def test_bad_options_raise_at_patch(options, message):
 
 @pytest.mark.parametrize("options", [{"mode": "fixed", "skip_layers": [0, 1]}, {"mode": "fixed", "skip_layers": [7]},
                                      {"mode": "exit", "exit_layer": 2}])
-def test_layer_indices_outside_the_model_raise_at_generate(options):
-    model = treedec.patch(tiny_llama(num_layers=2), drafter="layerskip", **options)
+def test_layer_indices_outside_the_model_raise_at_patch(options):
+    model = tiny_llama(num_layers=2)
     with pytest.raises(ValueError, match="layer"):
-        model.generate(torch.tensor([repetitive_prompt(0, 20)]), max_new_tokens=4, do_sample=False)
+        treedec.patch(model, drafter="layerskip", **options)
+    assert not hasattr(model, "treedec")
 
 
 def _record_tries(monkeypatch):

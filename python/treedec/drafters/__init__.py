@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from ..options import bool_option, int_option
 from .auto import AutoDrafter
 from .base import Drafter, DraftTrie, StepOutcome
 from .heads import HeadsDrafter
@@ -37,31 +38,31 @@ def check_drafter_name(name) -> None:
         raise ValueError(f"unknown drafter {name!r}; choose one of {', '.join(map(repr, DRAFTERS))}")
 
 
-def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict) -> Drafter:
-    """Build a drafter; `tables` is per-model storage so Token Recycling's table outlives the call."""
+def make_drafter(name: str | None, options: dict, vocab_size: int, tables: dict,
+                 num_layers: int | None = None) -> Drafter:
+    """Build a drafter; `tables` is per-model storage so Token Recycling's table outlives the call.
+    `num_layers` (the model's decoder layers, where known) checks layer-skipping's layer options."""
     check_drafter_name(name)
     if name is None:
         return NoDrafter()
     if name in ("medusa", "hydra"):
-        context = options.get("context", True)
-        if not isinstance(context, bool):
-            raise ValueError(f"context = {context!r} must be True or False")
+        context = bool_option("context", options.get("context", True))
         return HeadsDrafter(_heads_for(name, options.get("heads"), tables), options.get("widths"),
                             make_drafter("auto", {}, vocab_size, tables) if context else None,
                             draft_vocab=options.get("draft_vocab"))
     if name == "layerskip":  # its skip-set search result lives in the model's tables
-        return LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
+        drafter = LayerSkipDrafter(tables, **{k: v for k, v in options.items() if k in LAYERSKIP_OPTIONS})
+        if num_layers is not None:
+            drafter.check_layers(num_layers)
+        return drafter
     lookup_kwargs = {k: v for k, v in options.items() if k in LOOKUP_OPTIONS}
-    width = int(options.get("recycling_width", 8))
     if name in ("recycling", "auto"):
-        if width < 1:
-            raise ValueError(f"recycling_width = {width} must be >= 1")
+        width = int_option("recycling_width", options.get("recycling_width", 8))
         table = tables.get(("recycling", width))
         if table is None:
             table = tables[("recycling", width)] = RecyclingTable(vocab_size, width)
-        recycling = RecyclingDrafter(
-            table, int(options.get("template_nodes", 40)), int(options.get("max_depth", 6))
-        )
+        recycling = RecyclingDrafter(table, int_option("template_nodes", options.get("template_nodes", 40)),
+                                     int_option("max_depth", options.get("max_depth", 6)))
         if name == "recycling":
             return recycling
         return AutoDrafter(LookupDrafter(**lookup_kwargs), recycling)

@@ -36,6 +36,7 @@ from .. import ops
 from ..heads import DraftHeads
 from ..heads.tree import best_tree
 from ..heads.vocab import DRAFT_MASS, check_frequencies, default_size, draft_vocabulary
+from ..options import is_int
 from .base import Drafter, DraftTrie
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
@@ -74,12 +75,13 @@ class HeadsDrafter(Drafter):
         self.heads = heads
         self.kind = heads.config.kind
         self.name = self.kind
-        widths = tuple(widths) if widths is not None else DEFAULT_WIDTHS[: heads.config.num_heads]
-        if not widths or len(widths) > heads.config.num_heads or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths
-        ):
+        widths = tuple(widths) if isinstance(widths, (list, tuple)) else widths
+        if widths is None:
+            widths = DEFAULT_WIDTHS[: heads.config.num_heads]
+        if (not isinstance(widths, tuple) or not widths or len(widths) > heads.config.num_heads
+                or not all(is_int(w) and w >= 1 for w in widths)):
             raise ValueError(f"widths = {widths!r} must be 1 to {heads.config.num_heads} ints >= 1 (one per head)")
-        self.widths = widths
+        self.widths = tuple(int(w) for w in widths)
         # Heads with measured per-rank accuracies and no widths given: the static tree with the
         # largest expected accepted length (heads/tree.py); rank paths, parents first. Medusa's
         # guesses are the same under every node of a depth, Hydra's follow each node's path.
@@ -107,7 +109,7 @@ class HeadsDrafter(Drafter):
             if frequencies is None:
                 return None
             draft_vocab = max(min(default_size(frequencies, DRAFT_MASS), trained or vocab_size), widest)
-        if not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < widest:
+        if not is_int(draft_vocab) or draft_vocab < widest:
             raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {widest}, the most guesses the "
                              "heads take at one depth (or None: the default)")
         if trained is not None and draft_vocab > trained:
@@ -115,6 +117,7 @@ class HeadsDrafter(Drafter):
             raise ValueError(f"{asked}: these heads were trained over their {trained} most frequent tokens and cannot "
                              f"rank the rest; use at most {trained} (or train them with a larger "
                              "`train-heads --draft-vocab`)")
+        draft_vocab = int(draft_vocab)
         if draft_vocab >= vocab_size:
             return None
         if frequencies is None:

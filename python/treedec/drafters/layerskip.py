@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import TreeStep
+from ..options import bool_option, int_option, is_int, number_option
 from .base import Drafter, DraftTrie
 from .layer_search import SkipPlan, search
 
@@ -43,24 +44,12 @@ CONFIDENCE_K = 16
 
 
 def _is_index_list(value) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-
-
-def _probability(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} = {value!r} must be a number in [0, 1]")
-    return float(value)
+    return isinstance(value, (list, tuple)) and bool(value) and all(map(is_int, value))
 
 
 def _room_for_one_more(cache) -> bool:
     """Whether every row's cache has a row left for one more draft token."""
     return int(cache.prefix_len.max()) + 1 <= cache.max_len
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} = {value!r} must be an int >= 1")
-    return value
 
 
 class LayerSkipDrafter(Drafter):
@@ -87,31 +76,27 @@ class LayerSkipDrafter(Drafter):
             raise ValueError("skip_layers is required by mode='fixed' and applies to it only")
         if exit_layer is not None and mode != "exit":
             raise ValueError("exit_layer applies to mode='exit' only")
-        if not isinstance(reuse_kv, bool):
-            raise ValueError(f"reuse_kv = {reuse_kv!r} must be True or False")
+        bool_option("reuse_kv", reuse_kv)
         self.per_sequence = None  # fixed mode with one skip set per sequence: [sorted set, ...]
         if skip_layers is not None:
             if _is_index_list(skip_layers):
-                skip_layers = sorted(set(skip_layers))
+                skip_layers = sorted({int(i) for i in skip_layers})
             elif isinstance(skip_layers, (list, tuple)) and skip_layers and all(map(_is_index_list, skip_layers)):
-                self.per_sequence = [sorted(set(s)) for s in skip_layers]
-                skip_layers = sorted({i for s in skip_layers for i in s})
+                self.per_sequence = [sorted({int(i) for i in s}) for s in skip_layers]
+                skip_layers = sorted({i for s in self.per_sequence for i in s})
             else:
-                raise ValueError(
-                    f"skip_layers = {skip_layers!r} must be a list of layer indices, or one such list per sequence"
-                )
+                raise ValueError(f"skip_layers = {skip_layers!r} must be a non-empty list of layer indices, or one "
+                                 "such list per sequence")
         if exit_layer is not None:
-            _positive_int("exit_layer", exit_layer)
-        if not isinstance(search_seconds, (int, float)) or isinstance(search_seconds, bool) or search_seconds < 0:
-            raise ValueError(f"search_seconds = {search_seconds!r} must be a number >= 0")
+            exit_layer = int_option("exit_layer", exit_layer)
         self.tables, self.mode = tables, mode
         self.skip_layers, self.exit_layer = skip_layers, exit_layer
-        self.draft_depth = _positive_int("draft_depth", draft_depth)
-        self.stop_below = _probability("stop_below", stop_below)
-        self.branch_below = _probability("branch_below", branch_below)
-        self.branch_k = _positive_int("branch_k", branch_k)
-        self.search_seconds = float(search_seconds)
-        self.search_tokens = max(_positive_int("search_tokens", search_tokens), MIN_SEARCH_TOKENS)
+        self.draft_depth = int_option("draft_depth", draft_depth)
+        self.stop_below = number_option("stop_below", stop_below, 0.0, 1.0)
+        self.branch_below = number_option("branch_below", branch_below, 0.0, 1.0)
+        self.branch_k = int_option("branch_k", branch_k)
+        self.search_seconds = number_option("search_seconds", search_seconds, 0.0)
+        self.search_tokens = max(int_option("search_tokens", search_tokens), MIN_SEARCH_TOKENS)
         self.histories: list[list[int]] = []
         self.drafts: dict[int, DraftTrie] = {}
         self.plan: SkipPlan | None = None
@@ -284,6 +269,19 @@ class LayerSkipDrafter(Drafter):
                 f"skip_layers has {len(self.per_sequence)} skip sets for a batch of {len(self.histories)} sequences"
             )
 
+    def check_layers(self, num_layers: int) -> None:
+        """A ValueError unless the layer options fit a model of `num_layers` decoder layers
+        (`treedec.patch` calls it with the model's, so a bad index fails there, not in generate)."""
+        if self.mode == "fixed":
+            for skipped in self.per_sequence or [self.skip_layers]:
+                bad = [i for i in skipped if not 0 <= i < num_layers]
+                if bad or len(skipped) >= num_layers:
+                    raise ValueError(
+                        f"skip_layers = {skipped} must name some, not all, of the model's layers 0..{num_layers - 1}"
+                    )
+        if self.mode == "exit" and self.exit_layer is not None and self.exit_layer >= num_layers:
+            raise ValueError(f"exit_layer = {self.exit_layer} must be below the model's {num_layers} layers")
+
     def _plan_for(self, runner, rows: list[int]) -> SkipPlan | None:
         """The layers to run, from the mode: fixed and exit at once; swift from the per-model
         search, run once a sequence has enough tokens to score on."""
@@ -295,19 +293,11 @@ class LayerSkipDrafter(Drafter):
         if cached is not None:
             self.plan = cached
             return cached
+        self.check_layers(num_layers)
         if self.mode == "fixed":
-            for skipped in self.per_sequence or [self.skip_layers]:
-                bad = [i for i in skipped if not 0 <= i < num_layers]
-                if bad or len(skipped) >= num_layers:
-                    raise ValueError(
-                        f"skip_layers = {skipped} must name some, not all, of the model's layers 0..{num_layers - 1}"
-                    )
             plan = SkipPlan(tuple(i for i in range(num_layers) if i not in self.skip_layers))
         elif self.mode == "exit":
-            exit_layer = self.exit_layer if self.exit_layer is not None else max(1, num_layers // 2)
-            if exit_layer >= num_layers:
-                raise ValueError(f"exit_layer = {exit_layer} must be below the model's {num_layers} layers")
-            plan = SkipPlan(tuple(range(exit_layer)))
+            plan = SkipPlan(tuple(range(self.exit_layer if self.exit_layer is not None else max(1, num_layers // 2))))
         else:
             history = max((self.histories[seq] for seq in rows), key=len)
             if len(history) < MIN_SEARCH_TOKENS:

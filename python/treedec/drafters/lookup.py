@@ -7,6 +7,7 @@ first) are merged into one trie, so diverging continuations become branches.
 
 from __future__ import annotations
 
+from ..options import int_option
 from .base import Drafter, DraftTrie
 
 MAX_KEY_DEPTH = 8
@@ -16,12 +17,12 @@ class LookupDrafter(Drafter):
     name = "lookup"
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 4, max_matches: int = 4, max_draft_len: int = 10):
-        if not 1 <= min_ngram <= max_ngram:
+        min_ngram, max_ngram = int_option("min_ngram", min_ngram), int_option("max_ngram", max_ngram)
+        if min_ngram > max_ngram:
             raise ValueError(f"lookup needs 1 <= min_ngram <= max_ngram; got {min_ngram}, {max_ngram}")
-        if max_matches < 1 or max_draft_len < 1:
-            raise ValueError(f"max_matches ({max_matches}) and max_draft_len ({max_draft_len}) must be >= 1")
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
-        self.max_matches, self.max_draft_len = max_matches, max_draft_len
+        self.max_matches = int_option("max_matches", max_matches)
+        self.max_draft_len = int_option("max_draft_len", max_draft_len)
         self.histories: list[list[int]] = []
         self.index: list[dict[tuple[int, ...], list[int]]] = []  # n-gram -> positions right after it
 

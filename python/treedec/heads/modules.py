@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -169,9 +169,17 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, device=None) -
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.exists() or not weights_path.exists():
         raise ValueError(f"{directory} does not hold draft heads ({CONFIG_NAME} and {WEIGHTS_NAME})")
-    raw = json.loads(config_path.read_text())
-    fields = HeadsConfig.__dataclass_fields__
-    config = HeadsConfig(**{k: v for k, v in raw.items() if k in fields})
+    try:
+        raw = json.loads(config_path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON object was expected, not {type(raw).__name__}")
+        fields = HeadsConfig.__dataclass_fields__
+        missing = sorted(name for name, f in fields.items() if f.default is MISSING and name not in raw)
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing")
+        config = HeadsConfig(**{k: v for k, v in raw.items() if k in fields})
+    except (UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{config_path} is not a valid heads config: {error}") from None
     heads = build_heads(config)
     heads.meta = {k: v for k, v in raw.items() if k not in fields}  # training figures (accuracies, cost)
     state = load_file(weights_path)

@@ -94,17 +94,26 @@ def test_bad_drafter_or_option_leaves_model_unpatched(drafter, options, message)
 def test_bad_inputs_raise_before_any_work():
     model = treedec.patch(tiny_llama())
     ids = prompt()
-    with pytest.raises(ValueError, match="left padding"):
-        model.generate(ids, attention_mask=torch.tensor([[1] * 8 + [0, 0]]), max_new_tokens=5, do_sample=False)
     with pytest.raises(ValueError, match="integer tensor"):
         model.generate(ids.float(), max_new_tokens=5, do_sample=False)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.generate(ids, max_new_tokens=600, do_sample=False)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 96\)"):
         model.generate(ids + 200, max_new_tokens=5, do_sample=False)
-    with pytest.raises(ValueError, match="no real tokens"):
-        model.generate(ids, attention_mask=torch.zeros(1, 10, dtype=torch.int64), max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):  # HF's own check, HF's message
+        model.generate(ids, max_new_tokens=0, do_sample=False)
     assert model.treedec.last_stats == {}
+
+
+@pytest.mark.parametrize("mask, reason", [([1] * 8 + [0, 0], "padding after real tokens"), ([0] * 10, "no real tokens")])
+def test_masks_that_are_no_left_padded_batch_fall_back_to_hf(mask, reason):
+    model = tiny_llama()
+    ids, mask = prompt(), torch.tensor([mask])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF's own warning about right padding
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    treedec.patch(model)
+    with pytest.warns(UserWarning, match=reason):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected) and model.treedec.last_stats == {}
 
 
 def test_unsupported_generate_modes_fall_back_with_one_warning():
@@ -128,3 +137,70 @@ def test_unsupported_generate_modes_fall_back_with_one_warning():
     assert beams.shape == (1, 16)
     with pytest.warns(UserWarning, match="repetition_penalty"):
         model.generate(ids, max_new_tokens=6, do_sample=False, repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("drafter, options, message", [
+    ("auto", {"max_tree_node": 8}, "unknown option.*max_tree_node.*allowed: "),  # a typo: HF refuses it too
+    ("lookup", {"recycling_width": 3}, "unknown option.*recycling_width.*drafter='lookup'"),  # another drafter's
+    (None, {"heads": "x"}, "unknown option.*heads"),
+])
+def test_from_pretrained_gives_patchs_message_for_unknown_options(tmp_path, monkeypatch, drafter, options, message):
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message) as from_patch:
+        treedec.patch(tiny_llama(), drafter=drafter, **options)
+    with pytest.raises(ValueError, match=message) as from_load:
+        treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter=drafter, **options)
+    assert str(from_load.value) == str(from_patch.value)
+
+
+def test_from_pretrained_checks_option_values_before_loading(tmp_path, monkeypatch):
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers loaded a model before treedec checked its options")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ValueError, match="max_tree_nodes"):
+        treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="auto", max_tree_nodes=True)
+    with pytest.raises(ValueError, match="recycling_width"):
+        treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="lookup", recycling_width=2)
+
+
+@pytest.mark.parametrize("drafter, options, message", [
+    ("recycling", {"template_nodes": 0}, "template_nodes = 0 must be an int >= 1"),
+    ("recycling", {"max_depth": -1}, "max_depth = -1 must be an int >= 1"),
+    ("recycling", {"recycling_width": 2.7}, "recycling_width = 2.7 must be an int"),
+    ("auto", {"recycling_width": "8"}, "recycling_width = '8' must be an int"),
+    ("auto", {"max_tree_nodes": True}, "max_tree_nodes = True must be an int"),
+    ("lookup", {"min_ngram": 1.5}, "min_ngram = 1.5 must be an int"),
+    ("lookup", {"max_draft_len": None}, "max_draft_len = None must be an int"),
+    ("lookup", {"max_matches": 0}, "max_matches = 0 must be an int"),
+    ("auto", {"cpu_linear": 1}, "cpu_linear = 1 must be True or False"),
+    ("medusa", {"heads": "x", "context": "yes"}, "context = 'yes' must be True or False"),
+    ("auto", {"acceptance": "typical", "posterior_alpha": float("nan")}, "posterior_alpha = nan must be a number"),
+])
+def test_bad_option_values_are_clear_errors_at_patch(drafter, options, message):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        treedec.patch(model, drafter=drafter, **options)
+    assert not hasattr(model, "treedec")
+
+
+def test_numpy_integers_are_ints_for_options():
+    import numpy as np
+
+    model = treedec.patch(tiny_llama(seed=6), drafter="auto", max_tree_nodes=np.int64(8), template_nodes=np.int32(12),
+                          max_ngram=np.int64(3))
+    ids = prompt(seed=6)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       treedec.unpatch(model).generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_corrupt_heads_config_names_the_file(tmp_path):
+    from treedec.heads import build_heads, HeadsConfig, save
+
+    save(build_heads(HeadsConfig("medusa", 2, 64, 96)), tmp_path)
+    for text in ("{not json", "[1, 2]", '{"kind": "medusa"}'):
+        (tmp_path / "heads.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'heads.json'} is not a valid heads config"):
+            treedec.patch(tiny_llama(), drafter="medusa", heads=str(tmp_path))

@@ -1,8 +1,11 @@
-"""TreeCache: preallocated per-layer KV buffers with a committed length per sequence.
+"""TreeCache: per-layer KV buffers with a committed length per sequence.
 
-Buffers are [B, H_kv, max_len, D] per layer, on that layer's device. Sequence b has
+Buffers are [B, H_kv, capacity, D] per layer, on that layer's device. Sequence b has
 prefix_len[b] committed rows; a step writes its T tree rows at [prefix_len[b], prefix_len[b] + T)
 and `compact` keeps the accepted path. Rows below kv_start[b] are left padding, never read.
+The buffers start at `initial_len` rows and grow in chunks as steps need rows, up to `max_len`
+(the most the call can use): a call asking for a million new tokens that stops at its first
+reserves no more than one that asks for a few hundred, as HF's growing cache does.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+# Rows a cache grows by, at least; past that by half its size, so a long call copies its buffers
+# O(log) times and holds at most 1.5x the rows it uses.
+GROWTH_ROWS = 256
 
 from . import compat, ops
 
@@ -26,16 +33,18 @@ class TreeCache(Cache):
         max_len: int,
         dtype: torch.dtype,
         devices: list[torch.device] | torch.device,
+        initial_len: int | None = None,
     ):
         super().__init__(layers=[])
         if not isinstance(devices, (list, tuple)):
             devices = [torch.device(devices)] * num_layers
         if len(devices) != num_layers:
             raise ValueError(f"devices has {len(devices)} entries for {num_layers} layers")
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        capacity = max_len if initial_len is None else max(1, min(initial_len, max_len))
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]  # per layer
         self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.max_len = max_len
+        self.max_len = max_len  # rows a sequence may ever need; the buffers hold `capacity`
         self.prefix_len = torch.zeros(batch_size, dtype=torch.int32)  # [B], host copy is the truth
         self.kv_start = torch.zeros(batch_size, dtype=torch.int32)  # [B]
         self._rows: dict[torch.device, torch.Tensor] = {}  # this step's write rows [B, T] per device
@@ -102,6 +111,24 @@ class TreeCache(Cache):
     def batch_size(self) -> int:
         return self.prefix_len.shape[0]
 
+    @property
+    def capacity(self) -> int:
+        """Rows per sequence the buffers hold now."""
+        return self.keys[0].shape[2] if self.keys else self.max_len
+
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` rows per sequence: the buffers grow by GROWTH_ROWS or half their size,
+        whichever is more (up to max_len), one layer at a time, so growing holds one layer twice."""
+        capacity = self.capacity
+        if rows <= capacity:
+            return
+        grown = min(self.max_len, max(rows, capacity + max(GROWTH_ROWS, capacity // 2)))
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], grown, old.shape[3])
+                new[:, :, :capacity] = old
+                buffers[layer] = new
+
     def begin_step(self, num_nodes: int) -> None:
         """The next forward writes `num_nodes` rows after each sequence's prefix."""
         longest = int(self.prefix_len.max())
@@ -109,6 +136,7 @@ class TreeCache(Cache):
             raise ValueError(
                 f"a {num_nodes}-node step after {longest} cached rows exceeds the cache's {self.max_len} rows"
             )
+        self.reserve(longest + num_nodes)
         self._num_nodes = num_nodes
         shortest = int(self.prefix_len.min())
         self._uniform_prefix = longest if longest == shortest else None

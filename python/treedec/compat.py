@@ -51,15 +51,47 @@ def attention_registries():
     return AttentionInterface, AttentionMaskInterface
 
 
-def resolve_generation_config(model, generation_config):
-    """The GenerationConfig HF's `generate` would use before applying call kwargs: a copy of the
-    passed config (or the model's), its unset fields filled from the model's, then from HF's
-    global defaults (`top_k=50`, `temperature=1.0`, `max_length=20`, ...). Skipping the defaults
-    would sample without HF's top-k of 50, a different distribution from HF's."""
-    import copy
+# -- HF's own reading of a generate call ------------------------------------------------------
+# The generate front (generation.py) reads a call through these GenerationMixin helpers, so its
+# settings mean what they mean to HF (they are the same from 5.17 through 5.25). Private API: when
+# a release changes one of them, this is the one place to follow it.
 
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    if generation_config is not None:
-        config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
-    config.update(**config._get_default_generation_params(), defaults_only=True)
-    return config
+def has_default_lengths(model, generation_config, kwargs: dict) -> tuple[bool, bool]:
+    """(max_length, min_length) left at HF's defaults by the call, the passed config and the
+    model's: HF then generates 20 *new* tokens (capped at max_position_embeddings)."""
+    def unset(name: str) -> bool:
+        return (kwargs.get(name) is None and (generation_config is None or getattr(generation_config, name) is None)
+                and getattr(model.generation_config, name) is None)
+
+    return unset("max_length"), unset("min_length")
+
+
+def prepare_generation_config(model, generation_config, kwargs: dict):
+    """(GenerationConfig, model kwargs) as HF's generate resolves them: the passed config (or the
+    model's), its unset fields from the model's and then from HF's global defaults (`top_k=50`,
+    `max_length=20`, ...), the call's kwargs on top, validated (HF's own errors)."""
+    return model._prepare_generation_config(generation_config, **kwargs)
+
+
+def prepare_special_tokens(model, config, has_attention_mask: bool, device, batch_size: int) -> None:
+    """Sets config._eos_token_tensor (1-D or None) and config._pad_token_tensor (the first EOS id
+    when no pad id is set), from ints, lists, numpy ints or tensors, as HF does."""
+    model._prepare_special_tokens(config, has_attention_mask, device=device, batch_size=batch_size)
+
+
+def infer_attention_mask(model, input_ids, config):
+    """HF's mask for a call without one: pad tokens masked where the pad id is in the inputs and
+    differs from every EOS id, all ones otherwise (after prepare_special_tokens)."""
+    return model._prepare_attention_mask_for_generation(input_ids, config, {})
+
+
+def prepare_generated_length(model, config, has_default_max: bool, has_default_min: bool, input_ids) -> None:
+    """Sets config.max_length for this prompt length as HF does (max_new_tokens wins; the default
+    max_length means 20 new tokens); then `validate_generated_length`."""
+    model._prepare_generated_length(config, has_default_max, has_default_min, "input_ids", input_ids.shape[1],
+                                    input_ids)
+
+
+def validate_generated_length(model, config, input_length: int, has_default_max: bool) -> None:
+    """HF's warnings about the default length, and its ValueError for a prompt already at max_length."""
+    model._validate_generated_length(config, input_length, has_default_max)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import compat, layers, ops, sizing
+from . import compat, layers, ops, reference, sizing
 from .attention import TreeStep
-from .cache import TreeCache
+from .cache import GROWTH_ROWS, TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
 from .reference.tree import pack_bits
 from .sampling import Sampler, in_sampling_order, typical_verify
+from .stopping import BatchStopping
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
 # A calibration times sizes up to this many nodes over the whole batch (and at least T = 2), and
@@ -41,7 +42,10 @@ class DecodeRequest:
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     pad_token_id: int
-    stopping_criteria: list = field(default_factory=list)
+    stopping_criteria: list = field(default_factory=list)  # the caller's, called as HF calls them (stopping.py)
+    # whether a row stopped by a criterion is padded from there (HF does when it stops at an EOS
+    # id), or keeps generating until every row has stopped
+    finished_rows_pad: bool = True
     streamer: object | None = None
     sampler: Sampler | None = None  # None: greedy
 
@@ -75,24 +79,39 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache_kwarg: str):
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
-        self.lm_head = model.get_output_embeddings()
         self.cache_kwarg = cache_kwarg
         config = model.config
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.vocab_size = config.vocab_size
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the LM head again (each generate call does): it may have been replaced, hooked or
+        wrapped since `patch`. Only a plain bias-free nn.Linear that nothing hooks runs through the
+        fused top-k kernel; any other head runs as the module it is (its hooks, bias, LoRA or own
+        forward included), full logits, then top-k."""
+        self.lm_head = self.model.get_output_embeddings()
+        self.fused_lm_head = plain_linear(self.lm_head)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor | None:
+        """The LM head's [V, H] weight where it has one (draft heads read it to draft)."""
+        weight = getattr(self.lm_head, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
     def layer_devices(self) -> list[torch.device]:
         """Each layer's cache lives where its attention weights live (device_map may split them)."""
         return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
 
-    def new_cache(self, padding: torch.Tensor, max_len: int) -> TreeCache:
+    def new_cache(self, padding: torch.Tensor, max_len: int, initial_len: int | None = None) -> TreeCache:
         """An empty TreeCache for this model: one row per sequence, `padding` int64 [B] left-pad
-        rows each (never read), room for `max_len` rows, each layer's buffers on its device."""
+        rows each (never read), `initial_len` rows (None: all) growing up to `max_len` as steps
+        need them, each layer's buffers on its device."""
         dtype = next(self.base.parameters()).dtype
         cache = TreeCache(self.num_layers, padding.shape[0], self.num_kv_heads, self.head_dim, max_len=max_len,
-                          dtype=dtype, devices=self.layer_devices())
+                          dtype=dtype, devices=self.layer_devices(), initial_len=initial_len)
         cache.kv_start = padding.to(torch.int32)
         return cache
 
@@ -209,13 +228,28 @@ class ModelRunner:
     def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
         batch, num_nodes, width = hidden.shape
+        if not self.fused_lm_head:
+            return reference.topk_of_logits(self.logits(hidden).float(), k)
         weight = self.lm_head.weight
         values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
         return values.view(batch, num_nodes, k), ids.view(batch, num_nodes, k)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype (sampling needs them all)."""
-        return self.lm_head(hidden.to(self.lm_head.weight.device))
+        """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
+        (sampling needs them all)."""
+        device = next(self.lm_head.parameters(), hidden).device
+        return self.lm_head(hidden.to(device))
+
+
+def plain_linear(module: torch.nn.Module) -> bool:
+    """A bias-free nn.Linear (not a subclass) with resident weights that no hook, instance forward
+    or parametrization changes: its logits are exactly `hidden @ weight.T`."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(module) is torch.nn.Linear and module.bias is None and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+            and module.weight.device.type != "meta")
 
 
 def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -272,13 +306,16 @@ class TreeDecoder:
         self._verify_hidden: torch.Tensor | None = None
 
     # -- one call ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
+        """The call's output, int64 [B, L + longest generation] on the CPU, and its figures."""
         linears = layers.routable_linears(self.runner.base.layers) if self.cpu_linear else []
-        with layers.routed(linears):
-            return self._decode(request)
+        with layers.routed(linears), torch.inference_mode():
+            generated, stats = self._decode(request)
+        # built outside inference mode: HF returns an ordinary tensor, one users may write into
+        # or use in autograd (log-probs of a generation)
+        return self._assemble(request.input_ids.cpu(), generated, request.pad_token_id), stats
 
-    def _decode(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
+    def _decode(self, request: DecodeRequest) -> tuple[list[list[int]], DecodeStats]:
         started = time.perf_counter()
         self.sampler = request.sampler
         if self.sampler is not None:
@@ -297,6 +334,12 @@ class TreeDecoder:
         generated: list[list[int]] = [[] for _ in range(batch)]
         roots = [prompt[-1] for prompt in prompts]
         active = list(range(batch))  # sequence ids of the cache's batch rows
+        settled: set[int] = set()  # sequences whose tokens are final
+        stopping = None
+        if request.stopping_criteria:
+            stopping = BatchStopping(request.stopping_criteria, request.input_ids, request.max_new_tokens,
+                                     request.pad_token_id, request.finished_rows_pad)
+        streamed = 0  # tokens already pushed to the streamer (batch size 1)
         self.drafter.start(prompts)
         with_drafts = self.max_nodes > 1 and self.drafter.name != "none"
         while active:
@@ -332,20 +375,26 @@ class TreeDecoder:
                 self._learn_acceptance(tries, kept, accept_nodes)
             cache.compact(accept_nodes, accept_len)
 
-            finished_rows = []
+            chunks = []
             for row, seq in enumerate(active):
                 n = int(accept_len[row])
                 path = accept_nodes[row, 1 : n + 1].long()
-                chunk = tokens[row, path].tolist() + [int(bonus[row])]
-                chunk, done = self._limit(request, input_ids[seq], generated[seq], chunk)
+                chunk, done = self._limit(request, generated[seq], tokens[row, path].tolist() + [int(bonus[row])])
                 generated[seq].extend(chunk)
-                roots[seq] = chunk[-1]
-                stats.new_tokens += len(chunk)
-                if request.streamer is not None:
-                    request.streamer.put(torch.tensor(chunk))
+                chunks.append(chunk)
                 if done:
+                    settled.add(seq)
+            if stopping is not None:  # may cut and settle any sequence, finished ones included
+                settled |= stopping.update(generated, settled)
+            if request.streamer is not None and len(generated[0]) > streamed:  # batch size 1: final tokens
+                request.streamer.put(torch.tensor(generated[0][streamed:]))
+                streamed = len(generated[0])
+            finished_rows = []
+            for row, (seq, chunk) in enumerate(zip(active, chunks)):
+                if seq in settled:
                     finished_rows.append(row)
-                else:
+                else:  # its chunk is whole: only settled sequences are ever cut
+                    roots[seq] = chunk[-1]
                     self.drafter.extend(seq, chunk)
             stats.steps += 1
             stats.sequence_steps += len(active)
@@ -363,8 +412,9 @@ class TreeDecoder:
                         self.context_hidden = self.context_hidden[torch.tensor(keep, device=self.context_hidden.device)]
         if request.streamer is not None:
             request.streamer.end()
+        stats.new_tokens = sum(map(len, generated))
         stats.seconds = time.perf_counter() - started
-        return self._assemble(input_ids, generated, request.pad_token_id), stats
+        return generated, stats
 
     # -- pieces --------------------------------------------------------------------------------
     def _propose(self, seq: int, root: int, emitted: int) -> DraftTrie:
@@ -379,7 +429,9 @@ class TreeDecoder:
         """Cache every prompt token but the last (the first step's root) as one causal chain."""
         batch, length = input_ids.shape
         runner = self.runner
-        cache = runner.new_cache(padding, max_len=length + max_new_tokens + max(self.max_nodes, 1) + 1)
+        tree_rows = max(self.max_nodes, 1) + 1
+        cache = runner.new_cache(padding, max_len=length + max_new_tokens + tree_rows,
+                                 initial_len=length + min(max_new_tokens, GROWTH_ROWS) + tree_rows)
         if length > 1:
             prefill_len = length - 1
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
@@ -435,10 +487,11 @@ class TreeDecoder:
         draft_k = max(self.drafter.topk, 1)
         top_k = self.sampler.top_k
         wanted = max((top_k or 0) + 1, draft_k)
-        fused = top_k is not None and top_k + 1 <= self.runner.vocab_size
-        weight = self.runner.lm_head.weight
-        if fused and ops.lm_head_backend(weight.device, weight.dtype) == "triton":
-            fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
+        fused = self.runner.fused_lm_head and top_k is not None and top_k + 1 <= self.runner.vocab_size
+        if fused:
+            weight = self.runner.lm_head.weight
+            if ops.lm_head_backend(weight.device, weight.dtype) == "triton":
+                fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
         if fused:
             values, ids = self.runner.topk_values(hidden, wanted)
             ids = ids.reshape(batch * num_nodes, -1)
@@ -493,20 +546,15 @@ class TreeDecoder:
                     self.acceptance.update(trie.keys[node], i in accepted_rows)
 
     @staticmethod
-    def _limit(request: DecodeRequest, prompt_row: torch.Tensor, generated: list[int], chunk: list[int]):
-        """Cut a chunk at max_new_tokens, the first EOS (kept) and the first stopping criterion hit."""
+    def _limit(request: DecodeRequest, generated: list[int], chunk: list[int]) -> tuple[list[int], bool]:
+        """Cut a chunk at max_new_tokens and at the first EOS (kept); whether the sequence is done.
+        (The caller's stopping criteria run over the whole batch: stopping.BatchStopping.)"""
         room = request.max_new_tokens - len(generated)
         done = len(chunk) >= room
         chunk = chunk[:room]
         for i, token in enumerate(chunk):
             if token in request.eos_token_ids:
-                chunk, done = chunk[: i + 1], True
-                break
-        if request.stopping_criteria:
-            for i in range(len(chunk)):
-                ids = torch.tensor([prompt_row.tolist() + generated + chunk[: i + 1]])
-                if any(bool(torch.as_tensor(c(ids, None)).any()) for c in request.stopping_criteria):
-                    return chunk[: i + 1], True
+                return chunk[: i + 1], True
         return chunk, done
 
     @staticmethod

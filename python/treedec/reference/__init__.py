@@ -9,7 +9,7 @@ from .attention import dense_tree_mask, tree_attention
 from .compact import compact_kv
 from .heads import draft_heads_topk
 from .linear import linear_rows
-from .lm_head import lm_head_topk
+from .lm_head import lm_head_topk, topk_of_logits
 from .rows import gather_rows, scatter_rows
 from .tree import build_tree
 from .verify import sample_tokens, verify_greedy, verify_sample
@@ -24,6 +24,7 @@ __all__ = [
     "lm_head_topk",
     "sample_tokens",
     "scatter_rows",
+    "topk_of_logits",
     "tree_attention",
     "verify_greedy",
     "verify_sample",

@@ -51,3 +51,26 @@ def test_overflow_raises():
         assert "exceeds the cache's 8 rows" in str(error)
     else:
         raise AssertionError("a step past the cache's capacity must raise")
+
+
+def test_buffers_grow_as_steps_need_rows_and_keep_what_they_hold(monkeypatch):
+    from treedec import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "GROWTH_ROWS", 4)
+    cache = TreeCache(2, 2, 2, 4, 40, torch.float32, torch.device("cpu"), initial_len=5)
+    assert cache.capacity == 5 and cache.keys[0].shape == (2, 2, 5, 4)
+    written = []
+    for length in (3, 4, 1, 9):  # 3 fit; then 7 needs 5 + 4 = 9 rows; 17 needs max(17, 9 + 4)
+        cache.begin_step(length)
+        k = torch.randn(2, 2, length, 4)
+        for layer in range(2):
+            cache.update(k, k + layer, layer)
+        written.append(k)
+        cache.advance(length)
+    assert cache.capacity == 17 and cache.max_len == 40
+    held = torch.cat(written, dim=2)
+    for layer in range(2):
+        assert torch.equal(cache.keys[layer][:, :, :17], held)
+        assert torch.equal(cache.values[layer][:, :, :17], held + layer)
+    cache.begin_step(23)  # to max_len, not past it
+    assert cache.capacity == 40

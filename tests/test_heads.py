@@ -7,6 +7,7 @@ import treedec
 from test_decoding import left_padded, repetitive_prompt
 from test_layerskip import peaked
 from treedec.heads import HeadsConfig, build_heads, load, save
+from treedec.models import tiny_llama
 
 
 def random_heads(kind: str, model, num_heads: int = 3, seed: int = 0):
@@ -165,6 +166,22 @@ def test_a_few_training_steps_reduce_the_loss_and_resume(kind, tmp_path):
     assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), expected)
 
 
+def test_training_into_a_directory_of_other_heads_is_a_clear_error(tmp_path):
+    from treedec.heads.training import CHECKPOINT_NAME, train_heads
+
+    model = peaked(seed=4)
+    prompts = [repetitive_prompt(s, 10) for s in range(4)]
+    settings = dict(tokens=60, epochs=1, batch_size=16, max_new_tokens=20, progress=False)
+    train_heads(model, prompts, "medusa", num_heads=2, out=tmp_path, **settings)
+    for kind, heads, message in (("hydra", 2, "kind 'medusa' \\(asked for 'hydra'\\)"),
+                                 ("medusa", 3, "num_heads 2 \\(asked for 3\\)")):
+        with pytest.raises(ValueError, match=f"{tmp_path} holds other heads: {message}"):
+            train_heads(model, prompts, kind, num_heads=heads, out=tmp_path, **settings)
+    (tmp_path / "heads.json").unlink()  # the checkpoint alone still tells
+    with pytest.raises(ValueError, match=f"{tmp_path / CHECKPOINT_NAME} holds heads of another kind"):
+        train_heads(model, prompts, "hydra", num_heads=2, out=tmp_path, **settings)
+
+
 def test_training_targets_are_the_tokens_after_the_root():
     """h_t's LM-head token is t+1 (the root at decode time); head k (0-based) learns token t+2+k,
     and Hydra's head k reads token t+1+k."""
@@ -288,7 +305,7 @@ def test_train_heads_command_refuses_a_token_budget_below_one(tmp_path, capsys):
 
     assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path),
                              "--collect-batch-tokens", "0"]) == 2
-    assert "--collect-batch-tokens must be >= 1" in capsys.readouterr().err
+    assert "--collect-batch-tokens = 0 must be an int >= 1" in capsys.readouterr().err
     for bad in ("7", "-3", "many"):
         assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path), "--draft-vocab", bad]) == 2
         assert "--draft-vocab must be 'all' or an int >= 8" in capsys.readouterr().err
@@ -767,3 +784,23 @@ def test_save_writes_the_frequencies_and_drops_stale_ones(tmp_path):
     assert torch.equal(load(tmp_path / "h").token_frequencies, heads.token_frequencies)
     save(random_heads("hydra", model, seed=1), tmp_path / "h")  # other heads, no frequencies
     assert load(tmp_path / "h").token_frequencies is None
+
+
+def test_a_model_is_recognised_by_its_weights_not_its_path():
+    from treedec.heads.shipped import fingerprint, same_weights
+
+    model = tiny_llama(seed=3)
+    mine = fingerprint(model)
+    assert same_weights(fingerprint(model.to(torch.bfloat16)), mine)  # another dtype: the same model
+    model.float()
+    with torch.no_grad():  # quantization-sized noise: still the same model
+        weight = model.get_input_embeddings().weight
+        weight.add_(0.05 * weight.std() * torch.randn_like(weight))
+    assert same_weights(fingerprint(model), mine)
+    assert not same_weights(fingerprint(tiny_llama(seed=4)), mine)  # same config, other weights
+    assert not same_weights(fingerprint(tiny_llama(seed=3, intermediate_size=96)), mine)
+
+
+def test_the_shipped_heads_are_refused_for_another_model():
+    with pytest.raises(ValueError, match="the shipped heads are for the embedded SmolLM2-135M-Instruct only"):
+        treedec.patch(tiny_llama(), drafter="medusa")

@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..prompts import eos_ids, left_pad, until_eos
-from .modules import DraftHeads, HeadsConfig, build_heads, save
+from .modules import CONFIG_NAME, DraftHeads, HeadsConfig, build_heads, save
+from .shipped import FINGERPRINT_KEY, fingerprint
 from .vocab import DRAFT_MASS, default_size, draft_vocabulary, token_frequencies, vocabulary_positions
 
 DATA_NAME = "distill_data.pt"
@@ -397,6 +398,12 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
             raise ValueError(f"{checkpoint} trained over {state.get('draft_vocab', vocab_size)} tokens; this run asks "
                              f"for {trained_over}: resume with the same draft vocabulary (train-heads --draft-vocab) "
                              "or train into a fresh directory")
+        saved = {name: tuple(value.shape) for name, value in state["heads"].items()}
+        wanted = {name: tuple(value.shape) for name, value in heads.state_dict().items()}
+        if saved != wanted:
+            raise ValueError(f"{checkpoint} holds heads of another kind or size than these {heads.config.kind} "
+                             f"heads ({heads.config.num_heads} heads, {heads.config.num_blocks} blocks each); train "
+                             "into a fresh directory, or resume with the options that wrote it")
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, reports = state["epoch"], [EpochReport(**r) for r in state["reports"]]
@@ -449,6 +456,25 @@ def train(heads: DraftHeads, model, examples: list[Example], epochs: int = 3, lr
     return reports
 
 
+def resume_conflict(out: str | Path, kind: str, num_heads: int, num_blocks: int, own_lm_head: bool) -> str | None:
+    """Why a `train_heads` run with these settings cannot resume in `out` (heads of another kind or
+    shape are there), or None: checked before any model is loaded."""
+    config_path = Path(out) / CONFIG_NAME
+    if not config_path.exists():
+        return None
+    try:
+        saved = json.loads(config_path.read_text())
+        found = {name: saved[name] for name in ("kind", "num_heads", "num_blocks", "own_lm_head")}
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        return f"{config_path} is not a heads config ({error!r}); train into a fresh directory"
+    asked = {"kind": kind, "num_heads": num_heads, "num_blocks": num_blocks, "own_lm_head": own_lm_head}
+    differing = [f"{name} {found[name]!r} (asked for {asked[name]!r})" for name in asked if found[name] != asked[name]]
+    if differing:
+        return (f"{out} holds other heads: {', '.join(differing)}; train into a fresh directory, or resume with the "
+                "options that wrote it")
+    return None
+
+
 def split_held_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
     """(training, held-out): every HOLD_OUT-th prompt's continuations are held out, where there
     are at least 2 * HOLD_OUT prompts (fewer leave nothing to spare: all train)."""
@@ -475,6 +501,9 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                                     or draft_vocab < RANKS):
         raise ValueError(f"draft_vocab = {draft_vocab!r} must be an int of at least {RANKS} (the ranks whose "
                          "accuracy is measured) or None (the default)")
+    conflict = resume_conflict(out, kind, num_heads, num_blocks, own_lm_head)
+    if conflict is not None:
+        raise ValueError(conflict)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / DATA_NAME
@@ -502,6 +531,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
     default = max(default_size(heads.token_frequencies, DRAFT_MASS), RANKS)
     size = min(draft_vocab if draft_vocab is not None else default, vocab_size)
     vocab_ids = None if size >= vocab_size else draft_vocabulary(heads.token_frequencies, size)
+    base_fingerprint = fingerprint(model)
     train_began = time.perf_counter()
 
     def save_heads(reports: list[EpochReport]) -> None:
@@ -521,6 +551,7 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             "top5": reports[-1].top5 if reports else [],
             "rank_accuracy": reports[-1].rank_accuracy if reports else [],
             "loss": reports[-1].loss if reports else None,
+            FINGERPRINT_KEY: base_fingerprint,  # recognises the base model by its weights (heads/shipped.py)
         }
         save(heads, out, extra, dtype=save_dtype)  # with the token frequencies
         (out / "train_log.json").write_text(json.dumps([r.__dict__ for r in reports], indent=2) + "\n")

@@ -7,7 +7,7 @@ TRITON_PIN := triton==3.9.0
 COMPAT_TRANSFORMERS := transformers==5.17.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
-QUESTIONS ?= ../shared/data/spec_bench/dev.jsonl
+QUESTIONS ?= python/treedec/data/spec_bench/dev.jsonl
 
 .PHONY: setup demo test test-fast test-compat bench-e2e bench-kernels clean
 

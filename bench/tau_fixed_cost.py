@@ -1,6 +1,6 @@
 """Drafters' tau on the embedded model with the verify cost fixed, so timing noise cannot move it.
 
-    python bench/tau_fixed_cost.py --questions ../shared/data/spec_bench/dev.jsonl
+    python bench/tau_fixed_cost.py
         [--methods auto medusa hydra] [--limit-per-category 1] [--max-new-tokens 128] [--threads 2]
         [--heads-options '{"draft_vocab": 8192}']
 
@@ -26,7 +26,7 @@ from treedec import sizing
 from treedec.benchmark import encode_prompt
 from treedec.models import load_default_model
 from treedec.patching import LearnedState, set_learned_state
-from treedec.prompts import load_questions
+from treedec.prompts import SPEC_BENCH_DEV, load_questions
 
 # T -> ms of a T-node verify at batch 1: SmolLM2-135M, fp32, 2 threads on this CPU (the curve an
 # e2e run printed, made non-decreasing); linear between the points (CostCurve.cost).
@@ -51,7 +51,8 @@ class FixedCost(sizing.CostCurve):
 
 def main() -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    parser.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                        help="Spec-Bench question.jsonl (default: the dev half shipped with treedec)")
     parser.add_argument("--methods", nargs="+", default=["auto", "medusa", "hydra"],
                         choices=["lookup", "recycling", "auto", "medusa", "hydra"])
     parser.add_argument("--limit-per-category", type=int, default=1)

@@ -4,15 +4,13 @@ Marked slow: loading takes seconds once the dequantized weights are cached (~20 
 time). `make test` runs these (TREEDEC_SLOW=1).
 """
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import treedec
-from treedec.prompts import load_questions
+from treedec.prompts import SPEC_BENCH_DEV, load_questions
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "dev.jsonl"
 MAX_NEW_TOKENS = 48
 
 pytestmark = pytest.mark.slow
@@ -20,11 +18,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def embedded():
-    if not QUESTIONS.exists():
-        pytest.fail(f"Spec-Bench prompts not found at {QUESTIONS}")
     torch.set_num_threads(2)
     model, tokenizer = treedec.load_default_model()
-    prompts = load_questions(QUESTIONS, limit_per_category=1)  # 13 prompts, one per category
+    prompts = load_questions(SPEC_BENCH_DEV, limit_per_category=1)  # 13 prompts, one per category
     encoded = [
         tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)

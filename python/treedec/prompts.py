@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+# The dev half of Spec-Bench's questions, shipped with the package (data/spec_bench/README.md).
+SPEC_BENCH_DEV = Path(__file__).parent / "data" / "spec_bench" / "dev.jsonl"
+
 # MT-bench's categories first, then Spec-Bench's task categories (the order tables are printed in).
 CATEGORY_ORDER = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
@@ -16,9 +19,11 @@ CATEGORY_ORDER = (
 
 
 def eos_ids(generation_config) -> frozenset[int]:
-    """The ids that end a generation (`eos_token_id`: None, one id or a list of them)."""
+    """The ids that end a generation (`eos_token_id`: None, one id, a list of them, or a tensor)."""
     eos = generation_config.eos_token_id
-    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+    if eos is None:
+        return frozenset()
+    return frozenset(int(e) for e in torch.as_tensor(eos).view(-1).tolist())
 
 
 def until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
@@ -67,21 +72,27 @@ BUILTIN_PROMPTS = (
 def load_questions(path: str | Path, limit_per_category: int | None = None) -> list[Prompt]:
     """Spec-Bench question.jsonl: one object per line with `category` and `turns` (first turn used)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"questions file {path} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"questions file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text of JSON lines ({error.reason} at byte {error.start})") from None
     prompts: list[Prompt] = []
     taken: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            category, text = record["category"], record["turns"][0]
+            category, turn = record["category"], record["turns"][0]
+            if not isinstance(category, str) or not isinstance(turn, str):
+                raise TypeError("category and turns[0] must be strings")
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as error:
             raise ValueError(f"{path}:{number} is not a Spec-Bench question ({error})") from None
         if limit_per_category is not None and taken.get(category, 0) >= limit_per_category:
             continue
         taken[category] = taken.get(category, 0) + 1
-        prompts.append(Prompt(category, text, str(record.get("question_id", number))))
+        prompts.append(Prompt(category, turn, str(record.get("question_id", number))))
     order = {c: i for i, c in enumerate(CATEGORY_ORDER)}
     return sorted(prompts, key=lambda p: order.get(p.category, len(order)))

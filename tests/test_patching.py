@@ -164,6 +164,8 @@ def test_from_pretrained_checks_option_values_before_loading(tmp_path, monkeypat
         treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="auto", max_tree_nodes=True)
     with pytest.raises(ValueError, match="recycling_width"):
         treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="lookup", recycling_width=2)
+    with pytest.raises(ValueError, match="template_nodes = 0"):
+        treedec.AutoModelForCausalLM.from_pretrained(str(tmp_path), drafter="auto", template_nodes=0)
 
 
 @pytest.mark.parametrize("drafter, options, message", [

@@ -165,6 +165,22 @@ def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
         return float(top2[0] - top2[1])
 
 
+def check_methods(model, methods: list[str], options: dict | None = None) -> None:
+    """Patch `model` with each treedec method in `methods` (and its `options`) once and unpatch it:
+    a bad option value, a layer index past the model or heads that do not fit it fail here, before
+    anything is timed. The model leaves as it came."""
+    outside = learned_state(model)
+    try:
+        for method in methods:
+            if method in TREEDEC_METHODS:
+                set_learned_state(model, LearnedState())  # a throwaway: building drafters fills tables
+                patch(model, drafter=TREEDEC_METHODS[method], **(options or {}).get(method, {}))
+    finally:
+        if hasattr(model, "treedec"):
+            unpatch(model)
+        set_learned_state(model, outside)
+
+
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
     progress: bool = True, warmup: bool = True, sampling: dict | None = None, options: dict | None = None,
@@ -176,6 +192,7 @@ def run_benchmark(
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    check_methods(model, methods, options)
     # HF is the reference for every other method; when sampling, `none` (if run) is the reference
     # for the other treedec methods: they sample with the same uniforms, so they must agree with it.
     methods = ["hf"] + [m for m in methods if m == "none"] + [m for m in methods if m not in ("hf", "none")]

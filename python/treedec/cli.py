@@ -1,4 +1,8 @@
-"""`treedec demo | info | bench e2e`."""
+"""`treedec demo | info | audit | train-heads | bench e2e | bench skipdecode`.
+
+Every argument is checked before anything loads: a user error prints one line, `treedec: error:
+...`, and exits with status 2 (argparse's own errors exit 2 too), with no traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,143 @@ import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
 
 
 def _load(dtype_name: str, threads: int, device: str = "cpu"):
     from .models import load_default_model
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA device is available here")
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     print(f"loading the embedded SmolLM2-135M-Instruct ({dtype_name}, {device}, {threads} threads) ...", flush=True)
     model, tokenizer = load_default_model(dtype=dtype)
     return model.to(device), tokenizer
+
+
+# -- argument checks, all before any model loads ------------------------------------------------
+# (flag, attribute, lowest value) for the ints that must be at least something
+INT_BOUNDS = (("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads", 1),
+              ("--limit-per-category", "limit_per_category", 1), ("--top-k", "top_k", 0),
+              ("--heads", "heads", 1), ("--tokens", "tokens", 1), ("--samples", "samples", 0),
+              ("--collect-batch", "collect_batch", 1), ("--collect-batch-tokens", "collect_batch_tokens", 1),
+              ("--blocks", "blocks", 1), ("--epochs", "epochs", 1), ("--batch-size", "batch_size", 1),
+              ("--limit", "limit", 1), ("--samples-per-prompt", "samples_per_prompt", 2))
+# (flag, attribute, low, high, low excluded) for the floats
+FLOAT_BOUNDS = (("--temperature", "temperature", 0.0, float("inf"), True), ("--top-p", "top_p", 0.0, 1.0, True),
+                ("--lr", "lr", 0.0, float("inf"), True), ("--collect-minutes", "collect_minutes", 0.0, float("inf"), True))
+
+
+def _check_bounds(args) -> None:
+    from .options import int_option, number_option
+
+    try:
+        for flag, name, low in INT_BOUNDS:
+            if getattr(args, name, None) is not None:
+                int_option(flag, getattr(args, name), low)
+        for flag, name, low, high, low_open in FLOAT_BOUNDS:
+            if getattr(args, name, None) is not None:
+                number_option(flag, getattr(args, name), low, high, low_open)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device: cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: treedec runs on cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    """A file the command will write at its end: its folder must exist and be writable now."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the directory {folder} is not writable")
+
+
+def _questions(path: str, limit_per_category: int | None):
+    """The Spec-Bench questions of `path`, or a UsageError saying what is wrong with the file."""
+    from .prompts import load_questions
+
+    try:
+        prompts = load_questions(path, limit_per_category)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--questions: {error}") from None
+    if not prompts:
+        raise UsageError(f"--questions: no questions in {path}")
+    return prompts
+
+
+def _json_options(flag: str, text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{flag} is not JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{flag} must be a JSON object of treedec.patch options, not {type(parsed).__name__}")
+    return parsed
+
+
+def _heads_dir(flag: str, path: str, kind: str) -> str:
+    from .heads import load
+
+    try:
+        heads = load(path)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    if heads.config.kind != kind:
+        raise UsageError(f"{flag} {path} holds {heads.config.kind} heads, not {kind}")
+    return path
+
+
+def _method_options(methods: list[str], options: dict[str, dict]) -> None:
+    """treedec.patch's checks of each method's options that need no model."""
+    from .benchmark import TREEDEC_METHODS
+    from .patching import check_options_before_loading
+
+    for method in methods:
+        if method in TREEDEC_METHODS:
+            try:
+                check_options_before_loading(TREEDEC_METHODS[method], options.get(method, {}))
+            except ValueError as error:
+                raise UsageError(f"{method}: {error}") from None
+
+
+def _patchable(model, methods: list[str], options: dict[str, dict]) -> None:
+    """Each method patches the loaded model (layer indices, heads that fit it), before any timing."""
+    from .benchmark import check_methods
+
+    try:
+        check_methods(model, methods, options)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_common(args) -> None:
+    _check_bounds(args)
+    _check_device(args.device)
 
 
 def _sampling(args) -> dict | None:
@@ -49,7 +176,7 @@ def _has_shipped_heads(kind: str, model) -> bool:
     from .heads.shipped import shipped_heads
 
     try:
-        shipped_heads(kind, model.config)
+        shipped_heads(kind, model)
     except ValueError:
         return False
     return True
@@ -59,6 +186,7 @@ def cmd_demo(args) -> int:
     from .benchmark import ALL_METHODS, OPT_IN_METHODS, run_benchmark
     from .prompts import BUILTIN_PROMPTS
 
+    _check_common(args)
     model, tokenizer = _load(args.dtype, args.threads, args.device)
     # layerskip drafts nothing on this model (README, "Layer skipping"); the heads run where
     # shipped ones fit the model
@@ -126,28 +254,22 @@ def _backend_label(device: torch.device, op: str) -> str:
 
 def cmd_bench_e2e(args) -> int:
     from .benchmark import plot_speedups, run_benchmark, save_json
-    from .prompts import load_questions
 
-    prompts = load_questions(args.questions, args.limit_per_category)
-    if not prompts:
-        print(f"no questions in {args.questions}", file=sys.stderr)
-        return 2
-    model, tokenizer = _load(args.dtype, args.threads, args.device)
+    _check_common(args)
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
+    prompts = _questions(args.questions, args.limit_per_category)
     options: dict[str, dict] = {"medusa": {}, "hydra": {}}
-    for flag, methods in (("layerskip_options", ("layerskip",)), ("heads_options", ("medusa", "hydra"))):
-        text = getattr(args, flag)
-        if not text:
-            continue
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as error:
-            print(f"--{flag.replace('_', '-')} is not JSON: {error}", file=sys.stderr)
-            return 2
+    for flag, methods in (("--layerskip-options", ("layerskip",)), ("--heads-options", ("medusa", "hydra"))):
+        parsed = _json_options(flag, getattr(args, flag[2:].replace("-", "_")))
         for method in methods:
             options.setdefault(method, {}).update(parsed)
-    for method, path in (("medusa", args.medusa_heads), ("hydra", args.hydra_heads)):
+    for method, flag, path in (("medusa", "--medusa-heads", args.medusa_heads), ("hydra", "--hydra-heads", args.hydra_heads)):
         if path:
-            options[method]["heads"] = path
+            options[method]["heads"] = _heads_dir(flag, path, method)
+    _method_options(args.methods, options)
+    model, tokenizer = _load(args.dtype, args.threads, args.device)
+    _patchable(model, args.methods, options)
     report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args),
                            options=options)
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
@@ -227,20 +349,16 @@ def _print_layerskip_search(tables: dict, num_layers: int) -> None:
 
 
 def cmd_bench_skipdecode(args) -> int:
-    from .prompts import load_questions
     from .skipdecode import compare
 
-    prompts = load_questions(args.questions, args.limit_per_category)
-    if not prompts:
-        print(f"no questions in {args.questions}", file=sys.stderr)
-        return 2
+    _check_common(args)
+    prompts = _questions(args.questions, args.limit_per_category)
     schedules = []
     for text in args.exits:
         try:
             first, last = (int(part) for part in text.split(":"))
         except ValueError:
-            print(f"--exits takes FIRST:LAST layer pairs, got {text!r}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--exits takes FIRST:LAST layer pairs, got {text!r}") from None
         schedules.append((first, last))
     model, tokenizer = _load(args.dtype, args.threads, args.device)
     print("SkipDecode is LOSSY: its tokens are not the model's greedy output. Agreement says how far they differ.")
@@ -249,52 +367,43 @@ def cmd_bench_skipdecode(args) -> int:
     return 0
 
 
-DEFAULT_QUESTIONS = "../shared/data/spec_bench/dev.jsonl"
-
-
 def cmd_train_heads(args) -> int:
-    from pathlib import Path
-
     from .benchmark import encode_prompt
-    from .heads.training import RANKS, train_heads
-    from .prompts import BUILTIN_PROMPTS, load_questions
+    from .heads.training import RANKS, resume_conflict, train_heads
+    from .prompts import BUILTIN_PROMPTS
 
-    if args.collect_batch_tokens is not None and args.collect_batch_tokens < 1:
-        print(f"--collect-batch-tokens must be >= 1 (got {args.collect_batch_tokens})", file=sys.stderr)
-        return 2  # before loading a model
+    _check_common(args)
     draft_vocab = args.draft_vocab
     if draft_vocab is not None and draft_vocab != "all":
         if not draft_vocab.isdigit() or int(draft_vocab) < RANKS:
-            print(f"--draft-vocab must be 'all' or an int >= {RANKS} (got {draft_vocab!r})", file=sys.stderr)
-            return 2
+            raise UsageError(f"--draft-vocab must be 'all' or an int >= {RANKS} (got {draft_vocab!r})")
         draft_vocab = int(draft_vocab)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    conflict = resume_conflict(args.out, args.kind, args.heads, args.blocks, args.own_lm_head)
+    if conflict is not None:
+        raise UsageError(f"--out: {conflict}")
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model} is not a model directory")
+    questions = _questions(args.questions, None)
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: no CUDA device is available here")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         name = str(args.model)
     else:
         model, tokenizer = _load("fp32", args.threads, args.device)
         name = "SmolLM2-135M-Instruct (embedded)"
-    prompts = list(BUILTIN_PROMPTS)
-    if Path(args.questions).exists():
-        questions = load_questions(args.questions)
-        if not args.include_bench_prompts:
-            # `bench e2e` measures the first question of each category: heads that trained on its
-            # continuations would be measured on text they memorised
-            measured = set(load_questions(args.questions, limit_per_category=1))
-            questions = [q for q in questions if q not in measured]
-            print(f"left out the {len(measured)} prompts `treedec bench e2e` measures on "
-                  "(--include-bench-prompts keeps them)")
-        prompts = questions + prompts
-    elif args.questions != DEFAULT_QUESTIONS:
-        print(f"no questions file at {args.questions}", file=sys.stderr)
-        return 2
+    if not args.include_bench_prompts:
+        # `bench e2e` measures the first question of each category: heads that trained on its
+        # continuations would be measured on text they memorised
+        measured = set(_questions(args.questions, 1))
+        questions = [q for q in questions if q not in measured]
+        print(f"left out the {len(measured)} prompts `treedec bench e2e` measures on (--include-bench-prompts keeps them)")
+    prompts = questions + list(BUILTIN_PROMPTS)
     # round-robin over categories, so that a collection that stops early still covers them all
     by_category: dict[str, list] = {}
     for prompt in prompts:
@@ -326,6 +435,7 @@ def cmd_train_heads(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import ALL_METHODS, OPT_IN_METHODS
+    from .prompts import SPEC_BENCH_DEV
 
     parser = argparse.ArgumentParser(prog="treedec", description="Lossless tree speculative decoding for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--heads", type=int, default=4, help="number of heads K (default 4)")
     train.add_argument("--tokens", type=int, default=20000, help="self-distilled tokens to collect (default 20000)")
     train.add_argument("--out", required=True, help="directory for the heads, the collected data and checkpoints")
-    train.add_argument("--questions", default=DEFAULT_QUESTIONS,
-                       help="JSONL of prompts (Spec-Bench format), used with the built-in instructions")
+    train.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                       help="JSONL of prompts (Spec-Bench format), used with the built-in instructions (default: "
+                            "the Spec-Bench dev half shipped with treedec)")
     train.add_argument("--include-bench-prompts", action="store_true",
                        help="also train on the prompts `bench e2e` measures (left out by default)")
     train.add_argument("--samples", type=int, default=0,
@@ -390,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     e2e = bench_sub.add_parser("e2e", help="end-to-end decoding speed on Spec-Bench questions")
-    e2e.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    e2e.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                     help="Spec-Bench question.jsonl (default: the dev half shipped with treedec)")
     e2e.add_argument("--limit-per-category", type=int, default=None)
     e2e.add_argument("--methods", nargs="+", choices=ALL_METHODS,
                      default=[m for m in ALL_METHODS if m not in OPT_IN_METHODS])
@@ -405,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(e2e, 128)
     e2e.set_defaults(func=cmd_bench_e2e)
     skip = bench_sub.add_parser("skipdecode", help="SkipDecode (lossy early exit): agreement with greedy, and speed")
-    skip.add_argument("--questions", required=True, help="Spec-Bench question.jsonl")
+    skip.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                      help="Spec-Bench question.jsonl (default: the dev half shipped with treedec)")
     skip.add_argument("--limit-per-category", type=int, default=1)
     skip.add_argument("--exits", nargs="+", default=["30:24", "30:18"],
                       help="FIRST:LAST exit layers, one schedule each (linear, never increasing)")
@@ -419,9 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse's own errors (status 2) and --help (0)
+        return stop.code if isinstance(stop.code, int) else 0
     args.argv = argv  # what the user typed, recorded where results are saved (train-heads)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"treedec: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def _unknown_options_error(drafter, unknown) -> ValueError:
     return ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for drafter={drafter!r}; allowed: {allowed}")
 
 
-def _check_options(drafter, options: dict) -> dict:
+def check_options(drafter, options: dict) -> dict:
     """The options with their values checked (numpy ints as ints); a ValueError naming the first
     bad one. Drafter options are checked by building the drafter (see patch)."""
     unknown = set(options) - _allowed_options(drafter)
@@ -112,6 +112,16 @@ def _check_options(drafter, options: dict) -> dict:
     return options
 
 
+def check_options_before_loading(drafter, options: dict) -> dict:
+    """Everything `patch` checks that needs no model: option names, the loop's values, and the
+    drafter's own values (by building it over a one-token vocabulary; heads drafters only where
+    their heads are given). from_pretrained and the CLI call it before anything loads."""
+    options = check_options(drafter, options)
+    if not isinstance(drafter, Drafter) and not (drafter in HEAD_KINDS and options.get("heads") is None):
+        make_drafter(drafter, options, 1, {})
+    return options
+
+
 # Every option some drafter or the loop takes: a name among these passed to from_pretrained is
 # meant for treedec (perhaps for another drafter), never for transformers.
 ALL_OPTIONS = frozenset(LOOP_OPTIONS).union(*(drafter_options(name) for name in DRAFTERS))
@@ -120,7 +130,7 @@ ALL_OPTIONS = frozenset(LOOP_OPTIONS).union(*(drafter_options(name) for name in 
 def patch(model, drafter: str | None = "auto", **options):
     """Patch `model` in place for tree decoding and return it. See README for drafters and options."""
     _check_model(model)
-    options = _check_options(drafter, options)
+    options = check_options(drafter, options)
     if drafter in HEAD_KINDS and options.get("heads") is None:  # the shipped heads, where they fit
         options["heads"] = shipped_heads(drafter, model)
     learned = _LEARNED.get(model) or LearnedState()
@@ -196,7 +206,7 @@ class AutoModelForCausalLM:
         misplaced = [k for k in kwargs if k in ALL_OPTIONS]  # another drafter's option
         if misplaced:
             raise _unknown_options_error(drafter, misplaced)
-        _check_options(drafter, options)
+        check_options_before_loading(drafter, options)
         try:
             model = HFAuto.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except TypeError as error:  # a name neither treedec nor transformers takes (a typo)

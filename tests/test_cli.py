@@ -1,0 +1,138 @@
+"""The command line checks every argument before it loads anything: a user error is one line on
+stderr and exit status 2, never a traceback, and never after minutes of benchmarking."""
+
+import json
+
+import pytest
+
+import treedec.cli as cli
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a command gets as far as loading a model or running the benchmark."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command loaded a model before checking its arguments")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    import treedec.benchmark
+
+    monkeypatch.setattr(treedec.benchmark, "run_benchmark", refuse)
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"category": "writing", "turns": ["hello"], "question_id": 1}) + "\n")
+    return str(path)
+
+
+def one_error_line(capsys, expected: str) -> None:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("treedec: error: ") and expected in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--json", "/no/such/dir/x.json"], "the directory /no/such/dir does not exist"),
+    (["--plot", "/no/such/dir/x.png"], "the directory /no/such/dir does not exist"),
+    (["--max-new-tokens", "0"], "--max-new-tokens = 0 must be an int >= 1"),
+    (["--threads", "0"], "--threads = 0 must be an int >= 1"),
+    (["--limit-per-category", "0"], "--limit-per-category = 0 must be an int >= 1"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--device", "meta"], "treedec runs on cpu or cuda"),
+    (["--sample", "--temperature", "0"], "--temperature = 0.0 must be a number in (0.0, inf]"),
+    (["--sample", "--top-p", "1.5"], "--top-p = 1.5 must be a number in (0.0, 1.0]"),
+    (["--medusa-heads", "/missing"], "--medusa-heads: /missing does not hold draft heads"),
+    (["--heads-options", "{oops"], "--heads-options is not JSON"),
+    (["--heads-options", "[1, 2]"], "--heads-options must be a JSON object"),
+    (["--layerskip-options", '{"mode": "fixed", "skip_layers": []}', "--methods", "layerskip"], "non-empty list"),
+    (["--layerskip-options", '{"modes": "fixed"}', "--methods", "layerskip"], "unknown option(s) modes"),
+])
+def test_bench_e2e_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
+    assert cli.main(["bench", "e2e", "--questions", questions, *arguments]) == 2
+    one_error_line(capsys, expected)
+
+
+def test_bench_e2e_refuses_heads_of_the_other_kind(no_model, questions, capsys, tmp_path):
+    from treedec.heads import HeadsConfig, build_heads, save
+
+    save(build_heads(HeadsConfig("hydra", 2, 64, 96)), tmp_path / "h")
+    assert cli.main(["bench", "e2e", "--questions", questions, "--medusa-heads", str(tmp_path / "h")]) == 2
+    one_error_line(capsys, "holds hydra heads, not medusa")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "is not UTF-8 text of JSON lines"),
+    (b'{"category": "writing"}\n', "q.jsonl:1 is not a Spec-Bench question"),
+    (b"\n\n", "no questions in"),
+])
+def test_a_questions_file_that_is_not_one_is_one_line(no_model, tmp_path, capsys, content, expected):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(content)
+    assert cli.main(["bench", "e2e", "--questions", str(path)]) == 2
+    one_error_line(capsys, expected)
+    assert cli.main(["bench", "e2e", "--questions", str(tmp_path / "none.jsonl")]) == 2
+    one_error_line(capsys, "does not exist")
+
+
+def test_a_bad_option_value_that_needs_the_model_fails_before_any_timing(monkeypatch, questions, capsys):
+    """skip_layers past the model's layers: only the loaded model can tell, and it tells before HF runs."""
+    from treedec.models import tiny_llama
+    import treedec.benchmark
+
+    monkeypatch.setattr(cli, "_load", lambda *args: (tiny_llama(num_layers=2), None))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the methods' options were checked")
+
+    monkeypatch.setattr(treedec.benchmark, "run_benchmark", refuse)
+    options = json.dumps({"mode": "fixed", "skip_layers": [5]})
+    assert cli.main(["bench", "e2e", "--questions", questions, "--methods", "hf", "layerskip",
+                     "--layerskip-options", options]) == 2
+    one_error_line(capsys, "skip_layers = [5] must name some, not all, of the model's layers 0..1")
+
+
+def test_argparse_errors_exit_2_without_a_traceback(capsys):
+    assert cli.main(["bench", "e2e", "--threads", "two"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--exits", "30-24"], "--exits takes FIRST:LAST layer pairs"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens = -1 must be an int >= 1"),
+])
+def test_bench_skipdecode_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
+    assert cli.main(["bench", "skipdecode", "--questions", questions, *arguments]) == 2
+    one_error_line(capsys, expected)
+
+
+def test_demo_refuses_bad_arguments_before_loading(no_model, capsys):
+    assert cli.main(["demo", "--threads", "0"]) == 2
+    one_error_line(capsys, "--threads = 0 must be an int >= 1")
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--tokens", "0"], "--tokens = 0 must be an int >= 1"),
+    (["--epochs", "0"], "--epochs = 0 must be an int >= 1"),
+    (["--lr", "0"], "--lr = 0.0 must be a number in (0.0, inf]"),
+    (["--collect-minutes", "-1"], "--collect-minutes = -1.0 must be a number"),
+    (["--model", "/no/such/model"], "--model /no/such/model is not a model directory"),
+    (["--questions", "/no/such.jsonl"], "does not exist"),
+])
+def test_train_heads_refuses_bad_arguments_before_loading(no_model, tmp_path, capsys, arguments, expected):
+    assert cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path / "out"), *arguments]) == 2
+    one_error_line(capsys, expected)
+
+
+def test_train_heads_into_a_directory_of_the_other_kind_is_refused_before_loading(no_model, tmp_path, capsys):
+    from treedec.heads import HeadsConfig, build_heads, save
+
+    save(build_heads(HeadsConfig("medusa", 4, 64, 96)), tmp_path)
+    assert cli.main(["train-heads", "--kind", "hydra", "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "holds other heads: kind 'medusa' (asked for 'hydra')")
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train-heads", "--kind", "hydra", "--out", str(tmp_path / "file")]) == 2
+    one_error_line(capsys, "is a file; give a directory")

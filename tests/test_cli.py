@@ -136,3 +136,32 @@ def test_train_heads_into_a_directory_of_the_other_kind_is_refused_before_loadin
     (tmp_path / "file").write_text("")
     assert cli.main(["train-heads", "--kind", "hydra", "--out", str(tmp_path / "file")]) == 2
     one_error_line(capsys, "is a file; give a directory")
+
+
+def test_audit_command_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    from test_benchmark import setup
+
+    model, tokenizer, _ = setup()
+    tokenizer.chat_template = "stub"
+    monkeypatch.setattr(cli, "_load", lambda *args: (model, tokenizer))
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"category": c, "turns": [t], "question_id": i})
+                              for i, (c, t) in enumerate([("writing", "a"), ("coding", "b")])))
+    out = tmp_path / "audit.json"
+    assert cli.main(["audit", "--questions", str(path), "--drafter", "lookup", "--max-new-tokens", "10",
+                     "--sample", "--draws", "64", "--positions", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "writing 0" in printed and "2/2 identical to HF greedy" in printed and "no defect found" in printed
+    saved = json.loads(out.read_text())
+    assert saved["ok"] and len(saved["greedy"]) == 2 and len(saved["sampling"]) == 2
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--draws", "1", "--sample"], "--draws = 1 must be an int >= 2"),
+    (["--options", '{"max_tree_nodes": 0}'], "max_tree_nodes = 0"),
+    (["--drafter", "lookup", "--options", '{"recycling_width": 2}'], "unknown option(s) recycling_width"),
+    (["--json", "/no/such/dir/a.json"], "does not exist"),
+])
+def test_audit_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
+    assert cli.main(["audit", "--questions", questions, *arguments]) == 2
+    one_error_line(capsys, expected)

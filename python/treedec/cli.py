@@ -37,7 +37,7 @@ INT_BOUNDS = (("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads"
               ("--heads", "heads", 1), ("--tokens", "tokens", 1), ("--samples", "samples", 0),
               ("--collect-batch", "collect_batch", 1), ("--collect-batch-tokens", "collect_batch_tokens", 1),
               ("--blocks", "blocks", 1), ("--epochs", "epochs", 1), ("--batch-size", "batch_size", 1),
-              ("--limit", "limit", 1), ("--samples-per-prompt", "samples_per_prompt", 2))
+              ("--positions", "positions", 1), ("--draws", "draws", 2))
 # (flag, attribute, low, high, low excluded) for the floats
 FLOAT_BOUNDS = (("--temperature", "temperature", 0.0, float("inf"), True), ("--top-p", "top_p", 0.0, 1.0, True),
                 ("--lr", "lr", 0.0, float("inf"), True), ("--collect-minutes", "collect_minutes", 0.0, float("inf"), True))
@@ -297,6 +297,45 @@ def cmd_bench_e2e(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .auditing import audit
+    from .benchmark import TREEDEC_METHODS, encode_prompt
+
+    _check_common(args)
+    _check_output("--json", args.json)
+    prompts = _questions(args.questions, args.limit_per_category)
+    options = _json_options("--options", args.options)
+    _method_options([args.drafter], {args.drafter: options})
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model} is not a model directory")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(args.threads)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval().to(args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = _load(args.dtype, args.threads, args.device)
+    _patchable(model, [args.drafter], {args.drafter: options})
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    encoded = [encode_prompt(tokenizer, p) if chat else tokenizer(p.text, return_tensors="pt") for p in prompts]
+    encoded = [{k: v.to(args.device) for k, v in e.items()} for e in encoded]
+    print(f"auditing drafter={TREEDEC_METHODS[args.drafter]!r} against HF on {len(prompts)} prompts "
+          f"({args.dtype}, {_where(args)}): greedy, max_new_tokens={args.max_new_tokens}"
+          + (f"; sampling {_sampling(args)}, {args.draws} draws x {args.positions} positions" if args.sample else ""),
+          flush=True)
+    report = audit(model, encoded, drafter=TREEDEC_METHODS[args.drafter], max_new_tokens=args.max_new_tokens,
+                   sampling=_sampling(args), samples=args.draws, positions=args.positions,
+                   labels=[f"{p.category} {p.question_id}" for p in prompts], **options)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**report.to_json(), "questions": str(args.questions)}, handle, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if report.ok else 1
+
+
 def _print_drafting(report, num_layers: int) -> None:
     """Model drafters' own figures (drafted, accepted, drafting time) and layerskip's search."""
     for method, found in report.to_json()["drafting"].items():
@@ -456,6 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions and available kernel backends")
     info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("audit", help="HF's generate and treedec's side by side: identical, near-ties, defects")
+    check.add_argument("--drafter", choices=[m for m in ALL_METHODS if m not in ("hf", "hf_pld")], default="auto",
+                       help="the treedec method to audit (default auto; none: no drafts)")
+    check.add_argument("--options", help='JSON of treedec.patch options, e.g. \'{"max_tree_nodes": 16}\'')
+    check.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
+    check.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                       help="Spec-Bench question.jsonl (default: the dev half shipped with treedec)")
+    check.add_argument("--limit-per-category", type=int, default=1)
+    check.add_argument("--draws", type=int, default=256, help="with --sample: draws per prompt and side")
+    check.add_argument("--positions", type=int, default=4, help="with --sample: generated positions tested")
+    check.add_argument("--json", help="write the report here")
+    common(check, 64)
+    check.set_defaults(func=cmd_audit)
 
     train = sub.add_parser("train-heads", help="train Medusa/Hydra draft heads by self-distillation")
     train.add_argument("--kind", choices=("medusa", "hydra"), required=True)

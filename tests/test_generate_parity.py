@@ -240,7 +240,7 @@ def test_a_cache_that_grows_many_times_decodes_losslessly(monkeypatch):
     treedec.patch(model, drafter="auto")
     caches = _capture_caches(monkeypatch)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=70, do_sample=False), expected)
-    assert caches[-1].capacity < caches[-1].max_len or caches[-1].capacity > 15 + 3 + 33  # it grew
+    assert caches[-1].capacity > 15 + 3 + 33  # it grew past its first rows (prompt + 3 + a tree's)
 
 
 # -- 5. offloading -------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def _uneven_batch(seed):
 
 @pytest.mark.parametrize("eos", ["config", None])
 @pytest.mark.parametrize("row", [None, 2, 0])
-def test_stopping_criteria_see_hfs_calls_and_stop_hfs_rows(eos, row):
+def test_stopping_criteria_see_hfs_calls_and_stop_hfs_rows(eos, row, flat_step_costs):
     model, ids, mask = _uneven_batch(13)
     kwargs = dict(attention_mask=mask, max_new_tokens=15, do_sample=False)
     if eos is None:

@@ -19,9 +19,7 @@ class BatchStopping:
                  finished_rows_pad: bool):
         """`input_ids` [B, L] as the caller passed them (left padding included; the criteria get
         them on their device); `finished_rows_pad`: whether a stopped row is padded (see above)."""
-        from transformers.generation.stopping_criteria import StoppingCriteriaList
-
-        self.criteria = StoppingCriteriaList(list(criteria))
+        self.criteria = list(criteria)
         batch, self.prompt_len = input_ids.shape
         self.device = input_ids.device
         # [B, L + max_new_tokens]: what HF's input_ids would hold at the last position
@@ -46,9 +44,9 @@ class BatchStopping:
             if lagging or not any(len(tokens) >= n for tokens in generated):  # not there yet, or HF had stopped
                 return newly
             self._write(generated, n)
-            done = self.criteria(self.ids[:, : self.prompt_len + n].to(self.device), None)
+            done = self._call(self.ids[:, : self.prompt_len + n].to(self.device))
             self.checked = n
-            for row in torch.as_tensor(done).view(-1).nonzero().view(-1).tolist():
+            for row in done.nonzero().view(-1).tolist():
                 if self.stopped[row] or len(generated[row]) < n:  # stopped before, or padded since
                     continue
                 self.stopped[row] = True
@@ -59,6 +57,14 @@ class BatchStopping:
                 for row in range(len(generated)):
                     self._cut(generated, row, n)
                     newly.add(row)
+
+    def _call(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool [B] on the CPU: HF's StoppingCriteriaList call, the criteria's answers or-ed
+        (each may give a bool tensor [B] or a Python bool)."""
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done = done | criterion(input_ids, None)
+        return done.view(-1).cpu()
 
     def _write(self, generated: list[list[int]], n: int) -> None:
         for row, tokens in enumerate(generated):

@@ -257,6 +257,21 @@ def test_an_offloaded_model_falls_back_to_hf():
         assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
 
 
+def test_a_device_map_with_disk_offload_falls_back_to_hf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(seed=12).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                 offload_folder=str(tmp_path / "offload"))
+    ids = torch.tensor([repetitive_prompt(12, 10)])
+    expected = model.generate(ids, max_new_tokens=10, do_sample=False)
+    treedec.patch(model, drafter="auto")
+    with pytest.warns(UserWarning, match="offloaded"):
+        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
+
+
 def test_a_model_on_the_meta_device_is_refused_at_patch():
     from transformers import LlamaForCausalLM
 

@@ -22,8 +22,10 @@ class BatchStopping:
         self.criteria = list(criteria)
         batch, self.prompt_len = input_ids.shape
         self.device = input_ids.device
-        # [B, L + max_new_tokens]: what HF's input_ids would hold at the last position
-        self.ids = torch.full((batch, self.prompt_len + max_new_tokens), pad_token_id, dtype=torch.int64)
+        # [B, >= L + n]: what HF's input_ids hold at position n, pad beyond each row's tokens; it
+        # grows as positions are reached (doubling, up to L + max_new_tokens), not reserved up front
+        self.max_len = self.prompt_len + max_new_tokens
+        self.ids = torch.full((batch, min(self.max_len, 2 * self.prompt_len + 64)), pad_token_id, dtype=torch.int64)
         self.ids[:, : self.prompt_len] = input_ids.cpu()
         self.written = [0] * batch  # generated tokens of each row copied into `ids`
         self.pad_token_id = pad_token_id
@@ -40,7 +42,8 @@ class BatchStopping:
         newly: set[int] = set()
         while True:
             n = self.checked + 1
-            lagging = any(len(tokens) < n and row not in settled for row, tokens in enumerate(generated))
+            lagging = any(len(tokens) < n and row not in settled and row not in newly
+                          for row, tokens in enumerate(generated))
             if lagging or not any(len(tokens) >= n for tokens in generated):  # not there yet, or HF had stopped
                 return newly
             self._write(generated, n)
@@ -67,6 +70,10 @@ class BatchStopping:
         return done.view(-1).cpu()
 
     def _write(self, generated: list[list[int]], n: int) -> None:
+        if self.prompt_len + n > self.ids.shape[1]:
+            grown = self.ids.new_full((self.ids.shape[0], min(self.max_len, 2 * self.ids.shape[1])), self.pad_token_id)
+            grown[:, : self.ids.shape[1]] = self.ids
+            self.ids = grown
         for row, tokens in enumerate(generated):
             end = min(len(tokens), n)
             if end > self.written[row]:

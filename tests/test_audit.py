@@ -46,7 +46,7 @@ def test_a_divergence_at_a_tie_is_called_a_near_tie(monkeypatch):
     original = decoding.TreeDecoder._limit
     monkeypatch.setattr(decoding.TreeDecoder, "_limit", staticmethod(
         lambda request, generated, chunk: original(request, generated, [(t + 1) % 96 for t in chunk])))
-    monkeypatch.setattr(audit_module, "_logit_gap", lambda *args: (0.06, 0.25))  # one bf16 step at ~16
+    monkeypatch.setattr(audit_module, "logit_gap", lambda *args: (0.06, 0.25))  # one bf16 step at ~16
     report = treedec.audit(model, PROMPTS[:1], drafter=None, max_new_tokens=5)
     assert report.greedy[0].verdict == "near-tie" and report.ok
 
@@ -54,8 +54,8 @@ def test_a_divergence_at_a_tie_is_called_a_near_tie(monkeypatch):
 def test_the_tie_tolerance_follows_the_dtype():
     model = tiny_llama(seed=4)
     ids = torch.tensor([PROMPTS[0]])
-    gap, fp32 = audit_module._logit_gap(model, ids, None, [5, 6])
-    _, bf16 = audit_module._logit_gap(model.to(torch.bfloat16), ids, None, [5, 6])
+    gap, fp32 = audit_module.logit_gap(model, ids, None, [5, 6])
+    _, bf16 = audit_module.logit_gap(model.to(torch.bfloat16), ids, None, [5, 6])
     assert gap >= 0 and 0 < fp32 < bf16  # the logits here are below 1: 1e-4 against two bf16 units
 
 

@@ -179,25 +179,34 @@ def _greedy(model, index, ids, mask, max_new_tokens, drafter, options) -> Greedy
         return found
     if found.identical:
         return found
-    diff = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-    found.first_diff = diff
+    found.first_diff = diff = first_difference(got, expected)
     if diff < len(expected):
-        found.logit_gap, found.tie_tolerance = _logit_gap(model, ids, mask, expected[:diff])
+        found.logit_gap, found.tie_tolerance = logit_gap(model, ids, mask, expected[:diff])
         found.verdict = "near-tie" if found.logit_gap <= found.tie_tolerance else "defect"
     else:  # treedec went on where HF stopped (or the reverse): no tie explains a length
         found.logit_gap, found.tie_tolerance, found.verdict = float("nan"), float("nan"), "defect"
     return found
 
 
+def first_difference(got: list[int], expected: list[int]) -> int | None:
+    """The first position where two token lists differ (the shorter one's length when one is the
+    other's start), or None when they are equal."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            return i
+    return None if len(got) == len(expected) else min(len(got), len(expected))
+
+
 @torch.no_grad()
-def _logit_gap(model, ids, mask, common: list[int]) -> tuple[float, float]:
-    """HF's top-2 logit gap after the prompt and `common`, and the largest gap that rounding in the
-    model's dtype explains: two units in the last place of the top logit in 16-bit dtypes (the
-    logits themselves are rounded there), 1e-4 of it in float32 (kernels' reduction orders)."""
+def logit_gap(model, ids, mask, common: list[int]) -> tuple[float, float]:
+    """The unpatched model's top-2 logit gap after the prompt `ids` [1, L] (its `mask` or None)
+    and `common`, and the largest gap that rounding in the model's dtype explains: two units in
+    the last place of the top logit in 16-bit dtypes (the logits themselves are rounded there),
+    1e-4 of it in float32 (kernels' reduction orders)."""
     device = next(model.parameters()).device
-    full = torch.cat([ids, torch.tensor([common], dtype=ids.dtype)], dim=1).to(device)
+    full = torch.cat([ids.to(device), torch.tensor([common], dtype=ids.dtype, device=device)], dim=1)
     if mask is not None:
-        mask = torch.cat([mask, torch.ones(1, len(common), dtype=mask.dtype)], dim=1).to(device)
+        mask = torch.cat([mask.to(device), mask.new_ones(1, len(common), device=device)], dim=1)
     top2 = model(full, attention_mask=mask).logits[0, -1].float().topk(2).values
     top = abs(float(top2[0]))
     dtype = next(model.parameters()).dtype

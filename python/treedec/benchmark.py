@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .auditing import first_difference, logit_gap
 from .patching import LearnedState, learned_state, patch, set_learned_state, unpatch
 from .prompts import Prompt
 
@@ -147,22 +148,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@torch.inference_mode()
-def _logit_gap(model, prompt_ids: torch.Tensor, common: list[int]) -> float:
-    """HF's top-2 logit gap after prompt + common prefix, computed by the unpatched model."""
+def _hf_logit_gap(model, inputs: dict, common: list[int]) -> float:
+    """HF's top-2 logit gap after the prompt and `common`, from the unpatched model."""
     if hasattr(model, "treedec"):
         unpatch(model)
-    ids = torch.cat([prompt_ids, torch.tensor([common], dtype=prompt_ids.dtype, device=prompt_ids.device)], dim=1)
-    with torch.no_grad():
-        top2 = model(ids).logits[0, -1].float().topk(2).values
-        return float(top2[0] - top2[1])
+    return logit_gap(model, inputs["input_ids"], inputs.get("attention_mask"), common)[0]
 
 
 def check_methods(model, methods: list[str], options: dict | None = None) -> None:
@@ -244,8 +234,8 @@ def run_benchmark(
                     diff, gap = None, None
                     identical = method in TREEDEC_METHODS and tokens == sampled_reference
                 else:
-                    diff = _first_diff(tokens, reference)
-                    gap = None if diff is None else _logit_gap(model, inputs["input_ids"], reference[:diff])
+                    diff = first_difference(tokens, reference)
+                    gap = None if diff is None else _hf_logit_gap(model, inputs, reference[:diff])
                     identical = diff is None
                 drafted = stats.get("drafted") or 0  # model drafters (layerskip, heads) report these
                 acceptance = stats.get("draft_acceptance") or 0.0

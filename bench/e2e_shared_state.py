@@ -1,6 +1,6 @@
 """`treedec bench e2e` as it ran before 2026-11-28, to measure that benchmark defect on today's code.
 
-    python bench/e2e_shared_state.py --questions ../shared/data/spec_bench/dev.jsonl --limit-per-category 1 \
+    python bench/e2e_shared_state.py --limit-per-category 1 \
         --max-new-tokens 128 --methods hf none recycling auto --json OUT.json
 
 Then every method shared one learned state on the model (so Token Recycling's table, filled by one

@@ -179,6 +179,7 @@ def test_a_head_replaced_after_patch_is_the_one_decoding_uses():
     torch.nn.init.normal_(replacement.weight, std=0.3)
     model.lm_head = replacement  # after patch, with no re-patch
     got = model.generate(ids, max_new_tokens=12, do_sample=False)
+    no_fallback(model)
     assert torch.equal(got, treedec.unpatch(model).generate(ids, max_new_tokens=12, do_sample=False))
 
 
@@ -331,6 +332,7 @@ def test_a_criterion_returning_a_bool_and_a_plain_list_of_criteria():
     treedec.patch(model, drafter="auto")
     got = model.generate(ids, stopping_criteria=[Recorder(ids.shape[1], 1, after=3, as_bool=True)], **kwargs)
     assert torch.equal(got, expected)
+    no_fallback(model)
 
 
 @pytest.mark.parametrize("criterion", ["max_length_longer", "max_length_shorter", "eos"])
@@ -375,3 +377,78 @@ def test_pad_tokens_in_a_batch_without_mask_are_masked_as_hf_masks_them():
         expected, got = hf_then_treedec(model, ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(got, expected)
     no_fallback(model)
+
+
+# -- what HF does that treedec does not: HF's own generate, with the model's own attention -----------
+@pytest.mark.parametrize("model_type, extra", [("mistral", {"sliding_window": 8}),
+                                               ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                                          "max_window_layers": 0})])
+def test_a_sliding_window_the_call_outgrows_falls_back(model_type, extra):
+    import transformers
+
+    from test_model_types import COMMON, CONFIGS
+
+    config_name, model_name, _ = CONFIGS[model_type]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**COMMON, **extra)).eval()
+    ids = torch.tensor([repetitive_prompt(20, 12)])
+    kwargs = dict(max_new_tokens=30, do_sample=False, eos_token_id=None)
+    with pytest.warns(UserWarning, match="exceeds the sliding window"):
+        expected, got = hf_then_treedec(model, ids, **kwargs)
+    assert torch.equal(got, expected)
+    short = treedec.unpatch(model).generate(ids[:, :4], max_new_tokens=4, do_sample=False)  # inside the window
+    treedec.patch(model)
+    assert torch.equal(model.generate(ids[:, :4], max_new_tokens=4, do_sample=False), short)
+    no_fallback(model)
+
+
+@pytest.mark.parametrize("settings, reason", [
+    (dict(penalty_alpha=0.6, top_k=4, trust_remote_code=True), "contrastive_search"),
+    (dict(dola_layers="low", trust_remote_code=True), "dola_generation"),
+    (dict(token_healing=True), "token_healing"),
+])
+def test_generation_modes_treedec_does_not_decode_are_hfs(settings, reason):
+    """With the settings HF needs for them, these modes go to HF (they ran as plain greedy); without
+    them HF's own error comes back, as from HF."""
+    model = treedec.patch(tiny_llama(seed=21))
+    ids = torch.tensor([repetitive_prompt(21, 10)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.generate(ids, max_new_tokens=4, do_sample=False, **settings)
+        except Exception:  # HF's own refusal (a hub recipe it cannot fetch, no tokenizer): HF's to give
+            pass
+    assert any(reason in str(w.message) and "falling back" in str(w.message) for w in caught)
+    assert model.treedec.last_stats == {}
+
+
+def test_a_fallback_runs_hf_with_the_models_own_attention():
+    """An eager model's fallback is HF's eager generate bit for bit (the patched model attends with
+    sdpa outside the loop, whose rounding differs)."""
+    model = tiny_llama(seed=22, attn_implementation="eager")
+    ids = torch.tensor([repetitive_prompt(22, 10)])
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    expected = model.generate(ids, **kwargs)
+    treedec.patch(model)
+    with pytest.warns(UserWarning, match="output_scores"):
+        got = model.generate(ids, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores))
+    assert model.config._attn_implementation == "treedec"  # and the patch is back after it
+
+
+def test_sampling_draws_uniforms_for_the_positions_it_reaches(monkeypatch):
+    from treedec import sampling
+
+    made = []
+    original = sampling.PositionUniforms.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(sampling.PositionUniforms, "__init__", spy)
+    model = treedec.patch(tiny_llama(seed=23))
+    ids = torch.tensor([repetitive_prompt(23, 10)])
+    out = model.generate(ids, max_new_tokens=10**9, do_sample=True, eos_token_id=list(range(96)))
+    assert out.shape == (1, 11) and made[-1].limit == 10**9 and made[-1].upto(1).shape == (1, 1)
+    assert made[-1]._table.numel() <= 4 * sampling.UNIFORM_CHUNK  # not a billion floats

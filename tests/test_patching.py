@@ -194,8 +194,9 @@ def test_numpy_integers_are_ints_for_options():
     model = treedec.patch(tiny_llama(seed=6), drafter="auto", max_tree_nodes=np.int64(8), template_nodes=np.int32(12),
                           max_ngram=np.int64(3))
     ids = prompt(seed=6)
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
-                       treedec.unpatch(model).generate(ids, max_new_tokens=8, do_sample=False))
+    got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert model.treedec.last_stats  # decoded by treedec, not handed to HF
+    assert torch.equal(got, treedec.unpatch(model).generate(ids, max_new_tokens=8, do_sample=False))
 
 
 def test_corrupt_heads_config_names_the_file(tmp_path):

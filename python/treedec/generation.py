@@ -40,7 +40,11 @@ PROCESSOR_SETTINGS = {
     "watermarking_config": lambda v: v is not None,
     "stop_strings": lambda v: v is not None,
     "max_time": lambda v: v is not None,
+    "token_healing": lambda v: bool(v),
 }
+# the generation modes treedec decodes; every other one (contrastive search, DoLa, constrained,
+# beam and assisted decoding) is HF's
+HANDLED_MODES = ("greedy_search", "sample")
 
 
 @dataclass
@@ -77,7 +81,7 @@ def prepare(model, runner: ModelRunner, call: GenerateCall, drafter_name, option
     input_ids = call.inputs if call.inputs is not None else kwargs.pop("input_ids", None)
     has_default_max, has_default_min = compat.has_default_lengths(model, call.generation_config, kwargs)
     config, model_kwargs = compat.prepare_generation_config(model, call.generation_config, kwargs)
-    reason = config_reason(config, model_kwargs)
+    reason = config_reason(config, model_kwargs, call.assistant_model)
     if reason is not None:
         return reason
     if input_ids is None:
@@ -105,7 +109,7 @@ def prepare(model, runner: ModelRunner, call: GenerateCall, drafter_name, option
     compat.prepare_generated_length(model, config, has_default_max, has_default_min, input_ids)
     max_new_tokens, eos_token_ids = _custom_limits(criteria, length, config.max_length - length, eos_token_ids)
     real_length = int(attention_mask.sum(1).max())
-    reason = length_reason(model.config, real_length + max_new_tokens + max_tree_nodes)
+    reason = length_reason(model.config, real_length + max_new_tokens + max_tree_nodes, length + max_new_tokens)
     if reason is not None:
         return reason
     compat.validate_generated_length(model, config, length, has_default_max)
@@ -164,12 +168,15 @@ def model_reason(model, runner: ModelRunner, drafter_name) -> str | None:
     return None
 
 
-def config_reason(config, model_kwargs: dict) -> str | None:
+def config_reason(config, model_kwargs: dict, assistant_model=None) -> str | None:
     """Why treedec cannot decode with these generation settings, or None."""
     if config.do_sample and sampling.unsupported_reason(config):
         return sampling.unsupported_reason(config)
     if (config.num_beams or 1) > 1:
         return "beam search (num_beams > 1)"
+    mode = config.get_generation_mode(assistant_model).value  # HF's own reading of the settings
+    if mode not in HANDLED_MODES:
+        return f"the generation mode is {mode}"
     if (config.num_return_sequences or 1) > 1:
         return "num_return_sequences > 1"
     if getattr(config, "prompt_lookup_num_tokens", None):
@@ -204,11 +211,17 @@ def padding_reason(attention_mask: torch.Tensor, shape: torch.Size) -> str | Non
     return None
 
 
-def length_reason(model_config, longest: int) -> str | None:
-    """Why positions up to `longest` (prompt, new tokens and the deepest tree) are not rotated as
-    HF rotates them, or None. Ordinary RoPE rotates any position alike, so only rope types whose
-    frequencies change with the forward's longest position matter; past that length HF's own
-    output is the only reference there is."""
+def length_reason(model_config, longest: int, total_len: int) -> str | None:
+    """Why a call reaching `longest` positions (prompt, new tokens and the deepest tree), of
+    `total_len` columns with padding, is not attended or rotated as HF would, or None.
+
+    A sliding window: tree attention sees the whole prefix, so once a sequence passes the window
+    its attention is not the model's. RoPE: ordinary rotations treat every position alike, so only
+    rope types whose frequencies change with the forward's longest position matter; past that
+    length HF's own output is the only reference there is."""
+    window = getattr(model_config, "sliding_window", None)
+    if window is not None and getattr(model_config, "use_sliding_window", True) and total_len > window:
+        return f"prompt + max_new_tokens ({total_len}) exceeds the sliding window ({window})"
     rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     limit_name = LENGTH_DEPENDENT_ROPE.get(rope_type)

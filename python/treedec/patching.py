@@ -7,6 +7,7 @@ back to the original `generate` with a one-time warning naming the reason.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 import weakref
@@ -18,7 +19,8 @@ from .decoding import ModelRunner, TreeDecoder
 from .drafters import DRAFTERS, Drafter, check_drafter_name, drafter_options, make_drafter
 from .generation import GenerateCall
 from .heads import HEAD_KINDS
-from .heads.shipped import shipped_heads
+from .heads.modules import CONFIG_NAME
+from .heads.shipped import SHIPPED_DIR, shipped_heads
 from .options import bool_option, int_option, number_option
 
 compat.check_transformers_version()
@@ -114,11 +116,17 @@ def check_options(drafter, options: dict) -> dict:
 
 def check_options_before_loading(drafter, options: dict) -> dict:
     """Everything `patch` checks that needs no model: option names, the loop's values, and the
-    drafter's own values (by building it over a one-token vocabulary; heads drafters only where
-    their heads are given). from_pretrained and the CLI call it before anything loads."""
+    drafter's own values (by building it over a one-token vocabulary; a heads drafter with the
+    shipped heads when none are given). from_pretrained and the CLI call it before anything loads."""
     options = check_options(drafter, options)
-    if not isinstance(drafter, Drafter) and not (drafter in HEAD_KINDS and options.get("heads") is None):
-        make_drafter(drafter, options, 1, {})
+    if isinstance(drafter, Drafter):
+        return options
+    built_with = options
+    if drafter in HEAD_KINDS and options.get("heads") is None:  # without heads=, only the shipped ones
+        if not (SHIPPED_DIR / drafter / CONFIG_NAME).exists():
+            return options
+        built_with = {**options, "heads": SHIPPED_DIR / drafter}
+    make_drafter(drafter, built_with, 1, {})
     return options
 
 
@@ -218,6 +226,21 @@ class AutoModelForCausalLM:
 
 
 # -- generate ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _original_attention(model, state: TreedecState):
+    """Within the block the model attends with its own implementation again (eager, sdpa, ...):
+    "treedec" outside the loop is sdpa, whose rounding differs from eager's."""
+    if state.original_attn_implementation == attention.ATTN_NAME:
+        yield
+        return
+    model.set_attn_implementation(state.original_attn_implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attention.ATTN_NAME)
+
+
+
 def _generate(model, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
               prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
               negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None, **kwargs):
@@ -237,7 +260,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
             state.warned.add(request)
             warnings.warn(f"treedec: falling back to transformers' generate: {request}", stacklevel=2)
         state.last_stats = {}
-        return state.original_generate(**call.hf_arguments())
+        with _original_attention(model, state):  # HF's generate as unpatched, eager attention included
+            return state.original_generate(**call.hf_arguments())
 
     drafter = _drafter_for(state.drafter, options, model.config, learned)
     if request.sampler is not None:

@@ -23,7 +23,7 @@ from test_decoding import left_padded, repetitive_prompt
 from treedec import ops, reference
 from treedec.drafters.base import Drafter, DraftTrie
 from treedec.models import tiny_llama
-from treedec.sampling import Sampler, build_warpers
+from treedec.sampling import PositionUniforms, Sampler, build_warpers
 
 SETTINGS = {
     "t1": dict(temperature=1.0),
@@ -63,10 +63,10 @@ def inverse_cdf_in_sampling_order(probs: torch.Tensor, uniform: float) -> int:
 def sample_token_by_token(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad: int,
                           **settings) -> torch.Tensor:
     """The definition treedec must reproduce: per sequence, per position n, HF's warpers, softmax,
-    inverse CDF in sampling order with uniform U[b, n]; U drawn as torch.rand(B, max_new_tokens)
-    right after seeding."""
+    inverse CDF in sampling order with uniform U[b, n]; U drawn as treedec draws them, by a
+    generator seeded from torch's right after seeding (sampling.PositionUniforms)."""
     sampler = Sampler(build_warpers(hf_config(**settings)))
-    uniforms = torch.rand(len(prompts), max_new_tokens)
+    uniforms = PositionUniforms(len(prompts), max_new_tokens).upto(max_new_tokens)
     rows = []
     with torch.no_grad():
         for b, prompt in enumerate(prompts):
@@ -109,7 +109,7 @@ def test_eos_and_length_limit_inside_accepted_paths(full_trees):
     ids, mask = left_padded(prompts)
     eos = None
     for max_new in (30, 13):
-        # Uniforms are drawn as [B, max_new_tokens], so each length has its own continuations.
+        # (uniforms come from one seeded generator, so both lengths share their first continuations)
         torch.manual_seed(2)
         free = sample_token_by_token(model, prompts, max_new, eos=None, pad=0, temperature=0.7)
         continuations = [free[b, ids.shape[1]:].tolist() for b in range(2)]

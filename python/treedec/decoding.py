@@ -422,8 +422,7 @@ class TreeDecoder:
         of the positions ahead (the tree never changes the output, so drafts may depend on them)."""
         if self.sampler is None or not self.drafter.wants_uniforms:
             return self.drafter.propose(seq, root)
-        ahead = self.sampler.positions[seq, emitted : emitted + MAX_UNIFORMS_AHEAD].tolist()
-        return self.drafter.propose(seq, root, uniforms=ahead)
+        return self.drafter.propose(seq, root, uniforms=self.sampler.ahead(seq, emitted, MAX_UNIFORMS_AHEAD))
 
     def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int) -> TreeCache:
         """Cache every prompt token but the last (the first step's root) as one causal chain."""

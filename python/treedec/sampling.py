@@ -60,25 +60,65 @@ def _top_k_class():
     return TopKLogitsWarper
 
 
+UNIFORM_CHUNK = 256  # output positions whose uniforms are drawn at a time, for the whole batch
+
+
+class PositionUniforms:
+    """One U[0, 1) draw per (sequence, output position), drawn as the call reaches the positions.
+
+    A generator of its own, seeded once at the start of the call from torch's default generator
+    (or `generator`), draws them UNIFORM_CHUNK positions at a time for the whole batch, always in
+    the same order: position n of sequence b gets the same value however many steps reached it,
+    and a call asking for a million new tokens holds only the chunks it reached.
+    """
+
+    def __init__(self, batch: int, max_new_tokens: int, generator: torch.Generator | None = None):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._generator = torch.Generator().manual_seed(seed)
+        self.limit = max_new_tokens
+        self._table = torch.empty(batch, 0)  # float32 [B, capacity], the first `_drawn` columns drawn
+        self._drawn = 0
+
+    def upto(self, positions: int) -> torch.Tensor:
+        """float32 [B, min(positions, max_new_tokens)]: the uniforms of the first positions."""
+        positions = min(positions, self.limit)
+        if positions > self._drawn:
+            chunks = -(-(positions - self._drawn) // UNIFORM_CHUNK)
+            if self._drawn + chunks * UNIFORM_CHUNK > self._table.shape[1]:  # double: O(positions) copying
+                grown = self._table.new_empty(self._table.shape[0], max(2 * self._table.shape[1],
+                                                                        self._drawn + chunks * UNIFORM_CHUNK))
+                grown[:, : self._drawn] = self._table[:, : self._drawn]
+                self._table = grown
+            for _ in range(chunks):
+                self._table[:, self._drawn : self._drawn + UNIFORM_CHUNK] = torch.rand(
+                    self._table.shape[0], UNIFORM_CHUNK, generator=self._generator)
+                self._drawn += UNIFORM_CHUNK
+        return self._table[:, :positions]
+
+
 @dataclass
 class Sampler:
     """What a sampling decode needs besides the model: HF's warpers and the random numbers.
 
-    Every generated position gets one uniform, drawn for the whole call up front from torch's
-    default generator (or `generator`): position n of sequence b uses positions[b, n]. A token
-    depends only on its context and its position's uniform, never on the draft tree or on how
-    many steps the call took, so `torch.manual_seed` / `transformers.set_seed` make runs repeat
-    exactly even though tree sizes follow measured step times.
+    Every generated position gets one uniform (PositionUniforms): position n of sequence b uses
+    the same value whatever the tree. A token depends only on its context and its position's
+    uniform, never on the draft tree or on how many steps the call took, so `torch.manual_seed`
+    / `transformers.set_seed` make runs repeat exactly even though tree sizes follow measured
+    step times.
     """
 
     warpers: list
     top_k: int | None = None  # HF's top_k when set: only the k best logits can be sampled
     typical: TypicalAcceptance | None = None  # opt-in lossy acceptance; None: exact
     generator: torch.Generator | None = None
-    positions: torch.Tensor | None = None  # float32 [B, max_new_tokens], set by `start`
+    uniforms: PositionUniforms | None = None  # set by `start`
 
     def start(self, batch: int, max_new_tokens: int) -> None:
-        self.positions = torch.rand(batch, max_new_tokens, generator=self.generator)
+        self.uniforms = PositionUniforms(batch, max_new_tokens, self.generator)
+
+    def ahead(self, seq: int, emitted: int, count: int) -> list[float]:
+        """The uniforms of sequence `seq`'s next `count` positions (fewer near max_new_tokens)."""
+        return self.uniforms.upto(emitted + count)[seq, emitted:].tolist()
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, T, V] -> float32 probabilities [B, T, V] after the warpers (rows sum to 1)."""
@@ -113,9 +153,9 @@ class Sampler:
     def node_uniforms(self, sequences: list[int], generated: list[int], depth: torch.Tensor) -> torch.Tensor:
         """float32 [B, T]: node i of row b gets the uniform of output position generated[b] + depth[b, i]
         (positions past the end are never emitted; they reuse the last one)."""
-        last = self.positions.shape[1] - 1
+        last = self.uniforms.limit - 1
         index = (torch.tensor(generated).view(-1, 1) + depth.long()).clamp(max=last)
-        return self.positions[sequences].gather(1, index)
+        return self.uniforms.upto(int(index.max()) + 1)[sequences].gather(1, index)
 
 
 HEAD_SIZE = 16

@@ -41,6 +41,20 @@ def test_an_injected_divergence_is_a_defect_at_its_position(monkeypatch):
     assert "DEFECT" in report.table() and "at generated token 5" in report.table()
 
 
+def test_stopping_early_is_a_defect_whatever_the_gap(monkeypatch):
+    model = tiny_llama(seed=9)
+    original = decoding.TreeDecoder._limit
+
+    def early(request, generated, chunk):  # every row stops after 3 tokens
+        chunk, done = original(request, generated, chunk)
+        return chunk[: max(0, 3 - len(generated))], done or len(generated) + len(chunk) >= 3
+
+    monkeypatch.setattr(decoding.TreeDecoder, "_limit", staticmethod(early))
+    monkeypatch.setattr(audit_module, "logit_gap", lambda *args: (0.0, 1.0))  # a tie, were one asked for
+    found = treedec.audit(model, PROMPTS[:1], drafter=None, max_new_tokens=8).greedy[0]
+    assert found.verdict == "defect" and found.first_diff == 3 and found.treedec_tokens == 3
+
+
 def test_a_divergence_at_a_tie_is_called_a_near_tie(monkeypatch):
     model = tiny_llama(seed=3)
     original = decoding.TreeDecoder._limit

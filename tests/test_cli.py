@@ -49,6 +49,8 @@ def one_error_line(capsys, expected: str) -> None:
     (["--heads-options", "[1, 2]"], "--heads-options must be a JSON object"),
     (["--layerskip-options", '{"mode": "fixed", "skip_layers": []}', "--methods", "layerskip"], "non-empty list"),
     (["--layerskip-options", '{"modes": "fixed"}', "--methods", "layerskip"], "unknown option(s) modes"),
+    (["--heads-options", '{"widths": "x"}', "--methods", "hf", "medusa"], "widths = 'x' must be"),
+    (["--heads-options", '{"widths": [2]}'], "--heads-options applies to medusa or hydra"),
 ])
 def test_bench_e2e_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
     assert cli.main(["bench", "e2e", "--questions", questions, *arguments]) == 2
@@ -120,6 +122,7 @@ def test_demo_refuses_bad_arguments_before_loading(no_model, capsys):
     (["--lr", "0"], "--lr = 0.0 must be a number in (0.0, inf]"),
     (["--collect-minutes", "-1"], "--collect-minutes = -1.0 must be a number"),
     (["--model", "/no/such/model"], "--model /no/such/model is not a model directory"),
+    (["--model", "/tmp"], "--model /tmp is not a model directory (no config.json in it)"),
     (["--questions", "/no/such.jsonl"], "does not exist"),
 ])
 def test_train_heads_refuses_bad_arguments_before_loading(no_model, tmp_path, capsys, arguments, expected):
@@ -161,6 +164,7 @@ def test_audit_command_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     (["--options", '{"max_tree_nodes": 0}'], "max_tree_nodes = 0"),
     (["--drafter", "lookup", "--options", '{"recycling_width": 2}'], "unknown option(s) recycling_width"),
     (["--json", "/no/such/dir/a.json"], "does not exist"),
+    (["--drafter", "medusa", "--options", '{"widths": "x"}'], "widths = 'x' must be"),
 ])
 def test_audit_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
     assert cli.main(["audit", "--questions", questions, *arguments]) == 2

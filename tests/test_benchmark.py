@@ -5,8 +5,8 @@ import torch
 
 from test_decoding import repetitive_prompt
 from test_sampling import peaked_llama
-from treedec.benchmark import run_benchmark
-from treedec.prompts import Prompt
+from treedec.tools.benchmark import run_benchmark
+from treedec.tools.prompts import Prompt
 
 
 class ChatStub:
@@ -104,13 +104,13 @@ def test_layerskip_runs_with_options_and_reports_its_drafting():
 
 def _stub_cli(monkeypatch):
     """The CLI on a tiny model: its loader returns peaked_llama and a stub tokenizer."""
-    import treedec.cli
-    import treedec.prompts
+    import treedec.tools.cli
+    import treedec.tools.prompts
 
     model, tokenizer, prompts = setup()
-    monkeypatch.setattr(treedec.cli, "_load", lambda *args: (model, tokenizer))
-    monkeypatch.setattr(treedec.prompts, "BUILTIN_PROMPTS", prompts)
-    return model, treedec.cli
+    monkeypatch.setattr(treedec.tools.cli, "_load", lambda *args: (model, tokenizer))
+    monkeypatch.setattr(treedec.tools.prompts, "BUILTIN_PROMPTS", prompts)
+    return model, treedec.tools.cli
 
 
 def test_demo_command_runs_end_to_end(monkeypatch, capsys):
@@ -190,7 +190,7 @@ def test_batch_benchmark_script_on_a_tiny_model(monkeypatch, tmp_path, capsys):
 def test_eos_helpers_take_every_form_of_eos_token_id():
     from types import SimpleNamespace
 
-    from treedec.prompts import eos_ids, until_eos
+    from treedec.tools.prompts import eos_ids, until_eos
 
     assert eos_ids(SimpleNamespace(eos_token_id=None)) == frozenset()
     assert eos_ids(SimpleNamespace(eos_token_id=2)) == {2}
@@ -231,7 +231,7 @@ def test_shared_state_script_reproduces_the_old_benchmark(monkeypatch, tmp_path,
     than with its own state (what the benchmark does now)."""
     import json
 
-    import treedec.benchmark
+    import treedec.tools.benchmark
 
     script = bench_script("e2e_shared_state")
     _, cli = _stub_cli(monkeypatch)
@@ -246,4 +246,4 @@ def test_shared_state_script_reproduces_the_old_benchmark(monkeypatch, tmp_path,
                     "--max-new-tokens", "24", "--json", str(out)]) == 0
         steps[name] = [r["steps"] for r in json.loads(out.read_text())["runs"] if r["method"] == "auto"]
     assert sum(steps["shared"]) < sum(steps["own"])
-    assert treedec.benchmark.set_learned_state is treedec.patching.set_learned_state  # restored
+    assert treedec.tools.benchmark.set_learned_state is treedec.patching.set_learned_state  # restored

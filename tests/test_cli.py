@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import treedec.cli as cli
+import treedec.tools.cli as cli
 
 
 @pytest.fixture
@@ -15,9 +15,9 @@ def no_model(monkeypatch):
         raise AssertionError("the command loaded a model before checking its arguments")
 
     monkeypatch.setattr(cli, "_load", refuse)
-    import treedec.benchmark
+    import treedec.tools.benchmark
 
-    monkeypatch.setattr(treedec.benchmark, "run_benchmark", refuse)
+    monkeypatch.setattr(treedec.tools.benchmark, "run_benchmark", refuse)
 
 
 @pytest.fixture
@@ -81,15 +81,15 @@ def test_a_questions_file_that_is_not_one_is_one_line(no_model, tmp_path, capsys
 
 def test_a_bad_option_value_that_needs_the_model_fails_before_any_timing(monkeypatch, questions, capsys):
     """skip_layers past the model's layers: only the loaded model can tell, and it tells before HF runs."""
-    from treedec.models import tiny_llama
-    import treedec.benchmark
+    from treedec.tools.models import tiny_llama
+    import treedec.tools.benchmark
 
     monkeypatch.setattr(cli, "_load", lambda *args: (tiny_llama(num_layers=2), None))
 
     def refuse(*args, **kwargs):
         raise AssertionError("the benchmark ran before the methods' options were checked")
 
-    monkeypatch.setattr(treedec.benchmark, "run_benchmark", refuse)
+    monkeypatch.setattr(treedec.tools.benchmark, "run_benchmark", refuse)
     options = json.dumps({"mode": "fixed", "skip_layers": [5]})
     assert cli.main(["bench", "e2e", "--questions", questions, "--methods", "hf", "layerskip",
                      "--layerskip-options", options]) == 2

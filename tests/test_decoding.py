@@ -6,8 +6,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import treedec
 from helpers import OracleDrafter
-from treedec.models import tiny_llama
-from treedec.prompts import left_pad
+from treedec.tools.models import tiny_llama
+from treedec.tools.prompts import left_pad
 
 DRAFTERS = [None, "lookup", "recycling", "auto"]
 

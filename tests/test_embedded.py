@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import treedec
-from treedec.prompts import SPEC_BENCH_DEV, load_questions
+from treedec.tools.prompts import SPEC_BENCH_DEV, load_questions
 
 MAX_NEW_TOKENS = 48
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def embedded():
     torch.set_num_threads(2)
-    model, tokenizer = treedec.load_default_model()
+    model, tokenizer = treedec.tools.load_default_model()
     prompts = load_questions(SPEC_BENCH_DEV, limit_per_category=1)  # 13 prompts, one per category
     encoded = [
         tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
@@ -186,7 +186,7 @@ def test_the_embedded_model_loaded_from_its_gguf_gets_the_shipped_heads(embedded
     from transformers import AutoModelForCausalLM
 
     from treedec.heads.shipped import SHIPPED_DIR
-    from treedec.models import default_model_gguf
+    from treedec.tools.models import default_model_gguf
 
     gguf = default_model_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)

@@ -15,7 +15,7 @@ from helpers import OracleDrafter
 from test_decoding import greedy_continuation, left_padded, repetitive_prompt
 from treedec import cache as cache_module
 from treedec import decoding
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 
 def hf_then_treedec(model, *args, drafter="auto", patch_options=None, **kwargs):

@@ -12,7 +12,7 @@ from treedec import compat, ops
 from treedec.attention import TreeStep
 from treedec.cache import TreeCache
 from treedec.decoding import ModelRunner, chain_tree_mask
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 pytestmark = pytest.mark.gpu
 

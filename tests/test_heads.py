@@ -7,7 +7,7 @@ import treedec
 from test_decoding import left_padded, repetitive_prompt
 from test_layerskip import peaked
 from treedec.heads import HeadsConfig, build_heads, load, save
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 
 def random_heads(kind: str, model, num_heads: int = 3, seed: int = 0):
@@ -146,7 +146,7 @@ def test_hydra_branches_follow_their_path(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 def test_a_few_training_steps_reduce_the_loss_and_resume(kind, tmp_path):
-    from treedec.heads.training import train_heads
+    from treedec.tools.heads_training import train_heads
 
     model = peaked(seed=4)
     prompts = [repetitive_prompt(s, 10) for s in range(4)]
@@ -167,7 +167,7 @@ def test_a_few_training_steps_reduce_the_loss_and_resume(kind, tmp_path):
 
 
 def test_training_into_a_directory_of_other_heads_is_a_clear_error(tmp_path):
-    from treedec.heads.training import CHECKPOINT_NAME, train_heads
+    from treedec.tools.heads_training import CHECKPOINT_NAME, train_heads
 
     model = peaked(seed=4)
     prompts = [repetitive_prompt(s, 10) for s in range(4)]
@@ -185,7 +185,7 @@ def test_training_into_a_directory_of_other_heads_is_a_clear_error(tmp_path):
 def test_training_targets_are_the_tokens_after_the_root():
     """h_t's LM-head token is t+1 (the root at decode time); head k (0-based) learns token t+2+k,
     and Hydra's head k reads token t+1+k."""
-    from treedec.heads.training import Example, flatten
+    from treedec.tools.heads_training import Example, flatten
 
     tokens = torch.arange(10, 20)
     example = Example(tokens, torch.arange(10).float().view(10, 1).expand(10, 3), generated_from=4)
@@ -211,7 +211,7 @@ def test_soft_targets_read_the_state_whose_argmax_is_the_target():
     """teacher_rows[p, k] is the hidden state the LM head turns into token t+2+k: its argmax is
     exactly the greedy target, across examples of different lengths, with the prompt parts
     skipped."""
-    from treedec.heads.training import collect, flatten, greedy_tokens
+    from treedec.tools.heads_training import collect, flatten, greedy_tokens
 
     model = peaked(seed=4)
     examples = collect(model, [repetitive_prompt(s, 4 + 3 * s) for s in range(3)], tokens=10**6, max_new_tokens=9,
@@ -227,7 +227,7 @@ def test_soft_targets_read_the_state_whose_argmax_is_the_target():
 
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 def test_soft_target_training_reduces_the_argmax_loss(kind, tmp_path):
-    from treedec.heads.training import train_heads
+    from treedec.tools.heads_training import train_heads
 
     model = peaked(seed=4)
     prompts = [repetitive_prompt(s, 10) for s in range(4)]
@@ -240,7 +240,7 @@ def test_soft_target_training_reduces_the_argmax_loss(kind, tmp_path):
 def test_collected_greedy_text_matches_the_recorded_greedy_choices():
     """Greedy continuations: the recorded argmax after each generated position is the next token.
     Sampled ones: they differ somewhere (else the targets would not need the argmax)."""
-    from treedec.heads.training import collect
+    from treedec.tools.heads_training import collect
 
     model = peaked(seed=4)
     prompts = [repetitive_prompt(s, 5 + s) for s in range(6)]
@@ -257,7 +257,7 @@ def test_collected_greedy_text_matches_the_recorded_greedy_choices():
 def test_collection_jobs_come_in_rounds_that_cover_every_prompt():
     """Greedy first (shortest prompt first), then sampled rounds: a collection cut short after any
     whole round has the same number of samples of every prompt."""
-    from treedec.heads.training import collection_jobs
+    from treedec.tools.heads_training import collection_jobs
 
     lengths = [5, 1, 3]
     jobs = collection_jobs(lengths, samples=5, batch_size=3)  # rounds of round(2 * 3 / 3) = 2 samples
@@ -271,7 +271,7 @@ def test_collection_jobs_come_in_rounds_that_cover_every_prompt():
 
 
 def test_collection_batches_keep_within_their_token_budget():
-    from treedec.heads.training import next_batch
+    from treedec.tools.heads_training import next_batch
 
     lengths = [10, 10, 10, 100, 100]
     jobs = [(0, False), (1, True), (2, True), (3, True), (4, True)]
@@ -285,7 +285,7 @@ def test_collection_batches_keep_within_their_token_budget():
 
 
 def test_a_token_budget_changes_how_collection_batches_not_what_it_writes():
-    from treedec.heads.training import collect
+    from treedec.tools.heads_training import collect
 
     model = peaked(seed=4)
     prompts = [repetitive_prompt(s, 4 + 5 * s) for s in range(5)]
@@ -301,21 +301,21 @@ def test_a_token_budget_changes_how_collection_batches_not_what_it_writes():
 
 
 def test_train_heads_command_refuses_a_token_budget_below_one(tmp_path, capsys):
-    import treedec.cli
+    import treedec.tools.cli
 
-    assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path),
+    assert treedec.tools.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path),
                              "--collect-batch-tokens", "0"]) == 2
     assert "--collect-batch-tokens = 0 must be an int >= 1" in capsys.readouterr().err
     for bad in ("7", "-3", "many"):
-        assert treedec.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path), "--draft-vocab", bad]) == 2
+        assert treedec.tools.cli.main(["train-heads", "--kind", "medusa", "--out", str(tmp_path), "--draft-vocab", bad]) == 2
         assert "--draft-vocab must be 'all' or an int >= 8" in capsys.readouterr().err
 
 
 def test_train_heads_command(monkeypatch, tmp_path, capsys):
     """`treedec train-heads` on a tiny model (the loader stubbed): heads, data and log land in --out."""
-    import treedec.cli
+    import treedec.tools.cli
     from test_benchmark import ChatStub
-    from treedec.prompts import BUILTIN_PROMPTS
+    from treedec.tools.prompts import BUILTIN_PROMPTS
 
     model = peaked(seed=4)
     texts = {p.text: repetitive_prompt(i, 10) for i, p in enumerate(BUILTIN_PROMPTS)}
@@ -323,11 +323,11 @@ def test_train_heads_command(monkeypatch, tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"category": "writing", "turns": ["hello"]}\n')
     stub.chat_template = "stub"
-    monkeypatch.setattr(treedec.cli, "_load", lambda *args: (model, stub))
+    monkeypatch.setattr(treedec.tools.cli, "_load", lambda *args: (model, stub))
     out = tmp_path / "heads"
-    assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
+    assert treedec.tools.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
                              "--out", str(out), "--questions", str(tmp_path / "none.jsonl")]) == 2
-    assert treedec.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
+    assert treedec.tools.cli.main(["train-heads", "--kind", "hydra", "--heads", "2", "--tokens", "60", "--epochs", "1",
                              "--max-new-tokens", "20", "--out", str(out), "--questions", str(questions),
                              "--draft-vocab", "all"]) == 0
     assert "saved to" in capsys.readouterr().out
@@ -492,7 +492,7 @@ def test_hydra_drafts_as_much_of_the_static_tree_as_the_sizer_keeps(monkeypatch,
 def test_own_lm_heads_start_as_the_models_train_and_stay_lossless(kind, tmp_path, flat_step_costs):
     """own_lm_head: each head its own [V, H] projection, a copy of the model's at the start, then
     trained (the model's own stays untouched); saved, loaded and drafted with, losslessly."""
-    from treedec.heads.training import train_heads
+    from treedec.tools.heads_training import train_heads
 
     model = peaked(seed=4)
     base = model.get_output_embeddings().weight.detach().clone()
@@ -537,7 +537,7 @@ def test_eos_and_max_new_tokens_inside_accepted_paths(kind, tmp_path):
 def test_token_frequencies_rank_the_draft_vocabulary():
     """A token's frequency is the model's probability for it summed over the generated positions;
     the draft vocabulary is the most frequent ids, ties to the smaller id, in increasing id order."""
-    from treedec.heads.training import Example
+    from treedec.tools.heads_training import Example
     from treedec.heads.vocab import default_size, draft_vocabulary, token_frequencies
 
     lm_head = torch.nn.Linear(10, 10, bias=False)
@@ -632,7 +632,7 @@ def test_targets_outside_the_draft_vocabulary_are_misses_not_losses():
     adds nothing to the loss and counts as a miss of every rank; -100 (past the end) stays out."""
     import types
 
-    from treedec.heads.training import Positions, _Tally, argmax_loss, restrict_targets, soft_target_loss
+    from treedec.tools.heads_training import Positions, _Tally, argmax_loss, restrict_targets, soft_target_loss
 
     targets = torch.tensor([[5, -100], [7, 3]])
     unused = torch.zeros_like(targets)  # Hydra's inputs and the teacher rows play no part here
@@ -667,7 +667,7 @@ def test_heads_trained_over_a_draft_vocabulary_draft_from_it(kind, monkeypatch, 
     config, and the drafter then guesses from those N by default (losslessly) and refuses more;
     by default it trains over the tokens holding DRAFT_MASS of the frequency."""
     from treedec.drafters import heads as heads_drafter
-    from treedec.heads import training
+    from treedec.tools import heads_training as training
     from treedec.heads.vocab import DRAFT_MASS, default_size, draft_vocabulary
 
     model = peaked(seed=4)

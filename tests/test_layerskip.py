@@ -8,7 +8,7 @@ import treedec
 from test_decoding import left_padded, repetitive_prompt
 from treedec.drafters import layerskip
 from treedec.drafters.layer_search import draft_cost_ratio, expected_gain, search
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 # swift with a generous search budget: its result must not depend on how busy the machine is
 # exit without branching: every step's tree is the drafted chain, which the verification reuses

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import treedec
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 
 
 def prompt(n=10, seed=0):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from treedec.prompts import CATEGORY_ORDER, SPEC_BENCH_DEV, load_questions
+from treedec.tools.prompts import CATEGORY_ORDER, SPEC_BENCH_DEV, load_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +19,35 @@ def test_the_spec_bench_prompts_ship_with_the_package():
     prompts = load_questions(SPEC_BENCH_DEV)
     assert len(prompts) == 240 and {p.category for p in prompts} == set(CATEGORY_ORDER)
     assert "Apache License" in (SPEC_BENCH_DEV.parent / "LICENSE").read_text()
+
+
+RUNTIME_ONLY = """
+import sys
+
+class Refuse:  # the lab and its own dependencies may not be imported
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] == ["treedec", "tools"] or name.split(".")[0] in ("gguf", "matplotlib"):
+            raise ImportError(f"the runtime imported {name}")
+
+sys.meta_path.insert(0, Refuse())
+import torch, transformers, treedec
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1)
+model = transformers.LlamaForCausalLM(config).eval()
+ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3]])
+for drafter in (None, "lookup", "recycling", "auto", "layerskip"):
+    treedec.patch(model, drafter=drafter)
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    model.generate(ids, max_new_tokens=4, do_sample=True)
+    treedec.unpatch(model)
+treedec.audit(model, [ids], max_new_tokens=3)
+print("runtime alone: ok")
+"""
+
+
+def test_the_runtime_imports_nothing_from_the_tools():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "runtime alone: ok" in done.stdout, done.stderr[-3000:]

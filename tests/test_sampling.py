@@ -22,7 +22,7 @@ from helpers import OracleDrafter
 from test_decoding import left_padded, repetitive_prompt
 from treedec import ops, reference
 from treedec.drafters.base import Drafter, DraftTrie
-from treedec.models import tiny_llama
+from treedec.tools.models import tiny_llama
 from treedec.sampling import PositionUniforms, Sampler, build_warpers
 
 SETTINGS = {

@@ -6,8 +6,8 @@ import torch
 
 from test_decoding import left_padded, repetitive_prompt
 from test_layerskip import peaked
-from treedec import skipdecode
-from treedec.models import tiny_llama
+from treedec.tools import skipdecode
+from treedec.tools.models import tiny_llama
 
 
 @pytest.mark.parametrize("new,layers,first,last", [(1, 4, None, None), (2, 4, 4, 1), (7, 30, 30, 18), (64, 30, 30, 24),

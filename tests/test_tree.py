@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from helpers import batch_parents, chain, random_parents, star
-from treedec import Tree
+from trees import Tree
 from treedec.ops import build_tree
 from treedec.reference.tree import pack_bits, unpack_bits
-from treedec.tree import chain_parents, parents_from_choices
+from trees import chain_parents, parents_from_choices
 
 
 def ancestors_by_walking(parents: list[int]) -> list[set[int]]:

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 import treedec  # noqa: E402
 from test_decoding import left_padded, repetitive_prompt  # noqa: E402
 from treedec import ops  # noqa: E402
-from treedec.models import tiny_llama  # noqa: E402
+from treedec.tools.models import tiny_llama  # noqa: E402
 
 
 @pytest.fixture

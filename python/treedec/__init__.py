@@ -4,12 +4,12 @@
     model = treedec.patch(hf_model, drafter="lookup")   # in place; treedec.unpatch(model) undoes it
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=256)
     print(treedec.audit(hf_model, prompts, drafter="auto").table())   # HF and treedec side by side
+
+The lab (the `treedec` command, benchmarks, head training, the embedded model) is `treedec.tools`.
 """
 
 from .auditing import audit
-from .models import load_default_model
 from .patching import AutoModelForCausalLM, patch, unpatch
-from .tree import Tree
 
 __version__ = "0.1.0"
-__all__ = ["AutoModelForCausalLM", "Tree", "audit", "load_default_model", "patch", "unpatch", "__version__"]
+__all__ = ["AutoModelForCausalLM", "audit", "patch", "unpatch", "__version__"]

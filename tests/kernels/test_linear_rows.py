@@ -103,7 +103,7 @@ def test_routing_is_scoped_and_only_for_few_rows(monkeypatch):
 
 def test_decode_loop_routes_projections_unless_turned_off(monkeypatch):
     import treedec
-    from treedec.models import tiny_llama
+    from treedec.tools.models import tiny_llama
 
     calls = []
     real = ops.loop_linear_rows

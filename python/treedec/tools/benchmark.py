@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .auditing import first_difference, logit_gap
-from .patching import LearnedState, learned_state, patch, set_learned_state, unpatch
+from ..auditing import first_difference, logit_gap
+from ..patching import LearnedState, learned_state, patch, set_learned_state, unpatch
 from .prompts import Prompt
 
 HF_METHODS = {"hf": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}

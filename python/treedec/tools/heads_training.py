@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..prompts import eos_ids, left_pad, until_eos
-from .modules import CONFIG_NAME, DraftHeads, HeadsConfig, build_heads, save
-from .shipped import FINGERPRINT_KEY, fingerprint
-from .vocab import DRAFT_MASS, default_size, draft_vocabulary, token_frequencies, vocabulary_positions
+from ..heads.modules import CONFIG_NAME, DraftHeads, HeadsConfig, build_heads, save
+from ..heads.shipped import FINGERPRINT_KEY, fingerprint
+from ..heads.vocab import DRAFT_MASS, default_size, draft_vocabulary, token_frequencies, vocabulary_positions
+from .prompts import eos_ids, left_pad, until_eos
 
 DATA_NAME = "distill_data.pt"
 RANKS = 8  # per-rank accuracies kept for the static tree (heads/tree.py)

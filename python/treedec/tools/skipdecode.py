@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention, compat
-from .attention import TreeStep
-from .decoding import ModelRunner, chain_tree_mask, left_padding, prompt_positions
+from .. import attention, compat
+from ..attention import TreeStep
+from ..decoding import ModelRunner, chain_tree_mask, left_padding, prompt_positions
 
 
 def exit_schedule(max_new_tokens: int, num_layers: int, first_exit: int | None = None,

@@ -1,4 +1,5 @@
-"""Tree: a batch of draft trees in DESIGN's contract, and converters into it.
+"""Tree: a batch of draft trees in the tree contract (docs/design.md), and converters into it.
+A test helper: the library itself builds trees from its drafters' tries (decoding.pack_tries).
 
 Per sequence, T nodes in topological order: parents[b, 0] == -1, parents[b, i] < i. Node 0 is
 the root (the last emitted token, its KV not yet cached); tokens[b, i] == -1 marks a padding
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import ops
+from treedec import ops
 
 
 class Tree:

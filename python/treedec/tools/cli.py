@@ -44,7 +44,7 @@ FLOAT_BOUNDS = (("--temperature", "temperature", 0.0, float("inf"), True), ("--t
 
 
 def _check_bounds(args) -> None:
-    from .options import int_option, number_option
+    from ..options import int_option, number_option
 
     try:
         for flag, name, low in INT_BOUNDS:
@@ -111,7 +111,7 @@ def _json_options(flag: str, text: str | None) -> dict:
 
 
 def _heads_dir(flag: str, path: str, kind: str) -> str:
-    from .heads import load
+    from ..heads import load
 
     try:
         heads = load(path)
@@ -125,7 +125,7 @@ def _heads_dir(flag: str, path: str, kind: str) -> str:
 def _method_options(methods: list[str], options: dict[str, dict]) -> None:
     """treedec.patch's checks of each method's options that need no model."""
     from .benchmark import TREEDEC_METHODS
-    from .patching import check_options_before_loading
+    from ..patching import check_options_before_loading
 
     for method in methods:
         if method in TREEDEC_METHODS:
@@ -179,7 +179,7 @@ def _where(args) -> str:
 
 
 def _has_shipped_heads(kind: str, model) -> bool:
-    from .heads.shipped import shipped_heads
+    from ..heads.shipped import shipped_heads
 
     try:
         shipped_heads(kind, model)
@@ -224,8 +224,8 @@ def cmd_demo(args) -> int:
 def cmd_info(args) -> int:
     import transformers
 
-    from . import __version__, ops
-    from .ops._backend import OPS
+    from .. import __version__, ops
+    from ..ops._backend import OPS
 
     print(f"treedec       {__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -250,7 +250,7 @@ def cmd_info(args) -> int:
 
 def _backend_label(device: torch.device, op: str) -> str:
     """The backend name, plus the fp32 exception where the LM head has one."""
-    from . import ops
+    from .. import ops
 
     backend = ops.choose_backend(device, op)
     if op == "lm_head_topk" and ops.lm_head_backend(device, torch.float32) != backend:
@@ -310,7 +310,7 @@ def cmd_bench_e2e(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .auditing import audit
+    from ..auditing import audit
     from .benchmark import TREEDEC_METHODS, encode_prompt
 
     _check_common(args)
@@ -366,8 +366,8 @@ def _print_heads_tree_curve(learned) -> None:
     """For the heads a method used (`learned`: its patching.LearnedState): their static tree's
     expected tokens per step at each size T, the method's measured verify cost at T (batch 1), and
     the T with the most expected tokens per second."""
-    from .heads.tree import best_tree, size_curve
-    from .sizing import TREE_SIZES
+    from ..heads.tree import best_tree, size_curve
+    from ..sizing import TREE_SIZES
 
     if not learned.cost.covers(1):
         return
@@ -419,7 +419,7 @@ def cmd_bench_skipdecode(args) -> int:
 
 def cmd_train_heads(args) -> int:
     from .benchmark import encode_prompt
-    from .heads.training import RANKS, resume_conflict, train_heads
+    from .heads_training import RANKS, resume_conflict, train_heads
     from .prompts import BUILTIN_PROMPTS
 
     _check_common(args)

@@ -15,6 +15,7 @@ from helpers import OracleDrafter
 from test_decoding import greedy_continuation, left_padded, repetitive_prompt
 from treedec import cache as cache_module
 from treedec import decoding
+from treedec.adapters import ModelAdapter
 from treedec.tools.models import tiny_llama
 
 
@@ -211,13 +212,13 @@ def test_hooks_on_the_model_itself_fall_back():
 # -- 4. the cache grows as it is used -----------------------------------------------------------
 def _capture_caches(monkeypatch) -> list:
     caches = []
-    original = decoding.ModelRunner.new_cache
+    original = ModelAdapter.new_cache
 
     def spy(self, *args, **kwargs):
         caches.append(original(self, *args, **kwargs))
         return caches[-1]
 
-    monkeypatch.setattr(decoding.ModelRunner, "new_cache", spy)
+    monkeypatch.setattr(ModelAdapter, "new_cache", spy)
     return caches
 
 

@@ -8,10 +8,11 @@ import torch
 import treedec
 from helpers import make_parents
 from test_decoding import left_padded, repetitive_prompt
-from treedec import compat, ops
+from treedec import ops
 from treedec.attention import TreeStep
 from treedec.cache import TreeCache
-from treedec.decoding import ModelRunner, chain_tree_mask
+from treedec.adapters import adapter_for
+from treedec.decoding import chain_tree_mask
 from treedec.tools.models import tiny_llama
 
 pytestmark = pytest.mark.gpu
@@ -116,7 +117,7 @@ class VerifyStep:
     writes are slices and nothing reads back to the host)."""
 
     def __init__(self, model, batch: int, num_nodes: int, prompt_len: int):
-        self.runner = ModelRunner(model, compat.cache_kwarg_name(model.model))
+        self.adapter = adapter_for(model)
         config = model.config
         head_dim = config.hidden_size // config.num_attention_heads
         self.cache = TreeCache(config.num_hidden_layers, batch, config.num_key_value_heads, head_dim,
@@ -126,7 +127,7 @@ class VerifyStep:
                            chain_tree_mask(batch, prompt_len).cuda())
         self.cache.begin_step(prompt_len)
         with torch.no_grad():
-            self.runner.forward(prompt, torch.arange(prompt_len, device="cuda").expand(batch, -1), self.cache, prefill)
+            self.adapter.forward(prompt, torch.arange(prompt_len, device="cuda").expand(batch, -1), self.cache, prefill)
         self.cache.advance(prompt_len)
         self.cache.begin_step(num_nodes)  # every replay writes the same rows after the prompt
         self.prefix_len = self.cache.prefix_len.cuda()
@@ -142,9 +143,9 @@ class VerifyStep:
         depth, tree_mask = ops.build_tree(self.parents)
         step = TreeStep(self.prefix_len, self.kv_start, tree_mask)
         positions = (self.prefix_len - self.kv_start).long().view(-1, 1) + depth.long()
-        hidden = self.runner.forward(self.tokens.clamp(min=0), positions, self.cache, step)
+        hidden = self.adapter.forward(self.tokens.clamp(min=0), positions, self.cache, step)
         batch, num_nodes, width = hidden.shape
-        _, ids = ops.lm_head_topk(hidden.reshape(-1, width), self.runner.lm_head.weight, 1)
+        _, ids = ops.lm_head_topk(hidden.reshape(-1, width), self.adapter.lm_head.weight, 1)
         target = ids.view(batch, num_nodes)
         accept_len, accept_nodes, bonus = ops.verify_greedy(self.parents, self.tokens, target)
         ops.compact_kv([*self.cache.keys, *self.cache.values], self.prefix_len, accept_nodes)

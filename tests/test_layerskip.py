@@ -91,10 +91,10 @@ def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch, flat
     snapshots = []  # (sequence ids, committed rows, keys and values per layer) at each step's start
     original = layerskip.LayerSkipDrafter.draft_batch
 
-    def spy(self, runner, cache, rows, roots, hidden=None):
+    def spy(self, adapter, cache, rows, roots, hidden=None):
         snapshots.append((list(rows), cache.prefix_len.clone(), cache.kv_start.clone(),
                           [k.clone() for k in cache.keys], [v.clone() for v in cache.values]))
-        return original(self, runner, cache, rows, roots, hidden)
+        return original(self, adapter, cache, rows, roots, hidden)
 
     monkeypatch.setattr(layerskip.LayerSkipDrafter, "draft_batch", spy)
     treedec.patch(model, drafter="layerskip", stop_below=0.0, **options)
@@ -121,13 +121,13 @@ def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch, flat
 
 def test_swift_search_skips_the_layers_that_do_nothing():
     model = treedec.patch(peaked(seed=4, num_layers=8, idle_layers=(3, 4, 5)), drafter="layerskip")
-    runner = model.treedec.runner
+    adapter = model.treedec.adapter
     window = torch.tensor(repetitive_prompt(9, 32))
-    plan = search(runner, window, depth=4, budget_seconds=30.0)
-    skipped = plan.skipped(runner.num_layers)
+    plan = search(adapter, window, depth=4, budget_seconds=30.0)
+    skipped = plan.skipped(adapter.num_layers)
     assert plan.agreement == 1.0 and set(skipped) == {3, 4, 5}
     assert all(plan.layer_scores[i] == 1.0 for i in (3, 4, 5)) and plan.forwards == 1 + 6 + 4
-    assert plan.expected_gain == pytest.approx(expected_gain(1.0, draft_cost_ratio(runner, 5), 4))
+    assert plan.expected_gain == pytest.approx(expected_gain(1.0, draft_cost_ratio(adapter, 5), 4))
 
 
 def test_swift_drafts_with_the_found_set_and_searches_once_per_model(flat_step_costs):
@@ -157,7 +157,7 @@ def test_swift_drafts_nothing_when_no_set_pays():
 
 def test_search_budget_bounds_its_cost():
     model = treedec.patch(peaked(seed=4, num_layers=8), drafter="layerskip")
-    plan = search(model.treedec.runner, torch.tensor(repetitive_prompt(1, 32)), depth=4, budget_seconds=0.0)
+    plan = search(model.treedec.adapter, torch.tensor(repetitive_prompt(1, 32)), depth=4, budget_seconds=0.0)
     assert plan.forwards <= 2 and plan.kept is None
 
 
@@ -262,14 +262,14 @@ def test_per_sequence_sets_must_match_the_batch():
 
 
 def test_forward_rows_equals_each_row_alone():
-    """ModelRunner.forward_rows with per-row layer sets against plain forwards of each row with
+    """ModelAdapter.forward_rows with per-row layer sets against plain forwards of each row with
     its own layers; all rows active is the plain forward; KV is written only for running rows."""
     from treedec.attention import TreeStep
     from treedec.cache import TreeCache
     from treedec.decoding import chain_tree_mask
 
     model = treedec.patch(peaked(seed=2, num_layers=5), drafter=None)
-    runner = model.treedec.runner
+    adapter = model.treedec.adapter
     tokens = torch.tensor([[5, 9, 11], [7, 3, 2], [4, 4, 8]])
     positions = torch.arange(3).expand(3, -1)
 
@@ -284,11 +284,11 @@ def test_forward_rows_equals_each_row_alone():
     active[2, 1] = False  # row 1 skips layer 2
     with torch.inference_mode():
         cache, step = fresh()
-        got = runner.forward_rows(tokens, positions, cache, step, active)
+        got = adapter.forward_rows(tokens, positions, cache, step, active)
         for row in (0, 1):
             kept = tuple(int(i) for i in active[:, row].nonzero().flatten())
             alone_cache, alone_step = fresh()
-            want = runner.forward(tokens, positions, alone_cache, alone_step, layers=runner.layer_subset(kept))
+            want = adapter.forward(tokens, positions, alone_cache, alone_step, layers=adapter.layer_subset(kept))
             torch.testing.assert_close(got[row], want[row], atol=1e-5, rtol=1e-5)
             for layer in range(5):
                 written = cache.keys[layer][row, :, :3]
@@ -297,12 +297,12 @@ def test_forward_rows_equals_each_row_alone():
                 else:
                     assert torch.count_nonzero(written) == 0
         assert all(torch.count_nonzero(k[2]) == 0 for k in cache.keys)  # row 2 wrote no KV
-        embedded = runner.base.norm(runner.base.embed_tokens(tokens[2:3]))
+        embedded = adapter.norm(adapter.embed(tokens[2:3]))
         torch.testing.assert_close(got[2:3], embedded)  # and kept its (normed) embedding
         full_cache, full_step = fresh()
-        full = runner.forward(tokens, positions, full_cache, full_step)
+        full = adapter.forward(tokens, positions, full_cache, full_step)
         cache, step = fresh()
-        torch.testing.assert_close(runner.forward_rows(tokens, positions, cache, step, torch.ones(5, 3, dtype=torch.bool)),
+        torch.testing.assert_close(adapter.forward_rows(tokens, positions, cache, step, torch.ones(5, 3, dtype=torch.bool)),
                                    full, atol=1e-5, rtol=1e-5)
 
 
@@ -333,7 +333,7 @@ def test_forward_from_the_exit_layer_equals_the_full_forward():
     from treedec.decoding import chain_tree_mask
 
     model = treedec.patch(peaked(seed=2, num_layers=5), drafter=None)
-    runner = model.treedec.runner
+    adapter = model.treedec.adapter
     tokens = torch.tensor([[5, 9, 11], [7, 3, 2]])
     positions = torch.arange(3).expand(2, -1)
 
@@ -344,15 +344,15 @@ def test_forward_from_the_exit_layer_equals_the_full_forward():
 
     with torch.inference_mode():
         full_cache, full_step = fresh()
-        want = runner.forward(tokens, positions, full_cache, full_step)
+        want = adapter.forward(tokens, positions, full_cache, full_step)
         cache, step = fresh()
         first = torch.zeros(5, 2, dtype=torch.bool)
         first[:2] = True
-        residual = runner.forward_rows(tokens, positions, cache, step, first, normed=False)
-        got = runner.forward_from(residual, positions, cache, step, start=2)
+        residual = adapter.forward_rows(tokens, positions, cache, step, first, normed=False)
+        got = adapter.forward_from(residual, positions, cache, step, start=2)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for layer in range(5):
         torch.testing.assert_close(cache.keys[layer][:, :, :3], full_cache.keys[layer][:, :, :3])
         torch.testing.assert_close(cache.values[layer][:, :, :3], full_cache.values[layer][:, :, :3])
     with pytest.raises(ValueError, match="start"):
-        runner.forward_from(residual, positions, cache, step, start=5)
+        adapter.forward_from(residual, positions, cache, step, start=5)

@@ -129,6 +129,10 @@ class TreeCache(Cache):
                 new[:, :, :capacity] = old
                 buffers[layer] = new
 
+    def fits(self, num_nodes: int) -> bool:
+        """Whether a step of `num_nodes` rows after every sequence's prefix fits in max_len rows."""
+        return int(self.prefix_len.max()) + num_nodes <= self.max_len
+
     def begin_step(self, num_nodes: int) -> None:
         """The next forward writes `num_nodes` rows after each sequence's prefix."""
         longest = int(self.prefix_len.max())
@@ -151,6 +155,17 @@ class TreeCache(Cache):
             yield
         finally:
             self._write_rows = None
+
+    @contextlib.contextmanager
+    def scratch(self):
+        """Within the block, rows written after the committed prefix (and `advance`d over) are
+        scratch: on leaving it prefix_len is what it was, so the next step writes over them. A
+        drafter that runs the model keeps its draft tokens' KV there for the drafts after them."""
+        committed = self.prefix_len.clone()
+        try:
+            yield
+        finally:
+            self.prefix_len.copy_(committed)
 
     def _rows_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._rows:

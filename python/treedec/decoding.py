@@ -10,14 +10,14 @@ max_new_tokens, stopping criteria) and leave the batch.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import compat, layers, ops, reference, sizing
+from . import layers, ops, sizing
 from .attention import TreeStep
+from .adapters import ModelAdapter
 from .cache import GROWTH_ROWS, TreeCache
 from .drafters.base import Drafter, DraftTrie, StepOutcome
 from .reference.tree import pack_bits
@@ -73,185 +73,6 @@ class DecodeStats:
         }
 
 
-class ModelRunner:
-    """The model's pieces the loop calls, resolved once per patched model."""
-
-    def __init__(self, model: torch.nn.Module, cache_kwarg: str):
-        self.model = model
-        self.base = getattr(model, model.base_model_prefix)
-        self.cache_kwarg = cache_kwarg
-        config = model.config
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.vocab_size = config.vocab_size
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Read the LM head again (each generate call does): it may have been replaced, hooked or
-        wrapped since `patch`. Only a plain bias-free nn.Linear that nothing hooks runs through the
-        fused top-k kernel; any other head runs as the module it is (its hooks, bias, LoRA or own
-        forward included), full logits, then top-k."""
-        self.lm_head = self.model.get_output_embeddings()
-        self.fused_lm_head = plain_linear(self.lm_head)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor | None:
-        """The LM head's [V, H] weight where it has one (draft heads read it to draft)."""
-        weight = getattr(self.lm_head, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-
-    def layer_devices(self) -> list[torch.device]:
-        """Each layer's cache lives where its attention weights live (device_map may split them)."""
-        return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
-
-    def new_cache(self, padding: torch.Tensor, max_len: int, initial_len: int | None = None) -> TreeCache:
-        """An empty TreeCache for this model: one row per sequence, `padding` int64 [B] left-pad
-        rows each (never read), `initial_len` rows (None: all) growing up to `max_len` as steps
-        need them, each layer's buffers on its device."""
-        dtype = next(self.base.parameters()).dtype
-        cache = TreeCache(self.num_layers, padding.shape[0], self.num_kv_heads, self.head_dim, max_len=max_len,
-                          dtype=dtype, devices=self.layer_devices(), initial_len=initial_len)
-        cache.kv_start = padding.to(torch.int32)
-        return cache
-
-    def input_device(self) -> torch.device:
-        return self.base.embed_tokens.weight.device
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
-                layers: torch.nn.ModuleList | None = None):
-        """tokens int64 [B, T] (no -1), positions int64 [B, T] -> last hidden state [B, T, H].
-
-        `layers` (a subset of the decoder layers, in order; see `layer_subset`) runs only those, as
-        a layer-skipping drafter does: each keeps its own layer index, so it reads and writes its
-        own cache layer, and the final norm still applies."""
-        device = self.input_device()
-        kwargs = {self.cache_kwarg: cache}
-        with self.only_layers(layers):
-            out = self.base(
-                input_ids=tokens.to(device),
-                position_ids=positions.to(device),
-                # A prepared 4D mask is handed to attention untouched: transformers builds none of its own.
-                attention_mask=step.tree_mask.unsqueeze(1).to(device),
-                use_cache=True,
-                treedec_step=step,
-                **kwargs,
-            )
-        return out.last_hidden_state
-
-    def supports_row_subsets(self) -> bool:
-        """`forward_rows` runs the decoder layers itself: it needs the Llama-family layout."""
-        return all(hasattr(self.base, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
-
-    def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
-                     active: torch.Tensor, normed: bool = True) -> torch.Tensor:
-        """Like `forward`, but layer l runs only on the batch rows where active[l] (bool [L, B]) is
-        true: layer-skip batching, for rows with different skip sets or exit layers. Each such
-        layer gathers its rows into a dense block (ops.gather_rows), runs on it, writes KV for those
-        rows alone, and scatters the block back (ops.scatter_rows); the other rows keep their
-        hidden state, as if the layer were skipped. Returns the normed last hidden state [B, T, H]
-        (`normed=False`: the residual stream before the final norm)."""
-        self._check_row_subsets()
-        batch = tokens.shape[0]
-        if tuple(active.shape) != (self.num_layers, batch):
-            raise ValueError(f"active has shape {tuple(active.shape)}; expected ({self.num_layers}, {batch})")
-        hidden = self.base.embed_tokens(tokens.to(self.input_device())).contiguous()
-        hidden = self._run_layers(hidden, positions, cache, step, active)
-        return self.base.norm(hidden) if normed else hidden
-
-    def forward_from(self, residual: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
-                     start: int) -> torch.Tensor:
-        """The decoder layers start..L-1 over `residual` [B, T, H] (the residual stream entering
-        layer `start`), then the final norm: a step whose first `start` layers already ran (their
-        KV is in the cache's step rows) runs only the rest. Returns the normed last hidden state."""
-        self._check_row_subsets()
-        if not 0 <= start < self.num_layers:
-            raise ValueError(f"start = {start} must be a layer index 0..{self.num_layers - 1}")
-        active = torch.zeros(self.num_layers, residual.shape[0], dtype=torch.bool)
-        active[start:] = True
-        hidden = self._run_layers(residual.to(self.input_device()).contiguous(), positions, cache, step, active)
-        return self.base.norm(hidden)
-
-    def _check_row_subsets(self) -> None:
-        if not self.supports_row_subsets():
-            raise ValueError(f"{type(self.base).__name__} lacks the Llama-family layout that running layer "
-                             "subsets per row needs")
-
-    def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
-                    active: torch.Tensor) -> torch.Tensor:
-        """Layer l over the rows where active[l]; the residual stream after the last layer (no norm)."""
-        base = self.base
-        batch = hidden.shape[0]
-        position_ids = positions.to(hidden.device)
-        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
-        mask = step.tree_mask.unsqueeze(1).to(hidden.device)
-        for index, layer in enumerate(base.layers):
-            rows = active[index].nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            cache_kwarg = {compat.cache_kwarg_name(layer): cache}
-            if rows.numel() == batch:
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids,
-                               use_cache=True, treedec_step=step, **cache_kwarg)
-                continue
-            on_device = rows.to(hidden.device)
-            with cache.writing_rows(rows):
-                block = layer(ops.gather_rows(hidden, on_device), attention_mask=mask[on_device],
-                              position_embeddings=(cos[on_device], sin[on_device]),
-                              position_ids=position_ids[on_device], use_cache=True, treedec_step=step.subset(rows),
-                              **cache_kwarg)
-            hidden = hidden.contiguous()
-            ops.scatter_rows(hidden, on_device, block.contiguous())
-        return hidden
-
-    @contextlib.contextmanager
-    def only_layers(self, layers: torch.nn.ModuleList | None):
-        """Within the block the base model runs `layers` (None: all of them)."""
-        if layers is None:
-            yield
-            return
-        full = self.base.layers
-        self.base._modules["layers"] = layers
-        try:
-            yield
-        finally:
-            self.base._modules["layers"] = full
-
-    def layer_subset(self, kept: tuple[int, ...]) -> torch.nn.ModuleList:
-        """The decoder layers at indices `kept` (ascending), as `forward(layers=...)` takes them."""
-        return torch.nn.ModuleList([self.base.layers[i] for i in kept])
-
-    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
-        return self.topk_values(hidden, k)[1].cpu()
-
-    def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
-        batch, num_nodes, width = hidden.shape
-        if not self.fused_lm_head:
-            return reference.topk_of_logits(self.logits(hidden).float(), k)
-        weight = self.lm_head.weight
-        values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
-        return values.view(batch, num_nodes, k), ids.view(batch, num_nodes, k)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
-        (sampling needs them all)."""
-        device = next(self.lm_head.parameters(), hidden).device
-        return self.lm_head(hidden.to(device))
-
-
-def plain_linear(module: torch.nn.Module) -> bool:
-    """A bias-free nn.Linear (not a subclass) with resident weights that no hook, instance forward
-    or parametrization changes: its logits are exactly `hidden @ weight.T`."""
-    from torch.nn.modules import module as torch_module
-
-    return (type(module) is torch.nn.Linear and module.bias is None and "forward" not in module.__dict__
-            and not module._forward_hooks and not module._forward_pre_hooks
-            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
-            and module.weight.device.type != "meta")
-
-
 def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Pad tokens before each left-padded prompt: int64 [B] on the CPU."""
     batch, length = input_ids.shape
@@ -289,14 +110,14 @@ class TreeDecoder:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        adapter: ModelAdapter,
         drafter: Drafter,
         acceptance: sizing.AcceptanceModel,
         cost: sizing.CostCurve,
         max_nodes: int,
         cpu_linear: bool = True,
     ):
-        self.runner, self.drafter = runner, drafter
+        self.adapter, self.drafter = adapter, drafter
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
         self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
         self.sampler: Sampler | None = None  # set per call from the request
@@ -308,7 +129,7 @@ class TreeDecoder:
     # -- one call ----------------------------------------------------------------------------
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
         """The call's output, int64 [B, L + longest generation] on the CPU, and its figures."""
-        linears = layers.routable_linears(self.runner.base.layers) if self.cpu_linear else []
+        linears = layers.routable_linears(self.adapter.decoder_layers) if self.cpu_linear else []
         with layers.routed(linears), torch.inference_mode():
             generated, stats = self._decode(request)
         # built outside inference mode: HF returns an ordinary tensor, one users may write into
@@ -349,7 +170,7 @@ class TreeDecoder:
             emitted = [len(generated[s]) for s in active]
             draft_seconds = 0.0
             if with_drafts and self.drafter.uses_model:
-                self.drafter.draft_batch(self.runner, cache, active, [roots[s] for s in active],
+                self.drafter.draft_batch(self.adapter, cache, active, [roots[s] for s in active],
                                          hidden=self.context_hidden)
                 draft_seconds = time.perf_counter() - step_started
                 stats.draft_seconds += draft_seconds
@@ -427,16 +248,16 @@ class TreeDecoder:
     def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int) -> TreeCache:
         """Cache every prompt token but the last (the first step's root) as one causal chain."""
         batch, length = input_ids.shape
-        runner = self.runner
+        adapter = self.adapter
         tree_rows = max(self.max_nodes, 1) + 1
-        cache = runner.new_cache(padding, max_len=length + max_new_tokens + tree_rows,
+        cache = adapter.new_cache(padding, max_len=length + max_new_tokens + tree_rows,
                                  initial_len=length + min(max_new_tokens, GROWTH_ROWS) + tree_rows)
         if length > 1:
             prefill_len = length - 1
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
             positions = prompt_positions(prefill_len, padding)
             cache.begin_step(prefill_len)
-            hidden = runner.forward(input_ids[:, :prefill_len], positions, cache, step)
+            hidden = adapter.forward(input_ids[:, :prefill_len], positions, cache, step)
             cache.advance(prefill_len)
             self.context_hidden = hidden[:, -1]  # it predicted each prompt's last token, the first root
         return cache
@@ -454,12 +275,12 @@ class TreeDecoder:
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
         cache.begin_step(tokens.shape[1])
         if start is None:
-            hidden = self.runner.forward(tokens.clamp(min=0), positions, cache, step)
+            hidden = self.adapter.forward(tokens.clamp(min=0), positions, cache, step)
         else:
-            hidden = self.runner.forward_from(start[1], positions, cache, step, start[0])
+            hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
         self._verify_hidden = hidden  # [B, T, H]: model drafters continue from the accepted path's end
         if self.sampler is None:
-            topk = self.runner.topk(hidden, max(self.drafter.topk, 1))
+            topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
             return accept_len, accept_nodes, bonus, topk, None
         batch = tokens.shape[0]
@@ -486,13 +307,13 @@ class TreeDecoder:
         draft_k = max(self.drafter.topk, 1)
         top_k = self.sampler.top_k
         wanted = max((top_k or 0) + 1, draft_k)
-        fused = self.runner.fused_lm_head and top_k is not None and top_k + 1 <= self.runner.vocab_size
+        fused = self.adapter.fused_lm_head and top_k is not None and top_k + 1 <= self.adapter.vocab_size
         if fused:
-            weight = self.runner.lm_head.weight
+            weight = self.adapter.lm_head.weight
             if ops.lm_head_backend(weight.device, weight.dtype) == "triton":
                 fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
         if fused:
-            values, ids = self.runner.topk_values(hidden, wanted)
+            values, ids = self.adapter.topk_values(hidden, wanted)
             ids = ids.reshape(batch * num_nodes, -1)
             subset = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],
                                                ids[:, : top_k + 1])
@@ -502,7 +323,7 @@ class TreeDecoder:
                 view_probs = torch.nn.functional.pad(probs, (0, max(draft_k - top_k, 0)))[:, :draft_k]
                 view = (ids[:, :draft_k], view_probs)
                 return in_sampling_order(probs, kept_ids), self._drafter_view(view, batch, num_nodes)
-        logits = self.runner.logits(hidden)
+        logits = self.adapter.logits(hidden)
         probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
         # Ranked by logit: past top-p's nucleus every probability is 0, the logits still rank.
         view_ids = logits.reshape(batch * num_nodes, -1).topk(draft_k, dim=-1).indices

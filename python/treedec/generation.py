@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import compat, sampling
-from .decoding import DecodeRequest, ModelRunner
+from .adapters import ModelAdapter
+from .decoding import DecodeRequest
 
 # generate() model inputs treedec handles itself; any other one falls back.
 MODEL_KWARGS_HANDLED = ("attention_mask", "use_cache")
@@ -70,11 +71,11 @@ class GenerateCall:
         return {**{k: v for k, v in named.items() if v is not None}, **self.kwargs}
 
 
-def prepare(model, runner: ModelRunner, call: GenerateCall, drafter_name, options: dict,
+def prepare(model, adapter: ModelAdapter, call: GenerateCall, drafter_name, options: dict,
             max_tree_nodes: int) -> DecodeRequest | str:
     """The call as a DecodeRequest, or why treedec cannot decode it (a reason for the warning).
     Raises HF's errors for bad settings, and a ValueError for token ids no model can read."""
-    reason = _call_reason(call) or model_reason(model, runner, drafter_name)
+    reason = _call_reason(call) or model_reason(model, adapter, drafter_name)
     if reason is not None:
         return reason
     kwargs = dict(call.kwargs)
@@ -153,18 +154,19 @@ def _call_reason(call: GenerateCall) -> str | None:
     return None
 
 
-def model_reason(model, runner: ModelRunner, drafter_name) -> str | None:
+def model_reason(model, adapter: ModelAdapter, drafter_name) -> str | None:
     """Why treedec cannot decode on `model` as it stands now (hooks or offloading added since
     `patch`), or None."""
     if model._forward_hooks or model._forward_pre_hooks:
         return f"forward hooks on the {type(model).__name__} itself (treedec's loop never calls its forward)"
-    if runner.base._forward_hooks or runner.base._forward_pre_hooks:
-        if drafter_name == "layerskip":  # its steps run the decoder layers without the base's forward
-            return f"forward hooks on {type(runner.base).__name__} with drafter='layerskip'"
+    if adapter.stack._forward_hooks or adapter.stack._forward_pre_hooks:
+        if drafter_name == "layerskip":  # its steps run the decoder layers without the stack's forward
+            return f"forward hooks on {type(adapter.stack).__name__} with drafter='layerskip'"
     if any(p.device.type == "meta" for p in model.parameters()):
         return "the model's weights are offloaded (parameters on the meta device, loaded by accelerate's hooks)"
-    if drafter_name in ("medusa", "hydra") and runner.lm_head_weight is None:
-        return f"drafter={drafter_name!r} drafts through the LM head's [V, H] weight; {type(runner.lm_head).__name__} has none"
+    if drafter_name in ("medusa", "hydra") and adapter.lm_head_weight is None:
+        head = type(adapter.lm_head).__name__
+        return f"drafter={drafter_name!r} drafts through the LM head's [V, H] weight; {head} has none"
     return None
 
 

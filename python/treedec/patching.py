@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 
 from . import attention, compat, generation, sizing
-from .decoding import ModelRunner, TreeDecoder
+from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+from .decoding import TreeDecoder
 from .drafters import DRAFTERS, Drafter, check_drafter_name, drafter_options, make_drafter
 from .generation import GenerateCall
 from .heads import HEAD_KINDS
@@ -25,9 +26,6 @@ from .options import bool_option, int_option, number_option
 
 compat.check_transformers_version()
 
-# config.model_type -> what the loop needs from the model. All four call attention through
-# transformers' AttentionInterface and keep layers at `model.<base_model_prefix>.layers`.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha", "cpu_linear")
 ACCEPTANCE_RULES = ("exact", "typical")  # "typical": Medusa's typical acceptance, lossy, sampling only
 DEFAULT_MAX_TREE_NODES = 32
@@ -57,19 +55,15 @@ class TreedecState:
     options: dict
     original_attn_implementation: str
     original_generate: object
-    runner: ModelRunner
+    adapter: ModelAdapter
     learned: LearnedState
     last_stats: dict = field(default_factory=dict)
     warned: set = field(default_factory=set)
 
 
 def _check_model(model) -> None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"treedec does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if getattr(getattr(model, "config", None), "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        adapter_for(model)  # the error naming the supported types
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no LM head; patch a *ForCausalLM model")
     on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
@@ -144,7 +138,7 @@ def patch(model, drafter: str | None = "auto", **options):
     learned = _LEARNED.get(model) or LearnedState()
     # Building the drafter once here surfaces bad option values before anything changes.
     _drafter_for(drafter, options, model.config, learned)
-    runner = ModelRunner(model, compat.cache_kwarg_name(getattr(model, model.base_model_prefix)))
+    adapter = adapter_for(model)
     if hasattr(model, "treedec"):  # re-patching: start from the original model
         unpatch(model)
 
@@ -152,7 +146,7 @@ def patch(model, drafter: str | None = "auto", **options):
     original = model.config._attn_implementation
     model.set_attn_implementation(attention.ATTN_NAME)
     _LEARNED[model] = learned
-    model.treedec = TreedecState(drafter, options, original, model.generate, runner, learned)
+    model.treedec = TreedecState(drafter, options, original, model.generate, adapter, learned)
     model.generate = types.MethodType(_generate, model)
     return model
 
@@ -253,8 +247,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
     options, learned = state.options, state.learned
     max_nodes = options.get("max_tree_nodes", DEFAULT_MAX_TREE_NODES)
     drafter_name = state.drafter if not isinstance(state.drafter, Drafter) else None
-    state.runner.refresh()  # the LM head may have been replaced or hooked since patch
-    request = generation.prepare(model, state.runner, call, drafter_name, options, max_nodes)
+    state.adapter.refresh()  # the LM head may have been replaced or hooked since patch
+    request = generation.prepare(model, state.adapter, call, drafter_name, options, max_nodes)
     if isinstance(request, str):
         if request not in state.warned:
             state.warned.add(request)
@@ -268,7 +262,7 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
     else:
         acceptance, cost = learned.acceptance, learned.cost
-    decoder = TreeDecoder(state.runner, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True))
+    decoder = TreeDecoder(state.adapter, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True))
     output, stats = decoder.generate(request)
     state.last_stats = {**stats.as_dict(), **drafter.report()}
     return output.to(request.input_ids.device)

@@ -99,9 +99,9 @@ class Drafter:
     def observe(self, outcome: StepOutcome) -> None:
         """The verified tree and the model's top-k after each of its nodes."""
 
-    def draft_batch(self, runner, cache, rows: list[int], roots: list[int], hidden=None) -> None:
+    def draft_batch(self, adapter, cache, rows: list[int], roots: list[int], hidden=None) -> None:
         """(`uses_model` drafters) Draft for the sequences `rows` (the cache's batch rows, in
-        order) whose roots are `roots`, with `runner` (decoding.ModelRunner) over `cache`
+        order) whose roots are `roots`, with `adapter` (adapters.ModelAdapter) over `cache`
         (cache.TreeCache). `hidden` [B, H] (or None) is the model's last hidden state whose LM-head
         output was each root, what draft heads read. Whatever it writes past the committed rows,
         it must leave `cache.prefix_len` as it found it: the verification step overwrites them."""

@@ -162,11 +162,11 @@ class HeadsDrafter(Drafter):
                 "draft_vocab": self.heads.config.vocab_size if self.vocab_ids is None else len(self.vocab_ids)}
 
     @torch.inference_mode()
-    def draft_batch(self, runner, cache, rows, roots, hidden=None) -> None:
+    def draft_batch(self, adapter, cache, rows, roots, hidden=None) -> None:
         self.drafts = {}
         if hidden is None:  # a one-token prompt: nothing to read yet
             return
-        self._check(runner, hidden)
+        self._check(adapter, hidden)
         hidden = hidden.to(self._dtype)
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         if self.kind == "medusa":  # every head at once, no [B, K, V] logits
@@ -195,11 +195,10 @@ class HeadsDrafter(Drafter):
                                               (self.kind, depth + 1, rank, int(bins[b, depth, rank])))
                              for parent in level for rank in range(width)]
         else:
-            self._hydra(runner, hidden, rows, roots, tries)
+            self._hydra(adapter, hidden, rows, roots, tries)
         self.drafts = tries
 
-    def _hydra(self, runner, hidden, rows, roots, tries) -> None:
-        embed = runner.base.embed_tokens
+    def _hydra(self, adapter, hidden, rows, roots, tries) -> None:
         device = hidden.device
         # which ranks to expand under a node, by its rank path: the static tree's, or every rank
         # below the depth's width
@@ -219,7 +218,7 @@ class HeadsDrafter(Drafter):
                 frontier = [frontier[f] for f in keep]
                 states = states[torch.tensor(keep, device=device)]
             tokens = torch.tensor([node[2] for node in frontier], device=device)
-            joined = self.heads.inputs[depth](torch.cat([states, embed(tokens).to(states.dtype)], dim=-1))
+            joined = self.heads.inputs[depth](torch.cat([states, adapter.embed(tokens).to(states.dtype)], dim=-1))
             weights, biases = self._stacked[depth]
             values, ids, states = ops.draft_heads_topk(joined, weights, biases, self._lm_weights[depth], width)
             ids, bins, states = self._vocab_ids(ids[:, 0]).cpu(), confidence_bins(values[:, 0].cpu()), states[:, 0]
@@ -238,14 +237,14 @@ class HeadsDrafter(Drafter):
         """Draft-vocabulary positions -> token ids."""
         return ids if self._rows is None else self._rows[ids]
 
-    def _check(self, runner, hidden) -> None:
+    def _check(self, adapter, hidden) -> None:
         if self._checked:
             return
         config = self.heads.config
-        if config.hidden_size != hidden.shape[-1] or config.vocab_size != runner.vocab_size:
+        if config.hidden_size != hidden.shape[-1] or config.vocab_size != adapter.vocab_size:
             raise ValueError(
                 f"these {config.kind} heads were trained for hidden size {config.hidden_size} and vocabulary "
-                f"{config.vocab_size}; the model has {hidden.shape[-1]} and {runner.vocab_size}"
+                f"{config.vocab_size}; the model has {hidden.shape[-1]} and {adapter.vocab_size}"
             )
         on_cpu_or_cuda = hidden.device.type in ("cpu", "cuda")  # where the bf16 kernels are
         self._dtype = DRAFT_DTYPES.get(hidden.dtype, hidden.dtype) if on_cpu_or_cuda else hidden.dtype
@@ -253,7 +252,7 @@ class HeadsDrafter(Drafter):
         # [V', H] per head: the model's LM head (shared) or the head's own, restricted to the draft
         # vocabulary; a copy only where the dtype or the rows differ
         self._rows = rows = None if self.vocab_ids is None else self.vocab_ids.to(hidden.device)
-        base = runner.lm_head.weight.detach()
+        base = adapter.lm_head_weight.detach()
         weights = [self.heads.lm_weight(k, base).detach() for k in range(config.num_heads)]
         weights = [weight if rows is None else weight[rows] for weight in weights]
         if self.heads.lm_heads is None:  # one shared copy, in the drafting dtype

@@ -36,12 +36,12 @@ class SkipPlan:
         return [] if self.kept is None else [i for i in range(num_layers) if i not in self.kept]
 
 
-def draft_cost_ratio(runner, kept: int) -> float:
+def draft_cost_ratio(adapter, kept: int) -> float:
     """A draft token's cost over a full forward's, from parameter counts: the layers kept plus the
     LM head (a one-token forward on these machines is bound by reading weights)."""
-    layer_params = sum(p.numel() for p in runner.base.layers[0].parameters())
-    head_params = runner.lm_head.weight.numel()
-    full = runner.num_layers * layer_params + head_params
+    layer_params = adapter.layer_parameter_count()
+    head_params = adapter.vocab_size * adapter.hidden_size
+    full = adapter.num_layers * layer_params + head_params
     return (kept * layer_params + head_params) / full
 
 
@@ -54,28 +54,26 @@ def expected_gain(agreement: float, cost_ratio: float, depth: int) -> float:
 
 
 @torch.inference_mode()
-def choices(runner, window: torch.Tensor, kept: tuple[int, ...] | None) -> torch.Tensor:
+def choices(adapter, window: torch.Tensor, kept: tuple[int, ...] | None) -> torch.Tensor:
     """The model's argmax after each token of `window` (int64 [W]), running only layers `kept`
     (None: all). A plain forward without cache, outside the tree loop's attention."""
-    layers = None if kept is None else runner.layer_subset(kept)
-    with runner.only_layers(layers):
-        device = runner.input_device()
-        hidden = runner.base(input_ids=window.view(1, -1).to(device), use_cache=False).last_hidden_state
-    return runner.topk(hidden, 1)[0, :, 0]  # the fused LM-head top-1: no [W, V] logits
+    layers = None if kept is None else adapter.layer_subset(kept)
+    hidden = adapter.hidden_states(window.view(1, -1), layers)
+    return adapter.topk(hidden, 1)[0, :, 0]  # the fused LM-head top-1: no [W, V] logits
 
 
-def search(runner, window: torch.Tensor, depth: int, budget_seconds: float) -> SkipPlan:
-    """The skip set for `runner`'s model scored on `window` (int64 [W], the model's recent tokens);
+def search(adapter, window: torch.Tensor, depth: int, budget_seconds: float) -> SkipPlan:
+    """The skip set for `adapter`'s model scored on `window` (int64 [W], the model's recent tokens);
     stops starting new forwards once `budget_seconds` have passed and decides with what it has."""
     started = time.perf_counter()
-    num_layers = runner.num_layers
-    target = choices(runner, window, None)
+    num_layers = adapter.num_layers
+    target = choices(adapter, window, None)
     forwards = 1
 
     def agreement(kept: tuple[int, ...]) -> float:
         nonlocal forwards
         forwards += 1
-        return float((choices(runner, window, kept) == target).float().mean())
+        return float((choices(adapter, window, kept) == target).float().mean())
 
     def out_of_time() -> bool:
         return time.perf_counter() - started > budget_seconds
@@ -97,7 +95,7 @@ def search(runner, window: torch.Tensor, depth: int, budget_seconds: float) -> S
         skipped = set(order[:count])
         kept = tuple(i for i in range(num_layers) if i not in skipped)
         score = agreement(kept)
-        gain = expected_gain(score, draft_cost_ratio(runner, len(kept)), depth)
+        gain = expected_gain(score, draft_cost_ratio(adapter, len(kept)), depth)
         if best.expected_gain is None or gain > best.expected_gain:
             best = SkipPlan(kept, score, gain, layer_scores=scores)
     if best.expected_gain is None or best.expected_gain < MIN_GAIN:

@@ -8,7 +8,7 @@ Modes (option `mode`):
   the draft's work (option `reuse_kv`, default True): where the step's tree is the drafted chain,
   the chain nodes' KV of layers [0, exit_layer) is already in the cache rows the tree step
   writes, and their residual streams at exit_layer are kept, so the tree step runs only layers
-  exit_layer.. (`ModelRunner.forward_from`). One more draft forward per step gives the chain's
+  exit_layer.. (`ModelAdapter.forward_from`). One more draft forward per step gives the chain's
   last token its first layers too. A step whose tree is not that chain (a branch was kept, the
   model lacks the Llama-family layout) verifies in full.
 - "fixed": the user's `skip_layers`.
@@ -45,11 +45,6 @@ CONFIDENCE_K = 16
 
 def _is_index_list(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(map(is_int, value))
-
-
-def _room_for_one_more(cache) -> bool:
-    """Whether every row's cache has a row left for one more draft token."""
-    return int(cache.prefix_len.max()) + 1 <= cache.max_len
 
 
 class LayerSkipDrafter(Drafter):
@@ -146,28 +141,28 @@ class LayerSkipDrafter(Drafter):
         return found
 
     # -- drafting ------------------------------------------------------------------------------
-    def draft_batch(self, runner, cache, rows: list[int], roots: list[int], hidden=None) -> None:
+    def draft_batch(self, adapter, cache, rows: list[int], roots: list[int], hidden=None) -> None:
         self.drafts = {}
         self.residuals, self.forwarded = [], []
-        plan = self._plan_for(runner, rows)
+        plan = self._plan_for(adapter, rows)
         if plan is None or plan.kept is None:
             return
         if self.per_sequence is not None:
-            self._check_per_sequence(runner)
+            self._check_per_sequence(adapter)
         elif self._layers is None:
-            self._layers = runner.layer_subset(plan.kept)
+            self._layers = adapter.layer_subset(plan.kept)
         tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         self.drafts = tries
-        self._draft_chains(runner, cache, rows, roots, tries)
+        self._draft_chains(adapter, cache, rows, roots, tries)
 
-    def _kept_mask(self, runner, rows: list[int], drafting: list[bool], dense: bool = False) -> torch.Tensor | None:
+    def _kept_mask(self, adapter, rows: list[int], drafting: list[bool], dense: bool = False) -> torch.Tensor | None:
         """bool [L, B]: which layer runs for which batch row this draft forward (None: the plan's
         layers for every row, the plain forward's fast path, unless `dense`). Rows that stopped
         drafting run nothing, and with per-sequence skip sets each row runs its own layers."""
         if not dense and self.per_sequence is None and all(drafting):
             return None
-        active = torch.zeros(runner.num_layers, len(rows), dtype=torch.bool)
-        shared = self.plan.skipped(runner.num_layers)
+        active = torch.zeros(adapter.num_layers, len(rows), dtype=torch.bool)
+        shared = self.plan.skipped(adapter.num_layers)
         for b, seq in enumerate(rows):
             if drafting[b]:
                 active[:, b] = True
@@ -175,28 +170,27 @@ class LayerSkipDrafter(Drafter):
         return active
 
     @torch.inference_mode()
-    def _draft_chains(self, runner, cache, rows, roots, tries) -> None:
+    def _draft_chains(self, adapter, cache, rows, roots, tries) -> None:
         batch = len(rows)
-        committed = cache.prefix_len.clone()
         tokens = torch.tensor(roots, dtype=torch.int64).view(batch, 1)
-        positions = (committed - cache.kv_start).long().view(batch, 1)
+        positions = (cache.prefix_len - cache.kv_start).long().view(batch, 1)
         node = [0] * batch
         drafting = [True] * batch
-        batched = runner.supports_row_subsets()
+        batched = adapter.supports_row_subsets()
         reuse = self.reuse_kv and batched
         if reuse:
             self.forwarded = [0] * batch
             self.chains = [[0] for _ in range(batch)]  # each row's chain, as trie nodes by depth
-        try:
+        with cache.scratch():  # the tree step writes these rows again, for every layer
             for depth in range(1, self.draft_depth + 1):
-                if not _room_for_one_more(cache):
+                if not cache.fits(1):
                     reuse = False  # the chain's last token cannot be forwarded: verify in full
                     break
-                hidden = self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
+                hidden = self._draft_forward(adapter, cache, rows, tokens, positions, drafting, batched, reuse)
                 # Confidence from the fused LM-head top-k: softmax over the CONFIDENCE_K best logits,
                 # an upper bound on the full top-1 probability (the full softmax would cost another
                 # pass over the vocabulary per draft token).
-                values, ids = runner.topk_values(hidden, max(CONFIDENCE_K, self.branch_k))
+                values, ids = adapter.topk_values(hidden, max(CONFIDENCE_K, self.branch_k))
                 top_p = torch.softmax(values[:, 0].float(), dim=-1).cpu()
                 top_ids = ids[:, 0].cpu()
                 for b, seq in enumerate(rows):
@@ -218,12 +212,10 @@ class LayerSkipDrafter(Drafter):
                 tokens = top_ids[:, :1].clone()
                 positions = positions + 1
             else:  # the depth ran out with rows still drafting: their last token gets its first layers too
-                if reuse and _room_for_one_more(cache):
-                    self._draft_forward(runner, cache, rows, tokens, positions, drafting, batched, reuse)
-        finally:
-            cache.prefix_len.copy_(committed)  # the tree step rewrites these rows for every layer
+                if reuse and cache.fits(1):
+                    self._draft_forward(adapter, cache, rows, tokens, positions, drafting, batched, reuse)
 
-    def _draft_forward(self, runner, cache, rows, tokens, positions, drafting, batched, reuse) -> torch.Tensor:
+    def _draft_forward(self, adapter, cache, rows, tokens, positions, drafting, batched, reuse) -> torch.Tensor:
         """One draft token per row through the plan's layers, its KV written at the row after the
         rows drafted so far; the normed hidden state [B, 1, H]. With `reuse`, the residual stream
         at the exit layer is kept for the verification, and each drafting row's count of forwarded
@@ -231,17 +223,17 @@ class LayerSkipDrafter(Drafter):
         one_node = torch.ones(len(rows), 1, 1, dtype=torch.int32)  # a node sees itself
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), one_node)
         cache.begin_step(1)
-        active = self._kept_mask(runner, rows, drafting, dense=reuse) if batched else None
+        active = self._kept_mask(adapter, rows, drafting, dense=reuse) if batched else None
         if reuse:  # exit mode: layers 0..E-1 for the drafting rows, stopped before the final norm
-            residual = runner.forward_rows(tokens, positions, cache, step, active, normed=False)
+            residual = adapter.forward_rows(tokens, positions, cache, step, active, normed=False)
             self.residuals.append(residual[:, 0])
             for b, on in enumerate(drafting):
                 self.forwarded[b] += int(on)
-            hidden = runner.base.norm(residual)
+            hidden = adapter.norm(residual)
         elif active is None:
-            hidden = runner.forward(tokens, positions, cache, step, layers=self._layers)
+            hidden = adapter.forward(tokens, positions, cache, step, layers=self._layers)
         else:  # layer-skip batching: each layer on the rows that run it
-            hidden = runner.forward_rows(tokens, positions, cache, step, active)
+            hidden = adapter.forward_rows(tokens, positions, cache, step, active)
         cache.advance(1)  # the next draft token attends to this one
         return hidden
 
@@ -261,8 +253,8 @@ class LayerSkipDrafter(Drafter):
         self.reused_steps += 1
         return len(self.plan.kept), residual
 
-    def _check_per_sequence(self, runner) -> None:
-        if not runner.supports_row_subsets():
+    def _check_per_sequence(self, adapter) -> None:
+        if not adapter.supports_row_subsets():
             raise ValueError("one skip set per sequence needs layer-skip batching, which this model's layout lacks")
         if len(self.per_sequence) != len(self.histories):
             raise ValueError(
@@ -282,12 +274,12 @@ class LayerSkipDrafter(Drafter):
         if self.mode == "exit" and self.exit_layer is not None and self.exit_layer >= num_layers:
             raise ValueError(f"exit_layer = {self.exit_layer} must be below the model's {num_layers} layers")
 
-    def _plan_for(self, runner, rows: list[int]) -> SkipPlan | None:
+    def _plan_for(self, adapter, rows: list[int]) -> SkipPlan | None:
         """The layers to run, from the mode: fixed and exit at once; swift from the per-model
         search, run once a sequence has enough tokens to score on."""
         if self.plan is not None:
             return self.plan
-        num_layers = runner.num_layers
+        num_layers = adapter.num_layers
         key = ("layerskip", self.mode, tuple(self.skip_layers or ()), self.exit_layer, self.draft_depth)
         cached = self.tables.get(key)
         if cached is not None:
@@ -303,7 +295,7 @@ class LayerSkipDrafter(Drafter):
             if len(history) < MIN_SEARCH_TOKENS:
                 return None  # no draft until a sequence has something to score on
             window = torch.tensor(history[-self.search_tokens :], dtype=torch.int64)
-            plan = search(runner, window, self.draft_depth, self.search_seconds)
+            plan = search(adapter, window, self.draft_depth, self.search_seconds)
             self.searched_this_call += plan.seconds
         self.tables[key] = self.plan = plan
         return plan

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import attention, compat
+from .. import attention
 from ..attention import TreeStep
-from ..decoding import ModelRunner, chain_tree_mask, left_padding, prompt_positions
+from ..adapters import adapter_for
+from ..decoding import chain_tree_mask, left_padding, prompt_positions
 
 
 def exit_schedule(max_new_tokens: int, num_layers: int, first_exit: int | None = None,
@@ -77,23 +78,23 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 def _generate(model, input_ids, attention_mask, max_new_tokens, first_exit, last_exit, eos_token_id,
               pad_token_id) -> SkipDecodeOutput:
     started = time.perf_counter()
-    runner = ModelRunner(model, compat.cache_kwarg_name(getattr(model, model.base_model_prefix)))
-    schedule = exit_schedule(max_new_tokens, runner.num_layers, first_exit, last_exit)
+    adapter = adapter_for(model)
+    schedule = exit_schedule(max_new_tokens, adapter.num_layers, first_exit, last_exit)
     batch, length = input_ids.shape
     ids = input_ids.cpu()
     padding = left_padding(ids, attention_mask)
-    cache = runner.new_cache(padding, max_len=length + max_new_tokens)
+    cache = adapter.new_cache(padding, max_len=length + max_new_tokens)
     subsets: dict[int, torch.nn.ModuleList] = {}
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, exit_layer: int) -> torch.Tensor:
         steps = tokens.shape[1]
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, steps))
         cache.begin_step(steps)
-        if exit_layer < runner.num_layers and exit_layer not in subsets:
-            subsets[exit_layer] = runner.layer_subset(tuple(range(exit_layer)))
-        hidden = runner.forward(tokens, positions, cache, step, layers=subsets.get(exit_layer))
+        if exit_layer < adapter.num_layers and exit_layer not in subsets:
+            subsets[exit_layer] = adapter.layer_subset(tuple(range(exit_layer)))
+        hidden = adapter.forward(tokens, positions, cache, step, layers=subsets.get(exit_layer))
         cache.advance(steps)
-        return runner.topk(hidden[:, -1:], 1)[:, 0, 0]
+        return adapter.topk(hidden[:, -1:], 1)[:, 0, 0]
 
     positions = prompt_positions(length, padding)
     token = forward(ids, positions, schedule[0])  # the prompt: no later token reads deeper layers

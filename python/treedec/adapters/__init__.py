@@ -1,0 +1,28 @@
+"""Model adapters, one per model family, keyed by `config.model_type`: a new architecture is one
+adapter here, not edits across the loop and the drafters (see `base.ModelAdapter`)."""
+
+from __future__ import annotations
+
+from .base import ModelAdapter, plain_linear
+from .llama import LlamaFamilyAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llama": LlamaFamilyAdapter,
+    "mistral": LlamaFamilyAdapter,
+    "qwen2": LlamaFamilyAdapter,
+    "qwen3": LlamaFamilyAdapter,
+}
+SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
+
+
+def adapter_for(model) -> ModelAdapter:
+    """The adapter of `model`'s family; a ValueError naming the supported types otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"treedec does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return ADAPTERS[model_type](model)
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "LlamaFamilyAdapter", "ModelAdapter", "adapter_for", "plain_linear"]

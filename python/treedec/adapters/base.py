@@ -1,0 +1,186 @@
+"""ModelAdapter: the one interface through which the decode loop and the drafters use a model.
+
+Drafters may call only what is here: embed tokens, run the decoder layers (all of them, a subset,
+from a layer on, or per batch row), the final norm, the LM head's top-k or logits, and new KV
+rows (a TreeCache). A model family supplies the layout (where its layers, embedding and norm live,
+how a layer is called); everything that does not depend on the layout lives in this base class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import ops, reference
+from ..attention import TreeStep
+from ..cache import TreeCache
+
+
+class ModelAdapter:
+    """A patched model as the loop sees it. Subclasses (one per family) implement the layout
+    methods marked below; `adapter_for(model)` picks the family's adapter."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        config = model.config
+        self.num_layers: int = config.num_hidden_layers
+        self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.hidden_size: int = config.hidden_size
+        self.vocab_size: int = config.vocab_size
+        self.refresh()
+
+    # -- the layout: one implementation per model family --------------------------------------
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The decoder layers, in order."""
+        raise NotImplementedError
+
+    @property
+    def stack(self) -> torch.nn.Module:
+        """The module whose forward `forward` calls (the base model): its hooks run there, not in
+        `run_layers`, which calls the layers one by one."""
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [...] (no -1) -> embeddings [..., H] on the model's input device."""
+        raise NotImplementedError
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm: the residual stream after the last layer -> the LM head's input."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                layers: torch.nn.ModuleList | None = None) -> torch.Tensor:
+        """tokens int64 [B, T] (no -1), positions int64 [B, T] -> the normed last hidden state [B, T, H],
+        writing every layer's KV for the step into `cache`. `layers` (a subset, see `layer_subset`)
+        runs only those, each keeping its own layer index (so its own cache layer)."""
+        raise NotImplementedError
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                   active: torch.Tensor) -> torch.Tensor:
+        """Layer l over the batch rows where active[l] (bool [L, B]) is true, from the residual
+        stream `hidden` [B, T, H]; returns the residual stream after the last layer (no norm)."""
+        raise NotImplementedError
+
+    def hidden_states(self, tokens: torch.Tensor, layers: torch.nn.ModuleList | None = None) -> torch.Tensor:
+        """tokens int64 [1, W] through the model without any cache (`layers`: a subset) -> the normed
+        last hidden state [1, W, H]: a plain causal forward, as layer-skip's search scores with."""
+        raise NotImplementedError
+
+    def supports_row_subsets(self) -> bool:
+        """Whether `run_layers` (layers on part of the batch) works for this model."""
+        return False
+
+    def layer_devices(self) -> list[torch.device]:
+        """Each layer's device, where its KV rows live (a device_map may split the layers)."""
+        raise NotImplementedError
+
+    # -- built on the layout ------------------------------------------------------------------
+    def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                     active: torch.Tensor, normed: bool = True) -> torch.Tensor:
+        """Like `forward`, but layer l runs only on the batch rows where active[l] (bool [L, B]):
+        layer-skip batching, for rows with different skip sets or exit layers. The other rows keep
+        their hidden state, as if the layer were skipped. Returns the normed last hidden state
+        [B, T, H] (`normed=False`: the residual stream before the final norm)."""
+        self._check_row_subsets()
+        batch = tokens.shape[0]
+        if tuple(active.shape) != (self.num_layers, batch):
+            raise ValueError(f"active has shape {tuple(active.shape)}; expected ({self.num_layers}, {batch})")
+        hidden = self.run_layers(self.embed(tokens).contiguous(), positions, cache, step, active)
+        return self.norm(hidden) if normed else hidden
+
+    def forward_from(self, residual: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                     start: int) -> torch.Tensor:
+        """The decoder layers start..L-1 over `residual` [B, T, H] (the residual stream entering layer
+        `start`), then the final norm: a step whose first `start` layers already ran (their KV is in
+        the cache's step rows) runs only the rest. Returns the normed last hidden state."""
+        self._check_row_subsets()
+        if not 0 <= start < self.num_layers:
+            raise ValueError(f"start = {start} must be a layer index 0..{self.num_layers - 1}")
+        active = torch.zeros(self.num_layers, residual.shape[0], dtype=torch.bool)
+        active[start:] = True
+        return self.norm(self.run_layers(residual.contiguous(), positions, cache, step, active))
+
+    def _check_row_subsets(self) -> None:
+        if not self.supports_row_subsets():
+            raise ValueError(f"{type(self).__name__} cannot run layers on part of a batch for this model")
+
+    def layer_subset(self, kept: tuple[int, ...]) -> torch.nn.ModuleList:
+        """The decoder layers at indices `kept` (ascending), as `forward(layers=...)` takes them."""
+        layers = self.decoder_layers
+        return torch.nn.ModuleList([layers[i] for i in kept])
+
+    def layer_parameter_count(self) -> int:
+        """Parameters of one decoder layer (the layers are alike): what a skipped layer saves."""
+        return sum(p.numel() for p in self.decoder_layers[0].parameters())
+
+    def new_cache(self, padding: torch.Tensor, max_len: int, initial_len: int | None = None) -> TreeCache:
+        """Empty KV rows for this model: one row per sequence, `padding` int64 [B] left-pad rows
+        each (never read), `initial_len` rows (None: all) growing up to `max_len` as steps need
+        them, each layer's buffers on its device."""
+        dtype = next(self.decoder_layers.parameters()).dtype
+        cache = TreeCache(self.num_layers, padding.shape[0], self.num_kv_heads, self.head_dim, max_len=max_len,
+                          dtype=dtype, devices=self.layer_devices(), initial_len=initial_len)
+        cache.kv_start = padding.to(torch.int32)
+        return cache
+
+    # -- the LM head --------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read the LM head again (each generate call does): it may have been replaced, hooked or
+        wrapped since `patch`. Only a plain bias-free nn.Linear that nothing hooks runs through the
+        fused top-k kernel; any other head runs as the module it is (its hooks, bias, LoRA or own
+        forward included), full logits, then top-k."""
+        self.lm_head = self.model.get_output_embeddings()
+        self.fused_lm_head = plain_linear(self.lm_head)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor | None:
+        """The LM head's [V, H] weight where it has one (draft heads read it to draft)."""
+        weight = getattr(self.lm_head, "weight", None)
+        return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
+        return self.topk_values(hidden, k)[1].cpu()
+
+    def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
+        batch, num_nodes, width = hidden.shape
+        if not self.fused_lm_head:
+            return reference.topk_of_logits(self.logits(hidden).float(), k)
+        weight = self.lm_head.weight
+        values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
+        return values.view(batch, num_nodes, k), ids.view(batch, num_nodes, k)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
+        (sampling needs them all)."""
+        device = next(self.lm_head.parameters(), hidden).device
+        return self.lm_head(hidden.to(device))
+
+
+def plain_linear(module: torch.nn.Module) -> bool:
+    """A bias-free nn.Linear (not a subclass) with resident weights that no hook, instance forward
+    or parametrization changes: its logits are exactly `hidden @ weight.T`."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(module) is torch.nn.Linear and module.bias is None and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+            and module.weight.device.type != "meta")
+
+
+@contextlib.contextmanager
+def swapped_layers(base: torch.nn.Module, layers: torch.nn.ModuleList | None):
+    """Within the block `base` runs `layers` (None: its own), swapped in where it keeps them."""
+    if layers is None:
+        yield
+        return
+    full = base._modules["layers"]
+    base._modules["layers"] = layers
+    try:
+        yield
+    finally:
+        base._modules["layers"] = full

@@ -1,0 +1,89 @@
+"""The Llama family's layout (Llama, Mistral, Qwen2, Qwen3): `model.<base_model_prefix>` holds
+`embed_tokens`, `layers` (each with `self_attn`), `norm` and `rotary_emb`, and calls attention
+through transformers' AttentionInterface, which treedec's "treedec" backend serves."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import compat, ops
+from ..attention import TreeStep
+from ..cache import TreeCache
+from .base import ModelAdapter, swapped_layers
+
+
+class LlamaFamilyAdapter(ModelAdapter):
+    def __init__(self, model: torch.nn.Module):
+        self.base = getattr(model, model.base_model_prefix)
+        self.cache_kwarg = compat.cache_kwarg_name(self.base)
+        super().__init__(model)
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.base.layers
+
+    @property
+    def stack(self) -> torch.nn.Module:
+        return self.base
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
+
+    def _input_device(self) -> torch.device:
+        return self.base.embed_tokens.weight.device
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(tokens.to(self._input_device()))
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base.norm(hidden)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                layers: torch.nn.ModuleList | None = None) -> torch.Tensor:
+        device = self._input_device()
+        with swapped_layers(self.base, layers):
+            out = self.base(
+                input_ids=tokens.to(device),
+                position_ids=positions.to(device),
+                # A prepared 4D mask is handed to attention untouched: transformers builds none of its own.
+                attention_mask=step.tree_mask.unsqueeze(1).to(device),
+                use_cache=True,
+                treedec_step=step,
+                **{self.cache_kwarg: cache},
+            )
+        return out.last_hidden_state
+
+    def hidden_states(self, tokens: torch.Tensor, layers: torch.nn.ModuleList | None = None) -> torch.Tensor:
+        with swapped_layers(self.base, layers):
+            return self.base(input_ids=tokens.to(self._input_device()), use_cache=False).last_hidden_state
+
+    def supports_row_subsets(self) -> bool:
+        return all(hasattr(self.base, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
+                   active: torch.Tensor) -> torch.Tensor:
+        """Each layer gathers its rows into a dense block (ops.gather_rows), runs on it, writes KV
+        for those rows alone, and scatters the block back (ops.scatter_rows)."""
+        hidden = hidden.to(self._input_device())
+        batch = hidden.shape[0]
+        position_ids = positions.to(hidden.device)
+        cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)
+        mask = step.tree_mask.unsqueeze(1).to(hidden.device)
+        for index, layer in enumerate(self.base.layers):
+            rows = active[index].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            cache_kwarg = {compat.cache_kwarg_name(layer): cache}
+            if rows.numel() == batch:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids,
+                               use_cache=True, treedec_step=step, **cache_kwarg)
+                continue
+            on_device = rows.to(hidden.device)
+            with cache.writing_rows(rows):
+                block = layer(ops.gather_rows(hidden, on_device), attention_mask=mask[on_device],
+                              position_embeddings=(cos[on_device], sin[on_device]),
+                              position_ids=position_ids[on_device], use_cache=True, treedec_step=step.subset(rows),
+                              **cache_kwarg)
+            hidden = hidden.contiguous()
+            ops.scatter_rows(hidden, on_device, block.contiguous())
+        return hidden

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from treedec.drafters.base import Drafter, DraftTrie
+from treedec.drafters.base import DraftTrie, RowDrafter
 
 
 def random_parents(num_nodes: int, rng: random.Random) -> list[int]:
@@ -39,7 +39,7 @@ def make_parents(batch: int, num_nodes: int, shape: str, generator: torch.Genera
     return parents.to(torch.int32).contiguous()
 
 
-class OracleDrafter(Drafter):
+class OracleDrafter(RowDrafter):
     """Proposes the known continuation of each sequence as a chain, plus a wrong sibling at every
     depth: every step accepts a long chunk, so EOS and length limits land inside accepted paths."""
 
@@ -49,13 +49,13 @@ class OracleDrafter(Drafter):
         self.continuations, self.depth, self.vocab_size = continuations, depth, vocab_size
         self.emitted: list[int] = []
 
-    def start(self, histories):
-        self.emitted = [0] * len(histories)
+    def start(self, prompts, hidden=None):
+        self.emitted = [0] * len(prompts)
 
     def extend(self, seq, new_tokens):
         self.emitted[seq] += len(new_tokens)
 
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
+    def propose_row(self, seq: int, root_token: int, uniforms=None) -> DraftTrie:
         trie = DraftTrie(root_token)
         future = self.continuations[seq][self.emitted[seq] :][: self.depth]  # the root's child comes next
         node = 0
@@ -64,3 +64,36 @@ class OracleDrafter(Drafter):
             trie.child(node, wrong, ("oracle-wrong", depth))
             node = trie.child(node, token, ("oracle", depth))
         return trie
+
+
+def spy_proposals(monkeypatch, drafter_class) -> list:
+    """Records every (sequence id, trie) `drafter_class.propose` returns, in order: the whole
+    batch's tries of each step, row by row."""
+    from treedec.drafters.base import Proposal
+
+    found = []
+    original = drafter_class.propose
+
+    def spy(self, request):
+        proposal = original(self, request)
+        found.extend(zip(request.rows, proposal.tries if isinstance(proposal, Proposal) else proposal))
+        return proposal
+
+    monkeypatch.setattr(drafter_class, "propose", spy)
+    return found
+
+
+class Tries:
+    """The tries of `spy_proposals`'s records, as a list (in proposal order)."""
+
+    def __init__(self, found: list):
+        self.found = found
+
+    def __getitem__(self, index):
+        return self.found[index][1]
+
+    def __iter__(self):
+        return (trie for _, trie in self.found)
+
+    def __len__(self):
+        return len(self.found)

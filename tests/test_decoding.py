@@ -145,13 +145,13 @@ def test_tree_size_follows_acceptance():
     The tiny model's step time hardly depends on T (it is all overhead), so the test gives the
     loop the cost curve of a real model (a 16-node verify at 1.5x a 1-node step) and freezes it.
     """
-    from treedec.drafters.base import Drafter, DraftTrie
+    from treedec.drafters.base import DraftTrie, RowDrafter
     from treedec.sizing import CostCurve
 
-    class AlwaysWrong(Drafter):
+    class AlwaysWrong(RowDrafter):
         name = "wrong"
 
-        def propose(self, seq, root_token):
+        def propose_row(self, seq, root_token, uniforms=None):
             trie = DraftTrie(root_token)
             for rank in range(4):
                 trie.child(0, 95 - rank, ("wrong", rank))

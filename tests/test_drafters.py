@@ -17,7 +17,7 @@ def test_lookup_merges_several_matches_into_one_tree():
     #            0  1  2  3  4  5  6  7  8  9 10 11
     history = [5, 1, 2, 7, 8, 1, 2, 9, 4, 3, 1, 2]
     drafter.start([history])
-    trie = drafter.propose(0, root_token=2)
+    trie = drafter.propose_row(0, root_token=2)
     # "1 2" was followed by "7 8 1" and by "9 4 3": two branches under the root.
     top = children(trie, 0)
     assert set(top) >= {7, 9}
@@ -29,9 +29,9 @@ def test_lookup_merges_several_matches_into_one_tree():
 def test_lookup_extends_its_index_incrementally():
     drafter = LookupDrafter(min_ngram=2, max_ngram=2, max_draft_len=2)
     drafter.start([[1, 2, 3]])
-    assert len(drafter.propose(0, 3)) == 1  # "2 3" never seen before
+    assert len(drafter.propose_row(0, 3)) == 1  # "2 3" never seen before
     drafter.extend(0, [1, 2])
-    trie = drafter.propose(0, 2)
+    trie = drafter.propose_row(0, 2)
     assert children(trie, 0) == {3: 1} and children(trie, 1) == {1: 2}
 
 
@@ -50,7 +50,7 @@ def test_rank_template_is_parent_closed_and_widest_at_the_top():
 def test_recycling_learns_successors_and_expands_them():
     table = RecyclingTable(vocab_size=10, width=2)
     drafter = RecyclingDrafter(table, template_nodes=6, max_depth=3)
-    assert len(drafter.propose(0, 3)) == 1  # nothing learned yet: only the root
+    assert len(drafter.propose_row(0, 3)) == 1  # nothing learned yet: only the root
     tokens = torch.tensor([[3, 5, -1]])
     topk = torch.tensor([[[5, 6], [7, 8], [1, 1]]])
     outcome = StepOutcome(tokens, torch.tensor([[-1, 0, 0]], dtype=torch.int32), topk,
@@ -58,7 +58,7 @@ def test_recycling_learns_successors_and_expands_them():
     drafter.observe(outcome)
     assert table.successors[3].tolist() == [5, 6] and table.successors[5].tolist() == [7, 8]
     assert (table.successors[np.arange(10) != 3][:, 0] != 1).all()  # padding rows were skipped
-    trie = drafter.propose(0, 3)
+    trie = drafter.propose_row(0, 3)
     top = children(trie, 0)
     assert set(top) == {5, 6} and set(children(trie, top[5])) == {7, 8}
     assert trie.keys[top[6]] == ("recycling", 1, 1, None)
@@ -82,7 +82,7 @@ def test_recycling_couples_drafts_to_the_uniforms_when_sampling():
 
 
     # depth 1 uses uniforms[0]: 0.65 lies in [0.5, 0.8) -> successor 6; depth 2 uses uniforms[1].
-    trie = drafter.propose(0, 3, uniforms=[0.65, 0.61])
+    trie = drafter.propose_row(0, 3, uniforms=[0.65, 0.61])
     assert slot0(trie, 0) == 6 and trie.keys[children(trie, 0)[6]][3] == "coupled"
     assert set(children(trie, 0)) == {5, 6, 2}  # the others stay, behind it
     five = children(trie, 0)[5]
@@ -90,7 +90,7 @@ def test_recycling_couples_drafts_to_the_uniforms_when_sampling():
     second = next(i for i in range(1, len(trie)) if trie.parents[i] == five and trie.keys[i][2] == 1)
     assert trie.tokens[second] == 7  # ... next to 0.6, the edge with token 7's slice: 7 is tried second
     assert trie.keys[second][3] == "coupled-edge"
-    trie = drafter.propose(0, 3, uniforms=[0.95])  # past 0.9: no successor is likely
+    trie = drafter.propose_row(0, 3, uniforms=[0.95])  # past 0.9: no successor is likely
     assert slot0(trie, 0) == 5 and trie.keys[children(trie, 0)[5]][3] == "tail"
     below = children(trie, children(trie, 0)[5])
     assert below and all(trie.keys[i][3] is None for i in below.values())  # no uniform given for depth 2
@@ -98,7 +98,7 @@ def test_recycling_couples_drafts_to_the_uniforms_when_sampling():
     greedy = StepOutcome(tokens[:, :1], parents[:, :1], topk[:, :1], torch.tensor([0], dtype=torch.int32),
                          torch.tensor([[0]], dtype=torch.int32), [0])
     drafter.observe(greedy)
-    trie = drafter.propose(0, 3, uniforms=[0.65])
+    trie = drafter.propose_row(0, 3, uniforms=[0.65])
     assert slot0(trie, 0) == 5 and trie.keys[children(trie, 0)[5]][3] is None
 
 
@@ -108,7 +108,7 @@ def test_auto_puts_lookup_first_and_recycling_fills_in():
     assert isinstance(drafter, AutoDrafter) and ("recycling", 2) in tables
     tables[("recycling", 2)].successors[4] = [9, 11]
     drafter.start([[1, 4, 9, 2, 1, 4]])
-    trie = drafter.propose(0, 4)
+    trie = drafter.propose_row(0, 4)
     top = children(trie, 0)
     assert trie.keys[top[9]][0] == "lookup"  # lookup's node keeps its key where recycling agrees
     assert trie.keys[top[11]][0] == "recycling"
@@ -124,7 +124,7 @@ def test_auto_labels_lookup_drafts_by_the_tables_coupled_guess():
     drafter.start([[1, 4, 9, 2, 1, 4]])  # lookup drafts 9 after 4, then 2 (the table knows nothing after 9)
     lookup_labels = {}
     for uniforms in ([0.3, 0.5], [0.8, 0.5], [0.95, 0.5], None):
-        trie = drafter.propose(0, 4, uniforms=uniforms)
+        trie = drafter.propose_row(0, 4, uniforms=uniforms)
         nine = children(trie, 0)[9]
         lookup_labels[None if uniforms is None else uniforms[0]] = trie.keys[nine]
         if uniforms is not None:  # nothing remembered after 9: labelled "cannot tell"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import treedec
+from helpers import Tries, spy_proposals
 from test_decoding import left_padded, repetitive_prompt
 from test_layerskip import peaked
 from treedec.heads import HeadsConfig, build_heads, load, save
@@ -129,13 +130,10 @@ def test_hydra_branches_follow_their_path(monkeypatch, tmp_path):
                 for layer in heads.inputs:
                     layer.weight[:, size:].mul_(300.0)
         save(heads, tmp_path / kind)
-        tries = []
-        original = heads_drafter.HeadsDrafter.propose
-        monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
-                            lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+        proposed = spy_proposals(monkeypatch, heads_drafter.HeadsDrafter)
         treedec.patch(model, drafter=kind, heads=tmp_path / kind, widths=[3, 2], context=False)
         model.generate(torch.tensor([repetitive_prompt(2, 15)]), max_new_tokens=3, do_sample=False)
-        trie = tries[0]
+        trie = proposed[0][1]
         assert len(trie) == 1 + 3 + 6
         found[kind] = [tuple(trie.tokens[i] for i in range(len(trie)) if trie.parents[i] == parent)
                        for parent in (1, 2, 3)]
@@ -370,10 +368,7 @@ def test_heads_with_measured_accuracies_draft_the_static_tree(kind, monkeypatch,
     model = peaked(seed=3)
     accuracies = [[0.5, 0.2, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02], [0.2, 0.05, 0.02, 0.01]]
     save(random_heads(kind, model, seed=2), tmp_path / "m", extra={"rank_accuracy": accuracies})
-    tries = []
-    original = heads_drafter.HeadsDrafter.propose
-    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
-                        lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+    tries = Tries(spy_proposals(monkeypatch, heads_drafter.HeadsDrafter))
     ids = torch.tensor([repetitive_prompt(2, 15)])
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
     treedec.patch(model, drafter=kind, heads=tmp_path / "m", context=False)  # the heads' tree alone
@@ -439,10 +434,7 @@ def test_context_drafts_merge_into_the_heads_tree(monkeypatch, tmp_path):
 
     model = peaked(seed=3)
     save(random_heads("medusa", model, seed=2), tmp_path / "m")
-    tries = []
-    original = heads_drafter.HeadsDrafter.propose
-    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
-                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    tries = Tries(spy_proposals(monkeypatch, heads_drafter.HeadsDrafter))
     ids = torch.tensor([repetitive_prompt(2, 30)])  # repetitive: lookup finds matches
     expected = model.generate(ids, max_new_tokens=16, do_sample=False)
     treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context=True)
@@ -468,10 +460,10 @@ def test_hydra_drafts_as_much_of_the_static_tree_as_the_sizer_keeps(monkeypatch,
     tries, kept = [], []
     original = heads_drafter.HeadsDrafter.propose
 
-    def spy(self, seq, root):
+    def spy(self, request):
         kept.append(self.kept)  # what the tree's size is decided from
-        tries.append(original(self, seq, root))
-        return tries[-1]
+        tries.extend(original(self, request))
+        return tries[-len(request.rows):]
 
     monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose", spy)
     ids = torch.tensor([repetitive_prompt(2, 15)])
@@ -596,10 +588,7 @@ def test_heads_guess_only_draft_vocabulary_tokens_and_stay_lossless(kind, own_lm
     frequencies = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
     save_frequencies(frequencies, tmp_path / kind)
     allowed = set(torch.topk(frequencies, vocab // 3).indices.tolist())
-    tries = []
-    original = heads_drafter.HeadsDrafter.propose
-    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
-                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    tries = Tries(spy_proposals(monkeypatch, heads_drafter.HeadsDrafter))
     ids, mask = left_padded([repetitive_prompt(0, 21), repetitive_prompt(1, 9), [7]])
     for batch in (1, 3):
         expected = model.generate(ids[:batch], attention_mask=mask[:batch], max_new_tokens=24, do_sample=False)
@@ -745,10 +734,7 @@ def test_medusa_guesses_are_the_top_of_the_draft_vocabulary(monkeypatch, tmp_pat
     save(heads, tmp_path / "m")
     frequencies = torch.rand(vocab, generator=torch.Generator().manual_seed(1))
     save_frequencies(frequencies, tmp_path / "m")
-    tries = []
-    original = heads_drafter.HeadsDrafter.propose
-    monkeypatch.setattr(heads_drafter.HeadsDrafter, "propose",
-                        lambda self, *args, **kwargs: tries.append(original(self, *args, **kwargs)) or tries[-1])
+    tries = Tries(spy_proposals(monkeypatch, heads_drafter.HeadsDrafter))
     ids = torch.tensor([repetitive_prompt(2, 15)])
     treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context=False, widths=[4], draft_vocab=40)
     model.generate(ids, max_new_tokens=2, do_sample=False)

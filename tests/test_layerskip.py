@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import treedec
+from helpers import Tries, spy_proposals
 from test_decoding import left_padded, repetitive_prompt
 from treedec.drafters import layerskip
 from treedec.drafters.layer_search import draft_cost_ratio, expected_gain, search
@@ -89,14 +90,15 @@ def test_cache_after_every_step_equals_plain_decoding(options, monkeypatch, flat
     model = peaked(seed=3, num_layers=4, idle_layers=(2,) if options["mode"] == "fixed" else (3,))
     ids, mask = prompts_of_three()
     snapshots = []  # (sequence ids, committed rows, keys and values per layer) at each step's start
-    original = layerskip.LayerSkipDrafter.draft_batch
+    original = layerskip.LayerSkipDrafter.propose
 
-    def spy(self, adapter, cache, rows, roots, hidden=None):
-        snapshots.append((list(rows), cache.prefix_len.clone(), cache.kv_start.clone(),
+    def spy(self, request):
+        cache = request.cache
+        snapshots.append((list(request.rows), cache.prefix_len.clone(), cache.kv_start.clone(),
                           [k.clone() for k in cache.keys], [v.clone() for v in cache.values]))
-        return original(self, adapter, cache, rows, roots, hidden)
+        return original(self, request)
 
-    monkeypatch.setattr(layerskip.LayerSkipDrafter, "draft_batch", spy)
+    monkeypatch.setattr(layerskip.LayerSkipDrafter, "propose", spy)
     treedec.patch(model, drafter="layerskip", stop_below=0.0, **options)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
     assert model.treedec.last_stats["tau"] > 1.5  # drafts were accepted, so compaction moved rows
@@ -176,10 +178,7 @@ def test_stop_below_one_drafts_nothing_and_branching_adds_siblings(monkeypatch):
     treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=1.0)
     model.generate(ids, max_new_tokens=10, do_sample=False)
     assert model.treedec.last_stats["layerskip_drafted"] == 0
-    tries = []
-    original = layerskip.LayerSkipDrafter.propose
-    monkeypatch.setattr(layerskip.LayerSkipDrafter, "propose",
-                        lambda self, seq, root: tries.append(original(self, seq, root)) or tries[-1])
+    tries = Tries(spy_proposals(monkeypatch, layerskip.LayerSkipDrafter))
     treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=[2], stop_below=0.0,
                   branch_below=1.0, branch_k=3, draft_depth=2)
     model.generate(ids, max_new_tokens=10, do_sample=False)
@@ -223,35 +222,24 @@ def test_layer_indices_outside_the_model_raise_at_patch(options):
     assert not hasattr(model, "treedec")
 
 
-def _record_tries(monkeypatch):
-    tries = {}
-    original = layerskip.LayerSkipDrafter.propose
-
-    def spy(self, seq, root):
-        trie = original(self, seq, root)
-        tries.setdefault(seq, []).append(list(trie.tokens))
-        return trie
-
-    monkeypatch.setattr(layerskip.LayerSkipDrafter, "propose", spy)
-    return tries
-
-
 def test_sequences_with_their_own_skip_sets_draft_as_if_alone(monkeypatch):
     """Layer-skip batching: one batch, three skip sets; each sequence drafts what it drafts alone."""
     model = peaked(seed=3, num_layers=6, idle_layers=(2, 3))
     ids, mask = prompts_of_three()
     sets = [[2, 3], [1], [2, 4]]
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    tries = _record_tries(monkeypatch)
+    proposed = spy_proposals(monkeypatch, layerskip.LayerSkipDrafter)
     treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=sets, stop_below=0.0, draft_depth=3)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False), expected)
-    batched = {seq: found[0] for seq, found in tries.items()}
+    batched = {}
+    for seq, trie in proposed:  # each sequence's first draft tree
+        batched.setdefault(seq, list(trie.tokens))
     for seq, skipped in enumerate(sets):
-        tries.clear()
+        proposed.clear()
         alone = ids[seq : seq + 1, int((mask[seq] == 0).sum()) :]
         treedec.patch(model, drafter="layerskip", mode="fixed", skip_layers=skipped, stop_below=0.0, draft_depth=3)
         model.generate(alone, max_new_tokens=16, do_sample=False)
-        assert tries[0][0] == batched[seq]  # the first step's draft tree, token for token
+        assert list(proposed[0][1].tokens) == batched[seq]  # the first step's draft tree, token for token
 
 
 def test_per_sequence_sets_must_match_the_batch():

@@ -21,7 +21,7 @@ import treedec
 from helpers import OracleDrafter
 from test_decoding import left_padded, repetitive_prompt
 from treedec import ops, reference
-from treedec.drafters.base import Drafter, DraftTrie
+from treedec.drafters.base import DraftTrie, RowDrafter
 from treedec.tools.models import tiny_llama
 from treedec.sampling import PositionUniforms, Sampler, build_warpers
 
@@ -201,7 +201,7 @@ def empirical_pairs(generate, batch: int = 500) -> torch.Tensor:
     return counts / counts.sum()
 
 
-class FixedChain(Drafter):
+class FixedChain(RowDrafter):
     """Always drafts the same two tokens (the 2nd and 1st most likely first tokens): acceptance
     decisions then decide most of the output, which is what the power check needs."""
 
@@ -210,7 +210,7 @@ class FixedChain(Drafter):
     def __init__(self, chain):
         self.chain = chain
 
-    def propose(self, seq, root_token):
+    def propose_row(self, seq, root_token, uniforms=None):
         trie = DraftTrie(root_token)
         node = 0
         for depth, token in enumerate(self.chain, start=1):

@@ -19,7 +19,7 @@ from . import layers, ops, sizing
 from .attention import TreeStep
 from .adapters import ModelAdapter
 from .cache import GROWTH_ROWS, TreeCache
-from .drafters.base import Drafter, DraftTrie, StepOutcome
+from .drafters.base import Drafter, DraftRequest, DraftTrie, Proposal, StepOutcome
 from .reference.tree import pack_bits
 from .sampling import Sampler, in_sampling_order, typical_verify
 from .stopping import BatchStopping
@@ -59,7 +59,7 @@ class DecodeStats:
     prefill_seconds: float = 0.0
     tree_nodes: int = 0  # summed over steps (T per step)
     sequence_steps: int = 0  # steps summed over the sequences taking part in them
-    draft_seconds: float = 0.0  # time a model drafter (layer skipping) spent drafting
+    draft_seconds: float = 0.0  # time the drafter spent proposing (running the model, for some)
 
     def as_dict(self) -> dict:
         return {
@@ -121,10 +121,6 @@ class TreeDecoder:
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
         self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
         self.sampler: Sampler | None = None  # set per call from the request
-        # [B, H] per active row: the last hidden state whose LM-head output was the row's root (the
-        # prefill's last position, then each step's last accepted node); None before one exists.
-        self.context_hidden: torch.Tensor | None = None
-        self._verify_hidden: torch.Tensor | None = None
 
     # -- one call ----------------------------------------------------------------------------
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
@@ -149,7 +145,7 @@ class TreeDecoder:
         if request.streamer is not None:
             request.streamer.put(input_ids)
 
-        cache = self._prefill(input_ids, padding, request.max_new_tokens)
+        cache, prompt_hidden = self._prefill(input_ids, padding, request.max_new_tokens)
         stats.prefill_seconds = time.perf_counter() - started
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -161,37 +157,29 @@ class TreeDecoder:
             stopping = BatchStopping(request.stopping_criteria, request.input_ids, request.max_new_tokens,
                                      request.pad_token_id, request.finished_rows_pad)
         streamed = 0  # tokens already pushed to the streamer (batch size 1)
-        self.drafter.start(prompts)
-        with_drafts = self.max_nodes > 1 and self.drafter.name != "none"
+        self.drafter.start(prompts, prompt_hidden)
         while active:
-            if with_drafts and not self.cost.covers(len(active)):
-                self._calibrate(cache, len(active))  # kept out of the step's time
-            step_started = time.perf_counter()
+            drafting_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
-            draft_seconds = 0.0
-            if with_drafts and self.drafter.uses_model:
-                self.drafter.draft_batch(self.adapter, cache, active, [roots[s] for s in active],
-                                         hidden=self.context_hidden)
-                draft_seconds = time.perf_counter() - step_started
-                stats.draft_seconds += draft_seconds
+            if self.max_nodes > 1:
+                proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
+            else:
+                proposal = Proposal([DraftTrie(roots[s]) for s in active])
+            stats.draft_seconds += time.perf_counter() - drafting_started
+            tries, verify_start = proposal.tries, proposal.verify_start
+            with_drafts = any(len(trie) > 1 for trie in tries)
             if with_drafts:
-                tries = [self._propose(s, roots[s], n) for s, n in zip(active, emitted)]
+                if not self.cost.covers(len(active)):
+                    self._calibrate(cache, len(active))  # kept out of the step's time
+                    verify_start = None  # its verifies wrote over the rows the drafts left there
                 num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
             else:
-                tries = [DraftTrie(roots[s]) for s in active]
                 num_nodes, kept = 1, [[0]] * len(active)
+            verify_started = time.perf_counter()
             parents, tokens = pack_tries(tries, kept, num_nodes)
-            start = self.drafter.verify_start(kept, num_nodes) if with_drafts and self.drafter.uses_model else None
+            start = verify_start(kept, num_nodes) if verify_start is not None else None
             verified = self._verify_step(cache, parents, tokens, active, emitted, start)
-            accept_len, accept_nodes, bonus, topk, topk_probs = verified
-            if self.drafter.uses_model:  # the state each row's next root (the bonus) came from
-                last = accept_nodes[torch.arange(len(active)), accept_len.long()].long()
-                device = self._verify_hidden.device
-                self.context_hidden = self._verify_hidden[torch.arange(len(active), device=device), last.to(device)]
-
-            self.drafter.observe(
-                StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs)
-            )
+            accept_len, accept_nodes, bonus, topk, topk_probs, hidden = verified
             if with_drafts:
                 self._learn_acceptance(tries, kept, accept_nodes)
             cache.compact(accept_nodes, accept_len)
@@ -210,27 +198,25 @@ class TreeDecoder:
             if request.streamer is not None and len(generated[0]) > streamed:  # batch size 1: final tokens
                 request.streamer.put(torch.tensor(generated[0][streamed:]))
                 streamed = len(generated[0])
+            self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs,
+                                             emitted=chunks, hidden=hidden))
             finished_rows = []
             for row, (seq, chunk) in enumerate(zip(active, chunks)):
                 if seq in settled:
                     finished_rows.append(row)
                 else:  # its chunk is whole: only settled sequences are ever cut
                     roots[seq] = chunk[-1]
-                    self.drafter.extend(seq, chunk)
             stats.steps += 1
             stats.sequence_steps += len(active)
             stats.tree_nodes += num_nodes
-            if with_drafts:
-                # the cost curve prices tree sizes: a model drafter's own time is not the tree's
-                self.cost.record(len(active), num_nodes, time.perf_counter() - step_started - draft_seconds)
-                self.acceptance.next_step()
+            if with_drafts:  # the cost curve prices tree sizes: drafting's own time is not the tree's
+                self.cost.record(len(active), num_nodes, time.perf_counter() - verify_started)
+            self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]
                 active = [active[r] for r in keep]
                 if active:
                     cache.select(torch.tensor(keep, dtype=torch.int64))
-                    if self.context_hidden is not None:
-                        self.context_hidden = self.context_hidden[torch.tensor(keep, device=self.context_hidden.device)]
         if request.streamer is not None:
             request.streamer.end()
         stats.new_tokens = sum(map(len, generated))
@@ -238,15 +224,24 @@ class TreeDecoder:
         return generated, stats
 
     # -- pieces --------------------------------------------------------------------------------
-    def _propose(self, seq: int, root: int, emitted: int) -> DraftTrie:
-        """The drafter's candidates; a sampling call hands drafters that want them the uniforms
-        of the positions ahead (the tree never changes the output, so drafts may depend on them)."""
-        if self.sampler is None or not self.drafter.wants_uniforms:
-            return self.drafter.propose(seq, root)
-        return self.drafter.propose(seq, root, uniforms=self.sampler.ahead(seq, emitted, MAX_UNIFORMS_AHEAD))
+    def _propose(self, cache: TreeCache, active: list[int], roots: list[int], emitted: list[int]) -> Proposal:
+        """The drafter's candidates for the batch; a sampling call hands it the uniforms of the
+        positions ahead (the tree never changes the output, so drafts may depend on them)."""
+        uniforms = None
+        if self.sampler is not None:
+            uniforms = [self.sampler.ahead(seq, n, MAX_UNIFORMS_AHEAD) for seq, n in zip(active, emitted)]
+        proposal = self.drafter.propose(DraftRequest(self.adapter, cache, list(active), roots, uniforms))
+        proposal = proposal if isinstance(proposal, Proposal) else Proposal(list(proposal))
+        if len(proposal.tries) != len(active):
+            raise ValueError(f"drafter {self.drafter.name!r} proposed {len(proposal.tries)} tries for a batch of "
+                             f"{len(active)} rows (one per row)")
+        return proposal
 
-    def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int) -> TreeCache:
-        """Cache every prompt token but the last (the first step's root) as one causal chain."""
+    def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor,
+                 max_new_tokens: int) -> tuple[TreeCache, torch.Tensor | None]:
+        """Cache every prompt token but the last (the first step's root) as one causal chain; the
+        cache, and the last hidden state over each prompt [B, H] (None for one-token prompts),
+        whose LM-head output is the first root."""
         batch, length = input_ids.shape
         adapter = self.adapter
         tree_rows = max(self.max_nodes, 1) + 1
@@ -259,8 +254,8 @@ class TreeDecoder:
             cache.begin_step(prefill_len)
             hidden = adapter.forward(input_ids[:, :prefill_len], positions, cache, step)
             cache.advance(prefill_len)
-            self.context_hidden = hidden[:, -1]  # it predicted each prompt's last token, the first root
-        return cache
+            return cache, hidden[:, -1].contiguous()  # it predicted each prompt's last token, the first root
+        return cache, None
 
     def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
                      sequences: list[int] | None = None, emitted: list[int] | None = None, start=None):
@@ -269,7 +264,8 @@ class TreeDecoder:
         node at its output position, whose uniform a sampling step uses. `start` (layer, residual)
         from the drafter: the nodes' first layers already ran, the forward starts at `layer`.
         Returns accept_len, accept_nodes, bonus (on the CPU), and what the drafter observes: the
-        top-k ids after each node and, when sampling, their probabilities (None when greedy)."""
+        top-k ids after each node, when sampling their probabilities (None when greedy), and the
+        last hidden state after each node [B, T, H]."""
         depth, tree_mask = ops.build_tree(parents)
         step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
         positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
@@ -278,11 +274,10 @@ class TreeDecoder:
             hidden = self.adapter.forward(tokens.clamp(min=0), positions, cache, step)
         else:
             hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
-        self._verify_hidden = hidden  # [B, T, H]: model drafters continue from the accepted path's end
         if self.sampler is None:
             topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
-            return accept_len, accept_nodes, bonus, topk, None
+            return accept_len, accept_nodes, bonus, topk, None, hidden
         batch = tokens.shape[0]
         sequences = list(range(batch)) if sequences is None else sequences
         emitted = [0] * batch if emitted is None else emitted
@@ -294,7 +289,7 @@ class TreeDecoder:
             accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
         else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
             accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists, self.sampler.typical)
-        return accept_len, accept_nodes, bonus, topk, topk_probs
+        return accept_len, accept_nodes, bonus, topk, topk_probs, hidden
 
     def _node_distributions(self, hidden: torch.Tensor):
         """Each node's sampling distribution (NodeDistributions), and the drafter's view: the

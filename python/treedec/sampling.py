@@ -9,7 +9,7 @@ output position after it (`treedec.ops.sample_tokens`), walking the tokens in sa
 (the 16 most probable first, see `in_sampling_order`), and greedy verification keeps the drafts
 equal to their parent's target (`treedec.ops.verify_sample` is the two together): every emitted
 token has exactly HF's distribution, and the tree never changes which token a position gets.
-Because of that, drafters may look at the uniforms before drafting (`Drafter.wants_uniforms`).
+Because of that, drafters may look at the uniforms before drafting (`DraftRequest.uniforms`).
 
 Processors that read the path (repetition penalty, no-repeat n-grams, bad words, ...) are not
 applied to trees: patching falls back to HF's `generate` for them, with a warning.

@@ -36,8 +36,9 @@ from .. import ops
 from ..heads import DraftHeads
 from ..heads.tree import best_tree
 from ..heads.vocab import DRAFT_MASS, check_frequencies, default_size, draft_vocabulary
-from ..options import is_int
-from .base import Drafter, DraftTrie
+from ..options import bool_option, is_int
+from . import auto  # the context drafter
+from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
 STATIC_TREE_NODES = 48  # the loop's sizer then keeps the T worth their measured cost
@@ -64,14 +65,12 @@ def confidence_bins(values: torch.Tensor) -> torch.Tensor:
 
 
 class HeadsDrafter(Drafter):
-    uses_model = True
-
     def __init__(self, heads: DraftHeads, widths: tuple[int, ...] | None = None, context: Drafter | None = None,
                  draft_vocab: int | None = None):
         given_widths = widths
         self.context = context
         if context is not None:  # the context drafter's needs become this drafter's
-            self.wants_uniforms, self.topk = context.wants_uniforms, context.topk
+            self.topk = context.topk
         self.heads = heads
         self.kind = heads.config.kind
         self.name = self.kind
@@ -92,9 +91,12 @@ class HeadsDrafter(Drafter):
             self.widths = (max(path[-1] for path in self.paths) + 1,) * max(len(path) for path in self.paths)
         # the ids the heads may guess (None: all); the LM-head rows are picked on the model's device
         self.vocab_ids = self._draft_vocabulary(draft_vocab)
-        self.drafts: dict[int, DraftTrie] = {}
         self.drafted = self.accepted = 0
         self.kept = float(STATIC_TREE_NODES)  # moving average of the verified nodes per sequence
+        # [sequences, H]: each sequence's last hidden state whose LM-head output was its root (the
+        # prompt's last position, then each step's deepest accepted node); None before one exists
+        self.root_hidden: torch.Tensor | None = None
+        self.sequences = 0
         self._checked = False
 
     def _draft_vocabulary(self, draft_vocab: int | None) -> torch.Tensor | None:
@@ -125,27 +127,25 @@ class HeadsDrafter(Drafter):
                              "(heads/vocab.py; `treedec train-heads` writes them); these heads have none")
         return draft_vocabulary(frequencies, draft_vocab)
 
-    def start(self, histories) -> None:
-        self.drafts = {}
+    def start(self, prompts, hidden=None) -> None:
         self.drafted = self.accepted = 0  # candidate nodes verified, tokens accepted (this call)
+        self.sequences = len(prompts)
+        self.root_hidden = hidden
         if self.context is not None:
-            self.context.start(histories)
+            self.context.start(prompts, hidden)
 
-    def extend(self, seq: int, new_tokens) -> None:
-        if self.context is not None:
-            self.context.extend(seq, new_tokens)
-
-    def propose(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
-        drafted = self.drafts.pop(seq, None) or DraftTrie(root_token)
+    def propose(self, request: DraftRequest) -> list[DraftTrie]:
+        drafted = [DraftTrie(root) for root in request.roots]
+        if self.root_hidden is not None:  # none yet after a one-token prompt: nothing to read
+            rows = torch.tensor(request.rows, device=self.root_hidden.device)
+            self._draft(request.adapter, self.root_hidden[rows], request.rows, dict(zip(request.rows, drafted)))
         if self.context is None:
-            trie = drafted
-        else:
-            trie = (self.context.propose(seq, root_token, uniforms=uniforms) if self.context.wants_uniforms
-                    else self.context.propose(seq, root_token))
-            merged = [0]  # drafted node -> trie node; a token the context proposed keeps its key
-            for i in range(1, len(drafted)):
-                merged.append(trie.child(merged[drafted.parents[i]], drafted.tokens[i], drafted.keys[i]))
-        return trie
+            return drafted
+        proposal = self.context.propose(request)
+        tries = proposal.tries if isinstance(proposal, Proposal) else proposal
+        for trie, heads_trie in zip(tries, drafted):  # a token the context proposed keeps its key
+            trie.merge(heads_trie)
+        return tries
 
     def observe(self, outcome) -> None:
         # drafted = the candidates the sizer kept and the model verified (the proposals it pruned
@@ -154,6 +154,12 @@ class HeadsDrafter(Drafter):
         self.drafted += int(verified.sum())
         self.accepted += int(outcome.accept_len.sum())
         self.kept = 0.8 * self.kept + 0.2 * float(verified.float().mean())
+        if outcome.hidden is not None:  # the state each row's next root (the bonus) came from
+            device = outcome.hidden.device
+            fresh = outcome.hidden[torch.arange(len(outcome.rows), device=device), outcome.last_accepted().to(device)]
+            if self.root_hidden is None:
+                self.root_hidden = fresh.new_zeros(self.sequences, fresh.shape[-1])
+            self.root_hidden[torch.tensor(outcome.rows, device=device)] = fresh
         if self.context is not None:
             self.context.observe(outcome)
 
@@ -162,13 +168,10 @@ class HeadsDrafter(Drafter):
                 "draft_vocab": self.heads.config.vocab_size if self.vocab_ids is None else len(self.vocab_ids)}
 
     @torch.inference_mode()
-    def draft_batch(self, adapter, cache, rows, roots, hidden=None) -> None:
-        self.drafts = {}
-        if hidden is None:  # a one-token prompt: nothing to read yet
-            return
+    def _draft(self, adapter, hidden: torch.Tensor, rows: list[int], tries: dict[int, DraftTrie]) -> None:
+        """The heads' guesses from hidden [B, H] (the rows' root states) into tries[seq]."""
         self._check(adapter, hidden)
         hidden = hidden.to(self._dtype)
-        tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
         if self.kind == "medusa":  # every head at once, no [B, K, V] logits
             weights, biases = self._stacked
             width = max(self.widths)
@@ -195,8 +198,7 @@ class HeadsDrafter(Drafter):
                                               (self.kind, depth + 1, rank, int(bins[b, depth, rank])))
                              for parent in level for rank in range(width)]
         else:
-            self._hydra(adapter, hidden, rows, roots, tries)
-        self.drafts = tries
+            self._hydra(adapter, hidden, rows, [tries[seq].root_token for seq in rows], tries)
 
     def _hydra(self, adapter, hidden, rows, roots, tries) -> None:
         device = hidden.device
@@ -263,3 +265,36 @@ class HeadsDrafter(Drafter):
         else:
             self._stacked = [self.heads.stacked(depth) for depth in range(len(self.widths))]
         self._checked = True
+
+
+OPTIONS = ("heads", "widths", "context", "draft_vocab")
+
+
+def _builder(kind: str):
+    def build(options: dict, env: DrafterEnv) -> HeadsDrafter:
+        context = bool_option("context", options.get("context", True))
+        return HeadsDrafter(_heads_for(kind, options.get("heads"), env.tables), options.get("widths"),
+                            auto.SPEC.build({}, env) if context else None, draft_vocab=options.get("draft_vocab"))
+
+    return build
+
+
+def _heads_for(kind: str, path, tables: dict) -> DraftHeads:
+    """Heads loaded from `path` once per model (kept in its tables)."""
+    from ..heads import load
+
+    if path is None:
+        raise ValueError(
+            f"drafter={kind!r} needs heads=PATH: a directory written by `treedec train-heads --kind {kind}`"
+        )
+    key = ("heads", str(path))
+    if key not in tables:
+        heads = load(path)
+        if heads.config.kind != kind:
+            raise ValueError(f"{path} holds {heads.config.kind} heads, not {kind}")
+        tables[key] = heads
+    return tables[key]
+
+
+MEDUSA = DrafterSpec("medusa", OPTIONS, _builder("medusa"))
+HYDRA = DrafterSpec("hydra", OPTIONS, _builder("hydra"))

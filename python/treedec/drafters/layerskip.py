@@ -31,7 +31,7 @@ import torch
 
 from ..attention import TreeStep
 from ..options import bool_option, int_option, is_int, number_option
-from .base import Drafter, DraftTrie
+from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal
 from .layer_search import SkipPlan, search
 
 MODES = ("swift", "exit", "fixed")
@@ -49,7 +49,6 @@ def _is_index_list(value) -> bool:
 
 class LayerSkipDrafter(Drafter):
     name = "layerskip"
-    uses_model = True
 
     def __init__(
         self,
@@ -93,7 +92,6 @@ class LayerSkipDrafter(Drafter):
         self.search_seconds = number_option("search_seconds", search_seconds, 0.0)
         self.search_tokens = max(int_option("search_tokens", search_tokens), MIN_SEARCH_TOKENS)
         self.histories: list[list[int]] = []
-        self.drafts: dict[int, DraftTrie] = {}
         self.plan: SkipPlan | None = None
         self.searched_this_call = 0.0
         self.drafted = self.accepted = 0  # candidates drafted, tokens accepted (this call)
@@ -107,21 +105,16 @@ class LayerSkipDrafter(Drafter):
         self.reused_steps = 0
 
     # -- the Drafter protocol ----------------------------------------------------------------
-    def start(self, histories):
-        self.histories = [list(h) for h in histories]
-        self.drafts = {}
+    def start(self, prompts, hidden=None):
+        self.histories = [list(p) for p in prompts]
         self.searched_this_call = 0.0
         self.drafted = self.accepted = 0
         self.reused_steps = 0
 
-    def extend(self, seq, new_tokens):
-        self.histories[seq].extend(new_tokens)
-
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
-        return self.drafts.pop(seq, None) or DraftTrie(root_token)
-
     def observe(self, outcome) -> None:
         self.accepted += int(outcome.accept_len.sum())
+        for seq, tokens in zip(outcome.rows, outcome.emitted):
+            self.histories[seq].extend(tokens)
 
     def report(self) -> dict:
         plan = self.plan
@@ -141,19 +134,19 @@ class LayerSkipDrafter(Drafter):
         return found
 
     # -- drafting ------------------------------------------------------------------------------
-    def draft_batch(self, adapter, cache, rows: list[int], roots: list[int], hidden=None) -> None:
-        self.drafts = {}
+    def propose(self, request: DraftRequest) -> Proposal:
+        adapter, cache, rows = request.adapter, request.cache, request.rows
+        tries = [DraftTrie(root) for root in request.roots]
         self.residuals, self.forwarded = [], []
         plan = self._plan_for(adapter, rows)
         if plan is None or plan.kept is None:
-            return
+            return Proposal(tries)
         if self.per_sequence is not None:
             self._check_per_sequence(adapter)
         elif self._layers is None:
             self._layers = adapter.layer_subset(plan.kept)
-        tries = {seq: DraftTrie(root) for seq, root in zip(rows, roots)}
-        self.drafts = tries
-        self._draft_chains(adapter, cache, rows, roots, tries)
+        self._draft_chains(adapter, cache, rows, request.roots, dict(zip(rows, tries)))
+        return Proposal(tries, self.verify_start if self.reuse_kv else None)
 
     def _kept_mask(self, adapter, rows: list[int], drafting: list[bool], dense: bool = False) -> torch.Tensor | None:
         """bool [L, B]: which layer runs for which batch row this draft forward (None: the plan's
@@ -299,3 +292,15 @@ class LayerSkipDrafter(Drafter):
             self.searched_this_call += plan.seconds
         self.tables[key] = self.plan = plan
         return plan
+
+
+def build(options: dict, env: DrafterEnv) -> LayerSkipDrafter:
+    """The skip-set search's result lives in the model's tables; layer indices are checked against
+    the model where its layer count is known."""
+    drafter = LayerSkipDrafter(env.tables, **options)
+    if env.num_layers is not None:
+        drafter.check_layers(env.num_layers)
+    return drafter
+
+
+SPEC = DrafterSpec("layerskip", OPTIONS, build)

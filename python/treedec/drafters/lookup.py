@@ -8,12 +8,13 @@ first) are merged into one trie, so diverging continuations become branches.
 from __future__ import annotations
 
 from ..options import int_option
-from .base import Drafter, DraftTrie
+from .base import DrafterSpec, DraftTrie, RowDrafter
 
 MAX_KEY_DEPTH = 8
+OPTIONS = ("min_ngram", "max_ngram", "max_matches", "max_draft_len")
 
 
-class LookupDrafter(Drafter):
+class LookupDrafter(RowDrafter):
     name = "lookup"
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 4, max_matches: int = 4, max_draft_len: int = 10):
@@ -26,11 +27,11 @@ class LookupDrafter(Drafter):
         self.histories: list[list[int]] = []
         self.index: list[dict[tuple[int, ...], list[int]]] = []  # n-gram -> positions right after it
 
-    def start(self, histories: list[list[int]]) -> None:
-        self.histories = [[] for _ in histories]
-        self.index = [{} for _ in histories]
-        for seq, history in enumerate(histories):
-            self.extend(seq, history)
+    def start(self, prompts: list[list[int]], hidden=None) -> None:
+        self.histories = [[] for _ in prompts]
+        self.index = [{} for _ in prompts]
+        for seq, prompt in enumerate(prompts):
+            self.extend(seq, prompt)
 
     def extend(self, seq: int, new_tokens) -> None:
         history, index = self.histories[seq], self.index[seq]
@@ -40,7 +41,7 @@ class LookupDrafter(Drafter):
             for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
                 index.setdefault(tuple(history[end - n : end]), []).append(end)
 
-    def propose(self, seq: int, root_token: int) -> DraftTrie:
+    def propose_row(self, seq: int, root_token: int, uniforms=None) -> DraftTrie:
         history, index = self.histories[seq], self.index[seq]
         trie = DraftTrie(root_token)
         end = len(history)
@@ -58,3 +59,6 @@ class LookupDrafter(Drafter):
                 if taken >= self.max_matches:
                     return trie
         return trie
+
+
+SPEC = DrafterSpec("lookup", OPTIONS, lambda options, env: LookupDrafter(**options))

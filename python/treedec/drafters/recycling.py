@@ -13,9 +13,11 @@ import heapq
 
 import numpy as np
 
-from .base import Drafter, DraftTrie, StepOutcome
+from ..options import int_option
+from .base import DrafterEnv, DrafterSpec, DraftTrie, RowDrafter, StepOutcome
 
 MAX_KEY_DEPTH = 8
+OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 EDGE_MARGIN = 0.05  # a uniform this close to its slice's edge makes a "coupled-edge" guess
 
 
@@ -94,16 +96,20 @@ class RecyclingTable:
         return order, "coupled-edge" if edge else "coupled"
 
 
-class RecyclingDrafter(Drafter):
+class RecyclingDrafter(RowDrafter):
+    """Drafts from the table alone, so it keeps no histories."""
+
     name = "recycling"
-    wants_uniforms = True
 
     def __init__(self, table: RecyclingTable, template_nodes: int = 40, max_depth: int = 6):
         self.table = table
         self.topk = table.width
         self.template = rank_template(template_nodes, table.width, max_depth)
 
-    def propose(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
+    def start(self, prompts, hidden=None) -> None:
+        pass
+
+    def propose_row(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
         trie = DraftTrie(root_token)
         self.expand(trie, uniforms)
         return trie
@@ -150,3 +156,16 @@ class RecyclingDrafter(Drafter):
         tokens = outcome.tokens.reshape(-1).numpy()
         probs = None if outcome.topk_probs is None else outcome.topk_probs.reshape(tokens.shape[0], -1).numpy()
         self.table.update(tokens, outcome.topk.reshape(tokens.shape[0], -1).numpy(), probs)
+
+
+def build(options: dict, env: DrafterEnv) -> RecyclingDrafter:
+    """The table lives in the model's tables (one per width), so it outlives the call."""
+    width = int_option("recycling_width", options.get("recycling_width", 8))
+    table = env.tables.get(("recycling", width))
+    if table is None:
+        table = env.tables[("recycling", width)] = RecyclingTable(env.vocab_size, width)
+    return RecyclingDrafter(table, int_option("template_nodes", options.get("template_nodes", 40)),
+                            int_option("max_depth", options.get("max_depth", 6)))
+
+
+SPEC = DrafterSpec("recycling", OPTIONS, build)

@@ -32,6 +32,8 @@ TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "
 # Left out of default method lists: they need heads (shipped ones exist for the embedded model only;
 # others pass --medusa-heads / --hydra-heads), so they run when asked for.
 OPT_IN_METHODS = ("medusa", "hydra")
+# Methods whose drafter runs the model (or heads) to draft: the report prints their drafting figures
+MODEL_DRAFTING_METHODS = ("layerskip", "medusa", "hydra")
 ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
 # Warms up (compiles, calibrates, runs layerskip's search) on text that no measured set holds.
 WARMUP_PROMPT = Prompt("warmup", "Name three colours of the rainbow and one thing that has each colour.")
@@ -49,7 +51,7 @@ class Run:
     identical: bool
     first_diff: int | None = None  # first generated position that differs from HF greedy
     logit_gap: float | None = None  # HF's top-2 logit gap there: a near-tie means fp rounding, not a bug
-    draft_seconds: float = 0.0  # a model drafter's (layerskip's, heads') own drafting time within `seconds`
+    draft_seconds: float = 0.0  # the drafter's proposing time within `seconds`
     drafted: int = 0  # candidate tokens a model drafter proposed (before the sizer prunes)
     accepted: int = 0  # tokens accepted from them
 
@@ -127,8 +129,7 @@ class Report:
             "methods": self.methods,
             "summary": {c or "overall": self.summary(c) for c in self.categories() + [None]},
             "runs": [asdict(r) for r in self.runs],
-            "drafting": {m: self.drafting(m) for m in self.methods if any(r.draft_seconds for r in self.runs
-                                                                          if r.method == m)},
+            "drafting": {m: self.drafting(m) for m in self.methods if m in MODEL_DRAFTING_METHODS},
         }
 
 

@@ -44,10 +44,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# Run as a script, this file's directory comes first on sys.path, and this file would then stand in
+# for the `kernels` package that transformers imports (hub kernels): drop the directory.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from treedec import ops, reference
-from treedec.ops import _backend, _library
+import torch  # noqa: E402
+
+from treedec import ops, reference  # noqa: E402
+from treedec.ops import OPS, registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 FIELDS = ["kernel", "backend", "device", "shape", "median_us", "p20_us", "p80_us", "gbps"]
@@ -170,7 +174,7 @@ def native_backends(device: torch.device, op: str) -> list[str]:
     for backend in ("cpp", "cuda", "triton"):
         if backend == "triton" and device.type == "cpu":
             continue  # the interpreter's timings mean nothing
-        if _backend.available_backends()[backend] and _backend.runs_on(backend, device) and _backend.implements(backend, op):
+        if registry.built(backend) and registry.runs_on(backend, device) and OPS[op].implements(backend):
             found.append(backend)
     return found
 
@@ -201,7 +205,7 @@ def bench_build_tree(device, quick):
             moved = batch * num_nodes * (4 + 4 + 4 * words)
             methods = {"reference": lambda: reference.build_tree(parents)}
             for backend in native_backends(device, "build_tree"):
-                run = _library.implementation("build_tree", backend)
+                run = OPS["build_tree"].implementation(backend)
                 methods[backend] = lambda run=run: run(parents)
                 methods[f"{backend}+ops"] = forced(backend, lambda: ops.build_tree(parents))
             yield "build_tree", f"B={batch},T={num_nodes}", moved, methods
@@ -219,7 +223,7 @@ def bench_verify_greedy(device, quick):
             moved = batch * num_nodes * (4 + 8 + 8 + 4) + batch * (4 + 8)
             methods = {"reference": lambda: reference.verify_greedy(parents, tokens, target)}
             for backend in native_backends(device, "verify_greedy"):
-                run = _library.implementation("verify_greedy", backend)
+                run = OPS["verify_greedy"].implementation(backend)
                 methods[backend] = lambda run=run: run(parents, tokens, target)
                 methods[f"{backend}+ops"] = forced(backend, lambda: ops.verify_greedy(parents, tokens, target))
             yield "verify_greedy", f"B={batch},T={num_nodes}", moved, methods
@@ -240,8 +244,8 @@ def bench_verify_sample(device, quick):
             moved = batch * num_nodes * (4 + 8 + 4 * vocab + 4 + 4) + batch * (4 + 8)
             methods = {"reference": lambda: reference.verify_sample(parents, tokens, probs, uniforms)}
             for backend in native_backends(device, "sample_tokens"):
-                sample = _library.implementation("sample_tokens", backend)
-                greedy = _library.implementation("verify_greedy", backend)
+                sample = OPS["sample_tokens"].implementation(backend)
+                greedy = OPS["verify_greedy"].implementation(backend)
 
                 def run(sample=sample, greedy=greedy):
                     target = sample(probs.view(-1, vocab), uniforms.view(-1)).view(batch, num_nodes)
@@ -295,7 +299,7 @@ def bench_compact_kv(device, quick):
                 "torch_index_per_layer": lambda: torch_index_per_layer(caches, prefix_len, accept_nodes),
             }
             for backend in native_backends(device, "compact_kv"):
-                run = _library.implementation("compact_kv", backend)
+                run = OPS["compact_kv"].implementation(backend)
                 methods[backend] = lambda run=run: run(caches, prefix_len, accept_nodes)
                 methods[f"{backend}+ops"] = forced(backend, lambda: ops.compact_kv(caches, prefix_len, accept_nodes))
             shape = f"{model},layers={layers},B={batch},Hkv={kv_heads},D={head_dim},T={num_nodes},accept={accepted},{str(dtype)[6:]}"
@@ -325,7 +329,7 @@ def bench_lm_head_topk(device, quick):
 
                     methods["torch_matmul_topk_1thread"] = one_thread
                 for backend in native_backends(device, "lm_head_topk"):
-                    run = _library.implementation("lm_head_topk", backend)
+                    run = OPS["lm_head_topk"].implementation(backend)
                     methods[backend] = lambda run=run: run(hidden, weight, k)
                 shape = f"N={rows},V={vocab},H={width},k={k},{str(dtype)[6:]}"
                 yield "lm_head_topk", shape, moved, methods
@@ -345,7 +349,7 @@ def bench_linear_rows(device, quick):
                 moved = layers * (weights[0].numel() + (rows * (out + width))) * weights[0].element_size()
                 methods = {"torch_linear": lambda x=x: [torch.nn.functional.linear(x, w) for w in weights]}
                 for backend in native_backends(device, "linear_rows"):
-                    run = _library.implementation("linear_rows", backend)
+                    run = OPS["linear_rows"].implementation(backend)
                     methods[backend] = lambda run=run, x=x: [run(x, w) for w in weights]
                 shape = f"N={rows},O={out},H={width},{layers} weights,{str(dtype)[6:]}"
                 yield "linear_rows", shape, moved, methods
@@ -378,7 +382,7 @@ def bench_draft_heads_topk(device, quick):
 
             methods = {"torch_unfused": torch_unfused}
             for backend in native_backends(device, "draft_heads_topk"):
-                run = _library.implementation("draft_heads_topk", backend)
+                run = OPS["draft_heads_topk"].implementation(backend)
                 methods[backend] = lambda run=run, hidden=hidden: run(hidden, weights, biases, lm_weight, k)
             shape = f"{model},N={rows},K={heads},L={blocks},H={width},V={vocab},k={k},{str(dtype)[6:]}"
             yield "draft_heads_topk", shape, moved, methods
@@ -415,8 +419,8 @@ def bench_layer_rows(device, quick):
 
             methods = {"masked_all_rows": masked}
             for backend in ["reference", *native_backends(device, "gather_rows")]:
-                gather = _library.implementation("gather_rows", backend)
-                scatter = _library.implementation("scatter_rows", backend)
+                gather = OPS["gather_rows"].implementation(backend)
+                scatter = OPS["scatter_rows"].implementation(backend)
 
                 def batched(gather=gather, scatter=scatter, x=x, rows=rows, cos=cos, sin=sin):
                     with torch.inference_mode():
@@ -463,7 +467,7 @@ def bench_tree_attention(device, quick):
             ),
         }
         for backend in native_backends(device, "tree_attention"):
-            run = _library.implementation("tree_attention", backend)
+            run = OPS["tree_attention"].implementation(backend)
             methods[backend] = lambda run=run: run(q, k, v, prefix_len, tree_mask, None, None)
         shape = f"{model},B={batch},Hq={q_heads},Hkv={kv_heads},D={head_dim},T={num_nodes},prefix={prefix},{str(dtype)[6:]}"
         yield "tree_attention", shape, moved, methods
@@ -574,6 +578,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-only", action="store_true", help="plot the existing CSV without benchmarking")
     args = parser.parse_args(argv)
 
+    unknown = [name for name in args.kernels.split(",") if name not in BENCHES]
+    if unknown:
+        parser.error(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -585,7 +592,7 @@ def main(argv=None) -> int:
         return 0
     timer = Timer(device)
     label = device_label(device)
-    print(f"# device: {label}; backends: {_backend.available_backends()}; torch {torch.__version__}")
+    print(f"# device: {label}; backends: {registry.available_backends()}; torch {torch.__version__}")
     if args.fresh and out.exists():
         out.unlink()
     total = 0

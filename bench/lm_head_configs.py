@@ -38,6 +38,14 @@ WIDTH, VOCAB, HEADS, K = 4096, 128256, 4, 8
 ROW_COUNTS = (256, 64, 32, 4)  # N*K for N = 64, 8, 1 draft rows; 64: a 64-node greedy verify's width
 
 
+
+
+def launch(hidden, weight, k, config):
+    """The fused kernel for a LaunchConfig, the cuBLAS-chunks path for a ChunkedConfig."""
+    if isinstance(config, chunked.ChunkedConfig):
+        return chunked.launch(hidden, weight, k, config)
+    return kernel._launch(hidden, weight, k, config)
+
 def configs(rows: int):
     """The default (the fused kernel) first, then the cuBLAS-chunks path at several chunk and
     segment shapes, then the fused kernel with pointer loads and other tiles (the deadline may cut
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
                 break
 
             def run(config=config, hidden=hidden):
-                return kernel._launch(hidden, weight, K, config)
+                return launch(hidden, weight, K, config)
 
             try:
                 ids = run()[1].sort(dim=-1).values
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
 
         def fused(config=None, hidden=hidden):
             states = draft_heads.head_states(hidden, weights, biases)
-            return kernel._launch(states.view(-1, width), weight, K, config)
+            return launch(states.view(-1, width), weight, K, config)
 
         methods = {"torch_unfused": torch_unfused, "triton_default": fused, "blocks_only":
                    lambda hidden=hidden: draft_heads.head_states(hidden, weights, biases)}

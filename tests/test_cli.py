@@ -4,6 +4,7 @@ stderr and exit status 2, never a traceback, and never after minutes of benchmar
 import json
 
 import pytest
+import torch
 
 import treedec.tools.cli as cli
 
@@ -169,3 +170,17 @@ def test_audit_command_on_a_tiny_model(monkeypatch, tmp_path, capsys):
 def test_audit_refuses_bad_arguments_before_loading(no_model, questions, capsys, arguments, expected):
     assert cli.main(["audit", "--questions", questions, *arguments]) == 2
     one_error_line(capsys, expected)
+
+
+def test_info_prints_every_ops_decision_on_this_machine(monkeypatch, capsys):
+    from treedec import ops
+
+    monkeypatch.setenv("TREEDEC_BACKEND", "auto")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, op in ops.OPS.items():
+        assert f"  {name:<17} {op.describe(torch.device('cpu'))}\n" in out
+    monkeypatch.setenv("TREEDEC_BACKEND", "reference")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "TREEDEC_BACKEND=reference" in out and all(f"  {name:<17} reference\n" in out for name in ops.OPS)

@@ -34,7 +34,8 @@ def native_backends_or_skip() -> None:
 @pytest.mark.parametrize("drafter", ["auto", "lookup", None])
 def test_lossless_batch_on_gpu(drafter, fp32_lm_head, monkeypatch):
     native_backends_or_skip()
-    monkeypatch.setattr(treedec.ops.lm_head, "FP32_GPU_BACKEND", fp32_lm_head)
+    if fp32_lm_head == "triton":  # the fused kernel for fp32 too: auto avoids it there by default
+        monkeypatch.setattr(treedec.ops.lm_head.LM_HEAD_TOPK, "avoids", {})
     model = tiny_llama(seed=5).cuda()
     ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 23), [11, 4]])
     ids, mask = ids.cuda(), mask.cuda()
@@ -64,7 +65,7 @@ def test_sampling_equals_token_by_token_on_gpu(top_k, monkeypatch):
     from test_sampling import peaked_llama, sample_token_by_token
 
     native_backends_or_skip()
-    monkeypatch.setattr(treedec.ops.lm_head, "FP32_GPU_BACKEND", "triton")
+    monkeypatch.setattr(treedec.ops.lm_head.LM_HEAD_TOPK, "avoids", {})  # fp32 through the fused kernel
     model = peaked_llama(seed=3).cuda()
     prompts = [repetitive_prompt(3, 11), repetitive_prompt(4, 19), [7, 8]]
     ids, mask = left_padded(prompts)

@@ -43,8 +43,8 @@ def test_lossless_with_triton_attention_and_lm_head(triton_backend, drafter, mon
     treedec.patch(model, drafter=drafter)
     assert ops.choose_backend(torch.device("cpu"), "lm_head_topk") == "triton"
     calls = []
-    kernel = attention_op._library.implementation("tree_attention", "triton")
-    monkeypatch.setitem(attention_op._library._IMPLEMENTATIONS["tree_attention"], "triton",
+    kernel = attention_op.TREE_ATTENTION.implementation("triton")
+    monkeypatch.setitem(attention_op.TREE_ATTENTION.implementations, "triton",
                         lambda *args: calls.append(1) or kernel(*args))
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     assert torch.equal(got, expected)

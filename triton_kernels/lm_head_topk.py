@@ -26,7 +26,6 @@ import triton.language as tl
 
 from ._launch import dot_settings, row_block
 from ._topk import merge_into
-from .lm_head_chunked import ChunkedConfig, launch as launch_chunked
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -185,8 +184,9 @@ def default_config(num_rows: int, dtype: torch.dtype, device: torch.device) -> L
     33-64 rows: 64-row tiles with 4 stages (298 us against 323 us). Fewer rows: the smallest row
     tile, TMA loads (within 2% of pointer loads). 16-bit rows take 128-wide vocabulary tiles (787
     us against 1054 us with 64 at 256 rows on an H100); fp32 takes 64. The cuBLAS-chunks path
-    (`ChunkedConfig`) lost at every row count with its first top-k (K passes per segment): 855 us
-    at best against 633 at 256 rows (lm_head_configs_chunked.log)."""
+    (lm_head_chunked.py, an experiment this function does not take) lost at every row count with
+    its first top-k (K passes per segment): 855 us at best against 633 at 256 rows
+    (lm_head_configs_chunked.log)."""
     block_r = row_block(num_rows)
     if device.type != "cuda":
         return LaunchConfig(block_r, 64 if dtype == torch.float32 else 128, splits_per_sm=4)
@@ -201,7 +201,7 @@ def _launch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     k: int,
-    config: LaunchConfig | ChunkedConfig | None = None,
+    config: LaunchConfig | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows, hidden_size = hidden.shape
@@ -209,8 +209,6 @@ def _launch(
     assert weight.shape[1] == hidden_size and weight.dtype == hidden.dtype
     assert 1 <= k <= min(vocab, 16)
     config = config or default_config(num_rows, hidden.dtype, hidden.device)
-    if isinstance(config, ChunkedConfig):
-        return launch_chunked(hidden, weight, k, config)
     values = torch.empty(num_rows, k, dtype=torch.float32, device=hidden.device)
     indices = torch.empty(num_rows, k, dtype=torch.int64, device=hidden.device)
     if num_rows == 0:

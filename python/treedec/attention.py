@@ -69,13 +69,10 @@ class TreeStep:
         step = self.on(q.device)
         if step.cache_rows is not None:  # a row subset: its sequences' cache rows, gathered
             k, v = ops.gather_rows(k, step.cache_rows), ops.gather_rows(v, step.cache_rows)
-        if ops.choose_backend(q.device, "tree_attention") == "reference":
-            return reference.tree_attention(
-                q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, dense_mask=step.dense_mask()
-            )
         # the cache checked this step's rows (begin_step): no per-layer read of prefix_len, which
-        # would make a GPU's host wait at every layer
-        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, check_values=False)
+        # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
+        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, check_values=False,
+                                  dense_mask=step.dense_mask)
 
 
 def treedec_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -304,10 +304,6 @@ class TreeDecoder:
         wanted = max((top_k or 0) + 1, draft_k)
         fused = self.adapter.fused_lm_head and top_k is not None and top_k + 1 <= self.adapter.vocab_size
         if fused:
-            weight = self.adapter.lm_head.weight
-            if ops.lm_head_backend(weight.device, weight.dtype) == "triton":
-                fused = wanted <= 16  # the Triton kernel keeps at most 16 per row
-        if fused:
             values, ids = self.adapter.topk_values(hidden, wanted)
             ids = ids.reshape(batch * num_nodes, -1)
             subset = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],

@@ -10,10 +10,10 @@ import torch
 
 from treedec import _native, ops, reference
 from treedec.heads import HeadsConfig, build_heads
-from treedec.ops import _backend
+from treedec.ops.heads import DRAFT_HEADS_TOPK
 
 BACKENDS = ["reference"] + (["cpp"] if _native.cpp() is not None else [])
-if os.environ.get("TRITON_INTERPRET") == "1" and _backend.implements("triton", "draft_heads_topk"):
+if os.environ.get("TRITON_INTERPRET") == "1" and DRAFT_HEADS_TOPK.implements("triton"):
     BACKENDS.append("triton")
 
 

@@ -28,6 +28,7 @@ from treedec import reference  # noqa: E402
 from treedec.reference.tree import unpack_bits  # noqa: E402
 from triton_kernels import draft_heads as draft_heads_mod  # noqa: E402
 from triton_kernels import lm_head_topk as lm_head_mod  # noqa: E402
+from triton_kernels import lm_head_chunked as chunked_mod  # noqa: E402
 from triton_kernels.lm_head_chunked import chunk_width  # noqa: E402
 from triton_kernels import tree_attention as attention_mod  # noqa: E402
 from helpers import make_parents  # noqa: E402
@@ -39,6 +40,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
+
+
+
+def launch_lm_head(hidden, weight, k, config=None, num_splits=None):
+    """The fused LM-head top-k kernel, or the cuBLAS-chunks path for a ChunkedConfig (an experiment
+    lm_head_topk does not take)."""
+    if isinstance(config, chunked_mod.ChunkedConfig):
+        return chunked_mod.launch(hidden, weight, k, config)
+    return lm_head_mod._launch(hidden, weight, k, config, num_splits)
 
 def attention_inputs(batch, num_nodes, q_heads, kv_heads, head_dim, shape, left_pad, seed, max_prefix=70,
                      dtype=torch.float32, device=DEVICE):
@@ -186,9 +196,9 @@ def test_lm_head_topk_ties_go_to_smallest_index(num_splits):
     best = int((hidden[0] @ weight.T).argmax())
     weight[499] = weight[best]  # same logit, later tile and split
     weight[best + 1 if best + 1 < 499 else 0] = weight[best]
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 1, num_splits=num_splits)
+    values, indices = launch_lm_head(hidden.to(DEVICE), weight.to(DEVICE), 1, num_splits=num_splits)
     assert torch.equal(indices.cpu(), reference.lm_head_topk(hidden, weight, 1)[1])
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 3, num_splits=num_splits)
+    values, indices = launch_lm_head(hidden.to(DEVICE), weight.to(DEVICE), 3, num_splits=num_splits)
     tied = sorted({best, 499, best + 1 if best + 1 < 499 else 0})
     assert indices[0].tolist() == tied
 
@@ -216,7 +226,7 @@ def check_ties_and_infinities(k, num_splits, config=None, num_rows=7, dtype=torc
     logits = hidden @ weight.T
     logits = torch.where(logits.isnan(), torch.tensor(float("inf")), logits)
     # small integers: exact in bf16 too, and their sums in the kernel's fp32 accumulator
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), k, config, num_splits)
+    values, indices = launch_lm_head(hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), k, config, num_splits)
     expected_values, expected_indices = stable_topk(logits, k)
     assert k < 16 or expected_values[:, -1].isneginf().all()
     assert torch.equal(indices.cpu(), expected_indices)
@@ -246,7 +256,7 @@ def test_lm_head_topk_chunked_many_ties(k, dtype):
     777 columns in chunks of 100 read in 32-wide segments, so ties and -inf entries cross
     segments and chunks, and the short last chunk has fewer segments than the others (a merge
     that read the earlier chunk's leftover candidates would repeat indices)."""
-    config = lm_head_mod.ChunkedConfig(chunk_v=100, block_r=4, block_s=32)
+    config = chunked_mod.ChunkedConfig(chunk_v=100, block_r=4, block_s=32)
     check_ties_and_infinities(k, 1, config, dtype=dtype)
 
 
@@ -254,12 +264,12 @@ def test_lm_head_topk_chunked_matches_torch():
     """Random logits, 37 rows (a partial row block), a last chunk of one column."""
     gen = torch.Generator().manual_seed(12)
     hidden, weight = torch.randn(37, 48, generator=gen), torch.randn(1001, 48, generator=gen)
-    config = lm_head_mod.ChunkedConfig(chunk_v=200, block_r=16, block_s=64)
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 8, config)
+    config = chunked_mod.ChunkedConfig(chunk_v=200, block_r=16, block_s=64)
+    values, indices = launch_lm_head(hidden.to(DEVICE), weight.to(DEVICE), 8, config)
     expected_values, expected_indices = torch.topk(hidden @ weight.T, 8)
     assert torch.equal(indices.cpu(), expected_indices)
     torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
-    assert lm_head_mod._launch(hidden[:0].to(DEVICE), weight.to(DEVICE), 8, config)[0].shape == (0, 8)
+    assert launch_lm_head(hidden[:0].to(DEVICE), weight.to(DEVICE), 8, config)[0].shape == (0, 8)
 
 
 @pytest.mark.gpu
@@ -282,7 +292,7 @@ def test_lm_head_topk_many_ties_gpu(k, config):
 def test_lm_head_topk_chunked_many_ties_gpu(k, config):
     """The many-row path on the GPU: cuBLAS writes each chunk's fp32 logits."""
     chunk_v, block_r, block_s, warps = config
-    launch = lm_head_mod.ChunkedConfig(chunk_v, block_r=block_r, block_s=block_s, num_warps=warps)
+    launch = chunked_mod.ChunkedConfig(chunk_v, block_r=block_r, block_s=block_s, num_warps=warps)
     check_ties_and_infinities(k, 1, launch, num_rows=200, dtype=torch.bfloat16)
 
 
@@ -302,7 +312,7 @@ def test_lm_head_topk_k16_and_nan_does_not_crash():
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 33, generator=gen)
     weight = torch.randn(400, 33, generator=gen)
-    values, indices = lm_head_mod._launch(hidden.to(DEVICE), weight.to(DEVICE), 16, num_splits=2)
+    values, indices = launch_lm_head(hidden.to(DEVICE), weight.to(DEVICE), 16, num_splits=2)
     expected_values, expected_indices = torch.topk(hidden @ weight.T, 16)
     torch.testing.assert_close(values.cpu(), expected_values, atol=1e-4, rtol=1e-5)
     assert torch.equal(indices.cpu(), expected_indices)
@@ -383,12 +393,14 @@ def test_head_states_strided_inputs_and_no_blocks():
 
 @pytest.mark.parametrize("rows,heads,blocks,k", [(3, 2, 1, 1), (3, 3, 2, 4), (5, 2, 2, 20)])
 def test_draft_heads_topk_backend_matches_reference(rows, heads, blocks, k, monkeypatch):
-    """Through treedec.ops with TREEDEC_BACKEND=triton (k=20 > 16: the LM-head pass takes torch)."""
+    """Through treedec.ops with TREEDEC_BACKEND=triton (k=20 > 16: the registry declines the kernel,
+    a logged and counted decision)."""
     from treedec import ops
 
     monkeypatch.setenv("TREEDEC_BACKEND", "triton")
     args = heads_inputs(rows, heads, blocks, 24, 37, torch.float32, seed=rows + heads + k)
-    assert ops.heads.draft_heads_backend(args[0].device, torch.float32) == "triton"  # no silent fallback
+    decided = ops.heads.DRAFT_HEADS_TOPK.backend(args[0].device, *args, k)
+    assert decided == ("triton" if k <= 16 else "reference")
     values, ids, states = ops.draft_heads_topk(*args, k)
     want_values, want_ids, want_states = reference.draft_heads_topk(*(t.cpu() for t in args), k)
     assert values.shape == ids.shape == (rows, heads, k) and states.shape == (rows, heads, 24)
@@ -416,18 +428,17 @@ def test_draft_heads_topk_backend_bf16(monkeypatch):
 
 def test_draft_heads_backend_choice(monkeypatch):
     """On CUDA, auto runs the Triton kernels for bf16 and sends fp32 where lm_head_topk sends it."""
-    from treedec.ops import heads, lm_head
+    from treedec.ops import heads
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(lm_head, "choose_backend", lambda device, op: "triton")
+    op = heads.DRAFT_HEADS_TOPK
     monkeypatch.delenv("TREEDEC_BACKEND", raising=False)
-    assert heads.draft_heads_backend(cuda, torch.bfloat16) == "triton"
-    assert heads.draft_heads_backend(cuda, torch.float32) == lm_head.FP32_GPU_BACKEND
+    args = heads_inputs(2, 2, 1, 24, 37, torch.bfloat16, seed=1)
+    assert op.backend(cuda, *args, 4) == "triton"
+    assert op.backend(cuda, *(t.float() for t in args), 4) == "reference"  # fp32 under auto
     monkeypatch.setenv("TREEDEC_BACKEND", "triton")
-    assert heads.draft_heads_backend(cuda, torch.float32) == "triton"
-    from treedec.ops import _backend
-
-    assert "draft_heads_topk" in _backend.NATIVE_OPS["triton"] and _backend.implements("triton", "draft_heads_topk")
+    assert op.backend(cuda, *(t.float() for t in args), 4) == "triton"  # forced: the kernel runs it
+    assert op.implements("triton")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,8 +471,8 @@ def test_lm_head_topk_gpu(dtype, num_rows, k, chunked):
     gen = torch.Generator().manual_seed(num_rows + k)
     hidden = torch.randn(num_rows, 576, generator=gen).to("cuda", dtype)
     weight = (torch.randn(49152, 576, generator=gen) * 0.05).to("cuda", dtype)
-    config = lm_head_mod.ChunkedConfig(chunk_width(num_rows)) if chunked else None
-    values, indices = lm_head_mod._launch(hidden, weight, k, config)
+    config = chunked_mod.ChunkedConfig(chunk_width(num_rows)) if chunked else None
+    values, indices = launch_lm_head(hidden, weight, k, config)
     logits = hidden.float() @ weight.float().T  # fp32 logits of the same inputs
     expected_values = torch.topk(logits, k).values
     torch.testing.assert_close(values, expected_values, atol=1e-3, rtol=1e-3)
@@ -630,12 +641,13 @@ def test_fp32_lm_head_on_gpu_goes_to_torch(monkeypatch):
     from treedec.ops import lm_head
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(lm_head, "choose_backend", lambda device, op: "triton")
+    op = lm_head.LM_HEAD_TOPK
     monkeypatch.delenv("TREEDEC_BACKEND", raising=False)
-    assert lm_head.lm_head_backend(cuda, torch.float32) == "reference"
-    assert lm_head.lm_head_backend(cuda, torch.bfloat16) == "triton"
+    hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
+    assert op.backend(cuda, hidden, weight, 4) == "reference"
+    assert op.backend(cuda, hidden.bfloat16(), weight.bfloat16(), 4) == "triton"
     monkeypatch.setenv("TREEDEC_BACKEND", "triton")
-    assert lm_head.lm_head_backend(cuda, torch.float32) == "triton"
+    assert op.backend(cuda, hidden, weight, 4) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,32 +70,27 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
-    """All tensors whose rows (last dim) are contiguous go to the kernel in one call; any others
-    (rare: a transposed view) take the reference path."""
+    """Every tensor's rows (last dim) are contiguous (the registry sends others to the reference):
+    all layers in one call."""
     module = _native.require_cpp()
     prefix_len, accept_nodes = prefix_len.contiguous(), accept_nodes.contiguous()
     batch, num_nodes = accept_nodes.shape
     meta: list[int] = []
-    strided: list[torch.Tensor] = []
     for cache in caches:
-        shape, stride = cache.shape, cache.stride()
-        if stride[3] != 1 and shape[3] > 1:
-            strided.append(cache)
-            continue
-        size = cache.element_size()
+        shape, stride, size = cache.shape, cache.stride(), cache.element_size()
         meta += (cache.data_ptr(), shape[1], shape[3] * size, stride[0] * size, stride[1] * size, stride[2] * size)
-    if meta:
-        module.compact_kv(
-            meta, prefix_len.data_ptr(), accept_nodes.data_ptr(), batch, caches[0].shape[2], num_nodes, num_threads()
-        )
-    if strided:
-        reference.compact_kv(strided, prefix_len, accept_nodes)
+    module.compact_kv(
+        meta, prefix_len.data_ptr(), accept_nodes.data_ptr(), batch, caches[0].shape[2], num_nodes, num_threads()
+    )
+
+
+def rows_not_contiguous(caches: list[torch.Tensor]) -> bool:
+    """Whether some cache's rows (last dim) are strided: the kernel copies whole rows."""
+    return any(c.stride(3) != 1 and c.shape[3] > 1 for c in caches)
 
 
 def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 and bf16 run the kernel; other dtypes (fp16) take the reference."""
-    if hidden.dtype not in LM_HEAD_DTYPES:
-        return reference.lm_head_topk(hidden, weight, k)
+    """fp32 and bf16 (LM_HEAD_DTYPES; the registry sends others to the reference)."""
     module = _native.require_cpp()
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
@@ -148,9 +143,9 @@ def _row_view(x: torch.Tensor) -> tuple[int, int]:
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows that are not contiguous in memory (a strided view) take the reference path."""
-    if index.numel() == 0 or not x[0].is_contiguous():
-        return reference.gather_rows(x, index)
+    """x's rows are contiguous in memory (the registry sends strided views to the reference)."""
+    if index.numel() == 0:
+        return x.new_empty((0, *x.shape[1:]))
     module = _native.require_cpp()
     index = index.contiguous()
     out = torch.empty((index.shape[0], *x.shape[1:]), dtype=x.dtype)

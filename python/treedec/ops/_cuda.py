@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native, reference
+from .. import _native
 
 
 def _stream(device: torch.device) -> int:
@@ -77,18 +77,14 @@ def _pointer_array(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
-    """One launch per group of contiguous tensors sharing (H, D, element size) — one launch for a
-    uniform model; non-contiguous tensors take the reference path."""
+    """One launch per group of tensors sharing (H, D, element size), one launch for a uniform model;
+    every tensor is contiguous (the registry sends others to the reference)."""
     module = _native.require_cuda()
     prefix_len, accept_nodes = prefix_len.contiguous(), accept_nodes.contiguous()
     batch, num_nodes = accept_nodes.shape
     groups: dict[tuple[int, int, int], list[torch.Tensor]] = {}
-    strided = []
     for cache in caches:
-        if cache.is_contiguous():
-            groups.setdefault((cache.shape[1], cache.shape[3], cache.element_size()), []).append(cache)
-        else:
-            strided.append(cache)
+        groups.setdefault((cache.shape[1], cache.shape[3], cache.element_size()), []).append(cache)
     device = accept_nodes.device
     with torch.cuda.device(device):
         for (heads, head_dim, elem_size), tensors in groups.items():
@@ -97,5 +93,3 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
                 pointers.data_ptr(), len(tensors), prefix_len.data_ptr(), accept_nodes.data_ptr(),
                 batch, heads, tensors[0].shape[2], head_dim, elem_size, num_nodes, _stream(device),
             )  # fmt: skip
-    if strided:
-        reference.compact_kv(strided, prefix_len, accept_nodes)

@@ -1,18 +1,20 @@
-"""Find the Triton kernels (the repository's top-level ``triton_kernels/``) without requiring them.
+"""The Triton host wrappers, and finding their kernels (the repository's top-level
+``triton_kernels/``) without requiring them.
 
-They are loaded as the package ``treedec_triton``: an installed ``treedec_triton`` if there is
+The kernels load as the package ``treedec_triton``: an installed ``treedec_triton`` if there is
 one, else the ``triton_kernels/`` directory next to ``python/`` in a source checkout (editable
 install). The name is private on purpose: PyPI's ``triton_kernels`` is a different project.
-Anything that fails (no ``triton``, no directory, an import error inside a kernel module) makes
-that kernel unavailable, never an error at import time.
+A kernel that fails to load (no ``triton``, no directory, an import error inside its module) is
+unavailable, never an error at import time: the op registry then passes Triton over for that op,
+and `load_errors()` says why (`treedec info` prints it).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import importlib
 import importlib.util
+import math
 import sys
 import types
 from pathlib import Path
@@ -20,15 +22,8 @@ from pathlib import Path
 import torch
 
 PACKAGE = "treedec_triton"
-# op -> (module, host function) in triton_kernels/
-KERNELS = {
-    "tree_attention": ("tree_attention", "tree_attention"),
-    "lm_head_topk": ("lm_head_topk", "lm_head_topk"),
-    "gather_rows": ("rows", "gather_rows"),
-    "scatter_rows": ("rows", "scatter_rows"),
-    "draft_heads_topk": ("draft_heads", "head_states"),  # the blocks; the LM-head top-k is lm_head_topk's
-}
 LM_HEAD_MAX_K = 16  # the streaming top-k keeps k values per row in registers
+_LOAD_ERRORS: dict[str, str] = {}  # "module.function" -> why it did not load
 
 
 def _checkout_dir() -> Path:
@@ -39,7 +34,8 @@ def _checkout_dir() -> Path:
 def _package() -> types.ModuleType | None:
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception as error:
+        _LOAD_ERRORS["triton"] = repr(error)
         return None
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
@@ -50,6 +46,7 @@ def _package() -> types.ModuleType | None:
         pass
     directory = _checkout_dir()
     if not directory.is_dir():
+        _LOAD_ERRORS[PACKAGE] = f"no installed {PACKAGE} and no {directory}"
         return None
     init = directory / "__init__.py"
     try:
@@ -63,30 +60,62 @@ def _package() -> types.ModuleType | None:
             module.__path__ = [str(directory)]
             sys.modules[PACKAGE] = module
         return module
-    except Exception:
+    except Exception as error:
         sys.modules.pop(PACKAGE, None)
+        _LOAD_ERRORS[PACKAGE] = repr(error)
         return None
 
 
 @functools.cache
-def kernel(op: str):
-    """The host function for `op` from triton_kernels/, or None when it cannot be loaded."""
-    if op not in KERNELS or _package() is None:
+def kernel(module_name: str, function: str):
+    """triton_kernels/<module_name>.py's host function `function`, or None when it cannot be loaded."""
+    if _package() is None:
         return None
-    module_name, function = KERNELS[op]
     try:
         module = importlib.import_module(f"{PACKAGE}.{module_name}")
-    except Exception:
+    except Exception as error:
+        _LOAD_ERRORS[f"{module_name}.{function}"] = repr(error)
         return None
-    return getattr(module, function, None)
+    found = getattr(module, function, None)
+    if found is None:
+        _LOAD_ERRORS[f"{module_name}.{function}"] = f"{module_name} has no {function}"
+    return found
+
+
+def host(module_name: str, function: str):
+    """Marks a host wrapper as launching triton_kernels/<module_name>.py's `function`, which it
+    receives as its first argument."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def run(*args):
+            return body(kernel(module_name, function), *args)
+
+        run.kernel_location = (module_name, function)
+        run.needs = ()  # other host wrappers whose kernels it launches too
+        return run
+
+    return wrap
+
+
+def loads(wrapper) -> bool:
+    """Whether the kernels a `host` wrapper launches load."""
+    return kernel(*wrapper.kernel_location) is not None and all(loads(other) for other in wrapper.needs)
 
 
 def available() -> bool:
-    """Triton imports and at least one kernel module loads."""
-    return any(kernel(op) is not None for op in KERNELS)
+    """Triton imports and the kernels' package loads."""
+    return _package() is not None
 
 
+def load_errors() -> dict[str, str]:
+    """What failed to load, and why."""
+    return dict(_LOAD_ERRORS)
+
+
+@host("tree_attention", "tree_attention")
 def tree_attention(
+    function,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -96,7 +125,6 @@ def tree_attention(
     scale: float | None,
 ) -> torch.Tensor:
     """Triton tree attention (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
-    function = kernel("tree_attention")
     if kv_start is None:
         kv_start = torch.zeros_like(prefix_len)
     if scale is None:
@@ -104,34 +132,32 @@ def tree_attention(
     return function(q, k, v, prefix_len.contiguous(), tree_mask.contiguous(), kv_start.contiguous(), scale)
 
 
-def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k above LM_HEAD_MAX_K takes the reference (logits, then torch.topk)."""
-    if k > LM_HEAD_MAX_K:
-        from .. import reference
-
-        return reference.lm_head_topk(hidden, weight, k)
-    values, indices = kernel("lm_head_topk")(hidden, weight, k)
+@host("lm_head_topk", "lm_head_topk")
+def lm_head_topk(function, hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k <= LM_HEAD_MAX_K (the registry sends larger k to the reference)."""
+    values, indices = function(hidden, weight, k)
     return values.float(), indices.long()
 
 
-def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@host("draft_heads", "head_states")
+def draft_heads_topk(function, hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor,
+                     lm_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All heads' blocks (one Triton launch per block layer), then the Triton LM-head top-k over the
     [N*K, H] states: row n*K + j is head j's state for row n, as in the reference."""
-    states = kernel("draft_heads_topk")(hidden, weights, biases)  # [N, K, H] contiguous
+    states = function(hidden, weights, biases)  # [N, K, H] contiguous
     rows, heads, width = states.shape
     values, ids = lm_head_topk(states.view(rows * heads, width), lm_weight, k)
     return values.view(rows, heads, k), ids.view(rows, heads, k), states
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows that are not contiguous in memory (a strided view) take the reference path."""
-    if x.shape[0] == 0 or not x[0].is_contiguous():
-        from .. import reference
-
-        return reference.gather_rows(x, index)
-    return kernel("gather_rows")(x, index)
+draft_heads_topk.needs = (lm_head_topk,)
 
 
-def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> None:
-    kernel("scatter_rows")(x, index, block)
+@host("rows", "gather_rows")
+def gather_rows(function, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return function(x, index)
+
+
+@host("rows", "scatter_rows")
+def scatter_rows(function, x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> None:
+    function(x, index, block)

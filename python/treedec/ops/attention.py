@@ -1,10 +1,21 @@
+from collections.abc import Callable
+
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _triton
 from ._checks import capturing, check_same_device, check_tensor
+from .registry import Op
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TREE_ATTENTION = Op(
+    "tree_attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, Tensor? kv_start, float? scale, "
+    "str backend) -> Tensor",
+    reference.tree_attention, lambda q, k, v, prefix_len, tree_mask, kv_start, scale: torch.empty_like(q),
+    triton=_triton.tree_attention,
+)
 
 
 def tree_attention(
@@ -16,6 +27,7 @@ def tree_attention(
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
     check_values: bool = True,
+    dense_mask: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their own ancestors.
 
@@ -38,16 +50,21 @@ def tree_attention(
         read makes a GPU's host wait for every queued kernel (two waits a layer, 60 a step for a
         30-layer model); its cache checks the rows once a step. Types and shapes are checked
         either way.
+    dense_mask : callable, optional
+        For the reference (SDPA with a dense mask): gives the bool [B, 1, T, max(prefix_len) + T]
+        mask of these arguments (`reference.dense_tree_mask`), so a caller running every layer
+        of one step builds it once (TreeStep.dense_mask). Other backends read the packed mask.
 
     Returns
     -------
     [B, Hq, T, D] in q's dtype.
     """
     _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values)
-    backend = choose_backend(q.device, "tree_attention")
-    if _library.compiling():
-        return torch.ops.treedec.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale, backend)
-    return _library.implementation("tree_attention", backend)(q, k, v, prefix_len, tree_mask, kv_start, scale)
+    args = (q, k, v, prefix_len, tree_mask, kv_start, scale)
+    backend = TREE_ATTENTION.backend(q.device, *args)
+    if backend == "reference" and dense_mask is not None and not torch.compiler.is_compiling():
+        return reference.tree_attention(*args, dense_mask=dense_mask())
+    return TREE_ATTENTION.run(backend, *args)
 
 
 def _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values: bool) -> None:

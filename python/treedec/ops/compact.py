@@ -1,8 +1,24 @@
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp, _cuda
 from ._checks import capturing, check_same_device, check_tensor
+from .registry import Op, Rule
+
+
+def _strided_rows(caches, prefix_len, accept_nodes) -> str | None:
+    return "a cache's rows are strided (the kernel copies whole rows)" if _cpp.rows_not_contiguous(caches) else None
+
+
+def _not_contiguous(caches, prefix_len, accept_nodes) -> str | None:
+    return "a cache tensor is not contiguous" if not all(c.is_contiguous() for c in caches) else None
+
+
+COMPACT_KV = Op("compact_kv", "(Tensor(a!)[] caches, Tensor prefix_len, Tensor accept_nodes, str backend) -> ()",
+                reference.compact_kv, lambda caches, prefix_len, accept_nodes: None, mutates=("caches",),
+                declines={"cpp": [Rule("caches with strided rows", _strided_rows)],
+                          "cuda": [Rule("caches that are not contiguous", _not_contiguous)]},
+                cpp=_cpp.compact_kv, cuda=_cuda.compact_kv)
 
 
 def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_nodes: torch.Tensor) -> None:
@@ -37,11 +53,7 @@ def compact_kv(caches: list[torch.Tensor], prefix_len: torch.Tensor, accept_node
     capacity = caches[0].shape[2]
     if not capturing():
         _check_rows(prefix_len, accept_nodes, capacity)
-    backend = choose_backend(accept_nodes.device, "compact_kv")
-    if _library.compiling():
-        torch.ops.treedec.compact_kv(list(caches), prefix_len, accept_nodes, backend)
-        return
-    _library.implementation("compact_kv", backend)(list(caches), prefix_len, accept_nodes)
+    COMPACT_KV(list(caches), prefix_len, accept_nodes, device=accept_nodes.device)
 
 
 def _check_rows(prefix_len: torch.Tensor, accept_nodes: torch.Tensor, capacity: int) -> None:

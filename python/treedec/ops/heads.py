@@ -1,17 +1,34 @@
 import torch
 
-from . import _library
+from .. import reference
+from . import _cpp, _triton
 from ._checks import check_projection, check_same_device, check_tensor
-from .lm_head import lm_head_backend
+from .lm_head import FP32_ON_GPU, k_past_triton_limit
+from .registry import Op, Rule
 
 HEAD_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def draft_heads_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `draft_heads_topk` runs for `dtype` on `device`: fp32 on a GPU goes where
-    `lm_head_topk` sends it under TREEDEC_BACKEND=auto (torch), since the LM-head pass, which
-    dominates, is that op's kernel and its fp32 path lost to cuBLAS + topk on an H100."""
-    return lm_head_backend(device, dtype, op="draft_heads_topk")
+def _k_past_triton_limit(hidden, weights, biases, lm_weight, k) -> str | None:
+    return k_past_triton_limit(hidden, lm_weight, k)
+
+
+def _fake(hidden, weights, biases, lm_weight, k):
+    rows, heads, width = hidden.shape[0], weights.shape[0], hidden.shape[1]
+    return (hidden.new_empty(rows, heads, k, dtype=torch.float32), hidden.new_empty(rows, heads, k, dtype=torch.int64),
+            hidden.new_empty(rows, heads, width))
+
+
+# The LM-head pass, which dominates, is lm_head_topk's kernel: its rules apply (fp32 on a GPU runs
+# torch under auto, since that kernel's fp32 path lost to cuBLAS + topk on an H100).
+DRAFT_HEADS_TOPK = Op(
+    "draft_heads_topk",
+    "(Tensor hidden, Tensor weights, Tensor biases, Tensor lm_weight, int k, str backend) -> (Tensor, Tensor, Tensor)",
+    reference.draft_heads_topk, _fake,
+    declines={"triton": [Rule(f"k > {_triton.LM_HEAD_MAX_K}", _k_past_triton_limit)]},
+    avoids={"triton": [FP32_ON_GPU]},
+    cpp=_cpp.draft_heads_topk, triton=_triton.draft_heads_topk,
+)
 
 
 def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, lm_weight: torch.Tensor,
@@ -33,10 +50,10 @@ def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.
     state: Hydra feeds it to the next depth)
 
     Backends: on the CPU the blocks run through `linear_rows` and all N*K states go through one
-    streaming `lm_head_topk` pass over the vocabulary (C++). On CUDA (bf16; fp32 runs torch, see
-    `draft_heads_backend`) one Triton launch per block layer runs that block of every head (fp32
-    accumulation), then the Triton `lm_head_topk` streams the vocabulary for all N*K states (k > 16
-    falls back to logits + torch.topk for that pass). Elsewhere torch (the reference).
+    streaming `lm_head_topk` pass over the vocabulary (C++). On CUDA (bf16; fp32 and k > 16 run
+    torch, see DRAFT_HEADS_TOPK's rules) one Triton launch per block layer runs that block of every
+    head (fp32 accumulation), then the Triton `lm_head_topk` streams the vocabulary for all N*K
+    states. Elsewhere torch (the reference).
     """
     check_projection("hidden", hidden, lm_weight, HEAD_DTYPES)
     check_tensor("weights", weights, HEAD_DTYPES, 4)
@@ -51,7 +68,4 @@ def draft_heads_topk(hidden: torch.Tensor, weights: torch.Tensor, biases: torch.
         raise ValueError(f"weights and biases must be {hidden.dtype} like hidden")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= lm_weight.shape[0]:
         raise ValueError(f"k = {k!r} must be an int in [1, {lm_weight.shape[0]}]")
-    backend = draft_heads_backend(hidden.device, hidden.dtype)
-    if _library.compiling():
-        return torch.ops.treedec.draft_heads_topk(hidden, weights, biases, lm_weight, k, backend)
-    return _library.implementation("draft_heads_topk", backend)(hidden, weights, biases, lm_weight, k)
+    return DRAFT_HEADS_TOPK(hidden, weights, biases, lm_weight, k)

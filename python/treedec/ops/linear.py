@@ -1,10 +1,14 @@
 import torch
 
-from . import _cpp, _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp
 from ._checks import check_projection, check_same_device, check_tensor
+from .registry import Op
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+
+LINEAR_ROWS = Op("linear_rows", "(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor", reference.linear_rows,
+                 lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]), cpp=_cpp.linear_rows)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,10 +34,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         check_same_device(x=x, bias=bias)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries; weight has {weight.shape[0]} rows")
-    backend = choose_backend(x.device, "linear_rows")
-    if _library.compiling():
-        return torch.ops.treedec.linear_rows(x, weight, bias, backend)
-    return _library.implementation("linear_rows", backend)(x, weight, bias)
+    return LINEAR_ROWS(x, weight, bias)
 
 
 def loop_linear_rows(device: torch.device):
@@ -41,5 +42,5 @@ def loop_linear_rows(device: torch.device):
     per-call argument checks and backend choice: for a caller whose tensors are known to fit (the
     decode loop's own nn.Linear weights and activations, layers.py), which calls it about 200
     times a step. Look it up again when TREEDEC_BACKEND or the thread count may have changed."""
-    backend = choose_backend(device, "linear_rows")
-    return _cpp.linear_rows_runner() if backend == "cpp" else _library.implementation("linear_rows", backend)
+    backend = LINEAR_ROWS.backend(device)
+    return _cpp.linear_rows_runner() if backend == "cpp" else LINEAR_ROWS.implementation(backend)

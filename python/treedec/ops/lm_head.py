@@ -1,28 +1,39 @@
 import torch
 
-from . import _library
-from ._backend import choose_backend, requested_backend
+from .. import reference
+from . import _cpp, _triton
 from ._checks import check_projection
+from .registry import Op, Rule
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def lm_head_backend(device: torch.device, dtype: torch.dtype, op: str = "lm_head_topk") -> str:
-    """The backend `op` runs for weights of `dtype` on `device`: `lm_head_topk`, or an op whose
-    main pass is its Triton kernel (`draft_heads_topk`).
+def no_cpp_kernel_for_dtype(hidden, *rest) -> str | None:
+    return None if hidden.dtype in _cpp.LM_HEAD_DTYPES else f"no C++ kernel for {hidden.dtype}"
 
-    fp32 on a GPU goes to torch (cuBLAS GEMM, then topk) under TREEDEC_BACKEND=auto: on an H100
-    the Triton kernel's fp32 path took 142-298 us against torch's 92-140 us at V=49152, H=576,
-    N=1..32, while in bf16 it took 26-58 us against 75-104 us
+
+def k_past_triton_limit(hidden, weight, k, *rest) -> str | None:
+    return f"k = {k} > {_triton.LM_HEAD_MAX_K}, what the kernel keeps per row" if k > _triton.LM_HEAD_MAX_K else None
+
+
+def fp32_on_gpu(hidden, *rest) -> str | None:
+    """On an H100 the Triton kernel's fp32 path took 142-298 us against torch's 92-140 us (cuBLAS
+    GEMM, then topk) at V=49152, H=576, N=1..32, while in bf16 it took 26-58 us against 75-104 us
     (bench/results/h100/kernels_gpu_rest.csv)."""
-    backend = choose_backend(device, op)
-    gpu = torch.device(device).type == "cuda"
-    if gpu and backend == "triton" and dtype == torch.float32 and requested_backend() == "auto":
-        return FP32_GPU_BACKEND
-    return backend
+    return "fp32: cuBLAS + topk beat the kernel on an H100" if hidden.dtype == torch.float32 else None
 
 
-FP32_GPU_BACKEND = "reference"  # see lm_head_backend; the GPU tests also run it as "triton"
+FP32_ON_GPU = Rule("fp32 (cuBLAS + topk is faster, H100)", fp32_on_gpu)
+
+LM_HEAD_TOPK = Op(
+    "lm_head_topk", "(Tensor hidden, Tensor weight, int k, str backend) -> (Tensor, Tensor)", reference.lm_head_topk,
+    lambda hidden, weight, k: (hidden.new_empty(hidden.shape[0], k, dtype=torch.float32),
+                               hidden.new_empty(hidden.shape[0], k, dtype=torch.int64)),
+    declines={"cpp": [Rule("fp16 (no C++ kernel)", no_cpp_kernel_for_dtype)],
+              "triton": [Rule(f"k > {_triton.LM_HEAD_MAX_K}", k_past_triton_limit)]},
+    avoids={"triton": [FP32_ON_GPU]},
+    cpp=_cpp.lm_head_topk, triton=_triton.lm_head_topk,
+)
 
 
 def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +55,4 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
     check_projection("hidden", hidden, weight, FLOAT_DTYPES)
     if not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
         raise ValueError(f"k = {k!r} must be an int in [1, {weight.shape[0]}]")
-    backend = lm_head_backend(hidden.device, hidden.dtype)
-    if _library.compiling():
-        return torch.ops.treedec.lm_head_topk(hidden, weight, k, backend)
-    return _library.implementation("lm_head_topk", backend)(hidden, weight, k)
+    return LM_HEAD_TOPK(hidden, weight, k)

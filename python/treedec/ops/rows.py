@@ -8,9 +8,23 @@ hidden state (a skipped layer adds nothing to the residual stream).
 
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp, _triton
 from ._checks import capturing, check_same_device, check_tensor
+from .registry import Op, Rule
+
+
+def _strided(x, *rest) -> str | None:
+    return "x's rows are not contiguous (a strided view)" if x.shape[0] and not x[0].is_contiguous() else None
+
+
+GATHER_ROWS = Op("gather_rows", "(Tensor x, Tensor index, str backend) -> Tensor", reference.gather_rows,
+                 lambda x, index: x.new_empty((index.shape[0], *x.shape[1:])),
+                 declines={"cpp": [Rule("strided rows", _strided)], "triton": [Rule("strided rows", _strided)]},
+                 cpp=_cpp.gather_rows, triton=_triton.gather_rows)
+SCATTER_ROWS = Op("scatter_rows", "(Tensor(a!) x, Tensor index, Tensor block, str backend) -> ()",
+                  reference.scatter_rows, lambda x, index, block: None, mutates=("x",),
+                  cpp=_cpp.scatter_rows, triton=_triton.scatter_rows)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -28,7 +42,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     _check(x, index)
     if not capturing():
         _check_values(index, x.shape[0], unique=False)
-    return _run("gather_rows", x, index)
+    return GATHER_ROWS(x, index)
 
 
 def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> None:
@@ -54,10 +68,7 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, block: torch.Tensor) -> N
         raise ValueError("x must be contiguous (it is written in place)")
     if not capturing():
         _check_values(index, x.shape[0], unique=True)
-    if _library.compiling():
-        torch.ops.treedec.scatter_rows(x, index, block, choose_backend(x.device, "scatter_rows"))
-        return
-    _library.implementation("scatter_rows", choose_backend(x.device, "scatter_rows"))(x, index, block)
+    SCATTER_ROWS(x, index, block)
 
 
 def _check(x: torch.Tensor, index: torch.Tensor) -> None:
@@ -78,10 +89,3 @@ def _check_values(index: torch.Tensor, batch: int, unique: bool) -> None:
         raise ValueError(f"index must lie in [0, {batch}); got [{low}, {high}]")
     if unique and index.unique().numel() != index.numel():
         raise ValueError("scatter_rows needs distinct indices (a repeated row's result would depend on order)")
-
-
-def _run(op: str, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    backend = choose_backend(x.device, op)
-    if _library.compiling():
-        return getattr(torch.ops.treedec, op)(x, index, backend)
-    return _library.implementation(op, backend)(x, index)

@@ -1,8 +1,13 @@
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp, _cuda
 from ._checks import capturing, check_same_device, check_shape, check_tensor
+from .registry import Op
+
+SAMPLE_TOKENS = Op("sample_tokens", "(Tensor probs, Tensor uniforms, str backend) -> Tensor", reference.sample_tokens,
+                   lambda probs, uniforms: probs.new_empty(probs.shape[0], dtype=torch.int64),
+                   cpp=_cpp.sample_tokens, cuda=_cuda.sample_tokens)
 
 
 def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -31,10 +36,7 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         check_distributions(probs)
         if not bool(((uniforms >= 0) & (uniforms < 1)).all()):
             raise ValueError("uniforms must lie in [0, 1)")
-    backend = choose_backend(probs.device, "sample_tokens")
-    if _library.compiling():
-        return torch.ops.treedec.sample_tokens(probs, uniforms, backend)
-    return _library.implementation("sample_tokens", backend)(probs, uniforms)
+    return SAMPLE_TOKENS(probs, uniforms)
 
 
 def check_distributions(probs: torch.Tensor) -> None:

@@ -1,8 +1,20 @@
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp, _cuda
 from ._checks import check_parents, check_tensor
+from .registry import Op
+
+
+def _fake(parents):
+    batch, num_nodes = parents.shape
+    words = (num_nodes + 31) // 32
+    return parents.new_empty(batch, num_nodes, dtype=torch.int32), parents.new_empty(batch, num_nodes, words,
+                                                                                      dtype=torch.int32)
+
+
+BUILD_TREE = Op("build_tree", "(Tensor parents, str backend) -> (Tensor, Tensor)", reference.build_tree, _fake,
+                cpp=_cpp.build_tree, cuda=_cuda.build_tree)
 
 
 def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +34,4 @@ def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_tensor("parents", parents, (torch.int32,), 2)
     check_parents(parents)
-    backend = choose_backend(parents.device, "build_tree")
-    if _library.compiling():
-        return torch.ops.treedec.build_tree(parents, backend)
-    return _library.implementation("build_tree", backend)(parents)
+    return BUILD_TREE(parents)

@@ -1,9 +1,20 @@
 import torch
 
-from . import _library
-from ._backend import choose_backend
+from .. import reference
+from . import _cpp, _cuda
 from ._checks import capturing, check_parents, check_same_device, check_shape, check_tensor
+from .registry import Op
 from .sample import sample_tokens
+
+
+def _fake(parents, tokens, target):
+    batch, num_nodes = parents.shape
+    return (parents.new_empty(batch, dtype=torch.int32), parents.new_empty(batch, num_nodes, dtype=torch.int32),
+            parents.new_empty(batch, dtype=torch.int64))
+
+
+VERIFY_GREEDY = Op("verify_greedy", "(Tensor parents, Tensor tokens, Tensor target, str backend) -> (Tensor, Tensor, Tensor)",
+                   reference.verify_greedy, _fake, cpp=_cpp.verify_greedy, cuda=_cuda.verify_greedy)
 
 
 def verify_greedy(
@@ -37,10 +48,7 @@ def verify_greedy(
     check_shape("target", target, parents.shape)
     check_same_device(parents=parents, tokens=tokens, target=target)
     check_parents(parents)
-    backend = choose_backend(parents.device, "verify_greedy")
-    if _library.compiling():
-        return torch.ops.treedec.verify_greedy(parents, tokens, target, backend)
-    return _library.implementation("verify_greedy", backend)(parents, tokens, target)
+    return VERIFY_GREEDY(parents, tokens, target)
 
 
 def verify_sample(

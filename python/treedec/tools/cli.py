@@ -225,7 +225,7 @@ def cmd_info(args) -> int:
     import transformers
 
     from .. import __version__, ops
-    from ..ops._backend import OPS
+    from ..ops import _triton
 
     print(f"treedec       {__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -239,23 +239,15 @@ def cmd_info(args) -> int:
         print("triton        not installed")
     cuda = torch.cuda.is_available()
     print(f"cuda          {torch.cuda.get_device_name(0) if cuda else 'not available'}")
-    print(f"TREEDEC_BACKEND={os.environ.get('TREEDEC_BACKEND', 'auto')}")
+    print(f"TREEDEC_BACKEND={ops.requested_backend()}")
     print("backends:     " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in ops.available_backends().items()))
-    devices = ["cpu"] + (["cuda"] if cuda else [])
-    for device in devices:
-        chosen = ", ".join(f"{op} {_backend_label(torch.device(device), op)}" for op in OPS)
-        print(f"{device} ops:".ljust(14) + chosen)
+    for device in ["cpu"] + (["cuda"] if cuda else []):
+        print(f"{device} ops (the backend each op runs on, and where it hands the reference a call):")
+        for name, op in ops.OPS.items():
+            print(f"  {name:<17} {op.describe(torch.device(device))}")
+    for what, error in _triton.load_errors().items():
+        print(f"triton: {what} did not load: {error}")
     return 0
-
-
-def _backend_label(device: torch.device, op: str) -> str:
-    """The backend name, plus the fp32 exception where the LM head has one."""
-    from .. import ops
-
-    backend = ops.choose_backend(device, op)
-    if op == "lm_head_topk" and ops.lm_head_backend(device, torch.float32) != backend:
-        return f"{backend} (fp32: {ops.lm_head_backend(device, torch.float32)})"
-    return backend
 
 
 def cmd_bench_e2e(args) -> int:

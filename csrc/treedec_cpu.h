@@ -17,7 +17,7 @@ namespace treedec {
 int64_t build_tree(const int32_t* parents, int32_t* depth, int32_t* tree_mask, int64_t B, int64_t T,
                    int num_threads);
 
-// Greedy verification (DESIGN.md): parents int32 [B, T], tokens int64 [B, T], target int64 [B, T]
+// Greedy verification (docs/design.md): parents int32 [B, T], tokens int64 [B, T], target int64 [B, T]
 // -> accept_len int32 [B], accept_nodes int32 [B, T] (-1 padded), bonus int64 [B].
 // Returns -1, or b * T + i of the first malformed parent (such a node is never accepted).
 int64_t verify_greedy(const int32_t* parents, const int64_t* tokens, const int64_t* target, int32_t* accept_len,

@@ -1,6 +1,6 @@
 """Tree attention: flash-attention over the prefix, then the tree block under a packed mask.
 
-Contract (DESIGN.md, "Tree attention"): query node i of sequence b sees cache rows
+Contract (docs/design.md, "Tree attention"): query node i of sequence b sees cache rows
 [kv_start[b], prefix_len[b]) and the tree rows prefix_len[b] + j whose bit j is set in
 tree_mask[b, i] (and which are >= kv_start[b]). A query row that sees nothing (left-padding rows
 during prefill) produces zeros.

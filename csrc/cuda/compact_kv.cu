@@ -1,5 +1,5 @@
 // compact_kv: move each sequence's accepted tree rows next to its prefix, in every layer, in one
-// launch (DESIGN.md, "KV compaction").
+// launch (docs/design.md, "KV compaction").
 //
 // For every cache tensor [B, H, S, D] (its data pointer read from a device array of int64) and
 // every j with accept_nodes[b, j] >= 0: row prefix_len[b] + accept_nodes[b, j] -> row

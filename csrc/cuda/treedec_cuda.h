@@ -2,7 +2,7 @@
 //
 // Every launcher takes raw device pointers, sizes and the stream to launch on, returns the
 // launch's cudaError_t (cudaSuccess when there was nothing to do), and never synchronises.
-// Data contracts: ../../../shared/DESIGN.md (tree, verification, KV compaction).
+// Data contracts: docs/design.md (tree, verification, KV compaction).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// verify_greedy: longest accepted root path per sequence (DESIGN.md, "Verification (greedy)").
+// verify_greedy: longest accepted root path per sequence (docs/design.md, "Verification (greedy)").
 //
 // One block per sequence. The block first stages parents[b, :] and each node's own test
 // ok[i] = tokens[i] >= 0 && tokens[i] == target[parents[i]] in shared memory (for T up to

@@ -2,7 +2,7 @@
 
 Short and obvious on purpose: these are the oracles the native kernels are tested against,
 and the backend `TREEDEC_BACKEND=reference` runs everywhere. Shapes and semantics follow
-the data contracts in DESIGN.md; argument checking lives in `treedec.ops`, not here.
+the data contracts in docs/design.md; argument checking lives in `treedec.ops`, not here.
 """
 
 from .attention import dense_tree_mask, tree_attention

@@ -82,9 +82,9 @@ def kernel(module_name: str, function: str):
     return found
 
 
-def host(module_name: str, function: str):
+def host(module_name: str, function: str, needs: tuple = ()):
     """Marks a host wrapper as launching triton_kernels/<module_name>.py's `function`, which it
-    receives as its first argument."""
+    receives as its first argument; `needs`: other host wrappers whose kernels it launches too."""
 
     def wrap(body):
         @functools.wraps(body)
@@ -92,7 +92,7 @@ def host(module_name: str, function: str):
             return body(kernel(module_name, function), *args)
 
         run.kernel_location = (module_name, function)
-        run.needs = ()  # other host wrappers whose kernels it launches too
+        run.needs = needs
         return run
 
     return wrap
@@ -139,7 +139,7 @@ def lm_head_topk(function, hidden: torch.Tensor, weight: torch.Tensor, k: int) -
     return values.float(), indices.long()
 
 
-@host("draft_heads", "head_states")
+@host("draft_heads", "head_states", needs=(lm_head_topk,))
 def draft_heads_topk(function, hidden: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor,
                      lm_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All heads' blocks (one Triton launch per block layer), then the Triton LM-head top-k over the
@@ -148,9 +148,6 @@ def draft_heads_topk(function, hidden: torch.Tensor, weights: torch.Tensor, bias
     rows, heads, width = states.shape
     values, ids = lm_head_topk(states.view(rows * heads, width), lm_weight, k)
     return values.view(rows, heads, k), ids.view(rows, heads, k), states
-
-
-draft_heads_topk.needs = (lm_head_topk,)
 
 
 @host("rows", "gather_rows")

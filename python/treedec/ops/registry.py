@@ -95,33 +95,28 @@ class Op:
     def backend(self, device: torch.device, *args) -> str:
         """The backend that runs the op for `args` on `device` (see the module docstring); with no
         `args`, the decision before the argument rules."""
-        requested = requested_backend()
-        if requested == "reference":
-            return "reference"
         device = torch.device(device)
-        forced = requested != "auto"
-        if forced and not built(requested):
-            raise RuntimeError(
-                f"TREEDEC_BACKEND={requested} was requested but that backend is not built in this install "
-                "(`treedec info` lists what is available); unset it or use TREEDEC_BACKEND=reference"
-            )
-        for backend in ((requested,) if forced else AUTO_ORDER.get(device.type, ())):
+        order, forced = candidates(device)
+        for backend in order:
             if not (built(backend) and runs_on(backend, device) and self.implements(backend)):
                 continue
-            rules = self.declines.get(backend, []) + ([] if forced else self.avoids.get(backend, []))
             reason = None
             if args:
-                reason = next((found for rule in rules if (found := rule.check(*args)) is not None), None)
+                reason = next((found for rule in self._rules(backend, forced)
+                               if (found := rule.check(*args)) is not None), None)
             if reason is None:
                 return backend
             _fallback(self.name, backend, reason)
         return "reference"
 
+    def _rules(self, backend: str, forced: bool) -> list[Rule]:
+        """The rules that may pass `backend` over: its declines, and under auto its avoids too."""
+        return self.declines.get(backend, []) + ([] if forced else self.avoids.get(backend, []))
+
     def describe(self, device: torch.device) -> str:
         """The decision on `device` in words: the backend, and where its rules send the reference."""
         backend = self.backend(device)
-        rules = self.declines.get(backend, []) + (
-            self.avoids.get(backend, []) if requested_backend() == "auto" else [])
+        rules = self._rules(backend, forced=requested_backend() != "auto")
         if not rules:
             return backend
         return f"{backend} (reference for {'; '.join(rule.when for rule in rules)})"
@@ -198,14 +193,23 @@ def available_backends() -> dict[str, bool]:
     return {name: built(name) for name in BACKENDS if name != "auto"}
 
 
-def device_backend(device: torch.device) -> str:
-    """The device's first native backend under TREEDEC_BACKEND, for ops without their own choice."""
+def candidates(device: torch.device) -> tuple[tuple[str, ...], bool]:
+    """The native backends TREEDEC_BACKEND lets an op try on `device`, in order (none: the
+    reference), and whether one was named (forced). Naming one that is not built raises."""
     requested = requested_backend()
     if requested == "reference":
-        return "reference"
-    if requested != "auto":
-        if not built(requested):
-            raise RuntimeError(f"TREEDEC_BACKEND={requested} was requested but that backend is not built in this "
-                               "install (`treedec info` lists what is available)")
-        return requested if runs_on(requested, device) else "reference"
-    return next((b for b in AUTO_ORDER.get(torch.device(device).type, ()) if built(b)), "reference")
+        return (), True
+    if requested == "auto":
+        return AUTO_ORDER.get(torch.device(device).type, ()), False
+    if not built(requested):
+        raise RuntimeError(
+            f"TREEDEC_BACKEND={requested} was requested but that backend is not built in this install "
+            "(`treedec info` lists what is available); unset it or use TREEDEC_BACKEND=reference"
+        )
+    return (requested,), True
+
+
+def device_backend(device: torch.device) -> str:
+    """The device's first native backend under TREEDEC_BACKEND, for ops without their own choice."""
+    order, _ = candidates(device)
+    return next((b for b in order if built(b) and runs_on(b, device)), "reference")

@@ -216,6 +216,6 @@ def test_calibration_stops_at_the_first_size_over_twice_a_one_node_step():
     def verify(cache, parents, tokens):  # T = 4 at 1.3x the 1-node step, T = 8 at 4x: far from the 2x line
         time.sleep({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.040}.get(tokens.shape[1], 0.080))
 
-    fake = SimpleNamespace(max_nodes=32, cost=CostCurve(), _verify_step=verify)
+    fake = SimpleNamespace(max_nodes=32, cost=CostCurve(), _verify_step=verify, profile=None)
     decoding.TreeDecoder._calibrate(fake, None, 1, repeats=1)
     assert sorted(fake.cost.seconds) == [1, 2, 4, 8]  # 8 is the first over 2x; 16 and 32 extrapolate

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import compat, ops, reference
+from .profiling import NoProfile
 
 ATTN_NAME = "treedec"
 
@@ -32,6 +33,8 @@ class TreeStep:
     # int64 [A] or None: the step runs only these batch rows of the cache (layer-skip batching);
     # prefix_len, kv_start and tree_mask then hold those rows' entries, in this order.
     cache_rows: torch.Tensor | None = None
+    # times attention when the loop profiles (the verify forward's steps; drafters' forwards do not)
+    profile: object = field(default_factory=NoProfile, repr=False)
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
@@ -46,14 +49,14 @@ class TreeStep:
         if device not in self._per_device:
             self._per_device[device] = TreeStep(
                 self.prefix_len.to(device), self.kv_start.to(device), self.tree_mask.to(device),
-                None if self.cache_rows is None else self.cache_rows.to(device),
+                None if self.cache_rows is None else self.cache_rows.to(device), self.profile,
             )
         return self._per_device[device]
 
     def subset(self, rows: torch.Tensor) -> TreeStep:
         """This step for the batch rows `rows` (int64 [A], ascending) only."""
         host = rows.cpu()
-        return TreeStep(self.prefix_len[host], self.kv_start[host], self.tree_mask[host], host)
+        return TreeStep(self.prefix_len[host], self.kv_start[host], self.tree_mask[host], host, self.profile)
 
     def dense_mask(self) -> torch.Tensor:
         """bool [B, 1, T, max(prefix_len) + T] for the reference path; built once per step and device."""
@@ -67,12 +70,13 @@ class TreeStep:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""
         step = self.on(q.device)
-        if step.cache_rows is not None:  # a row subset: its sequences' cache rows, gathered
-            k, v = ops.gather_rows(k, step.cache_rows), ops.gather_rows(v, step.cache_rows)
-        # the cache checked this step's rows (begin_step): no per-layer read of prefix_len, which
-        # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
-        return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale, check_values=False,
-                                  dense_mask=step.dense_mask)
+        with self.profile.phase("attention"):
+            if step.cache_rows is not None:  # a row subset: its sequences' cache rows, gathered
+                k, v = ops.gather_rows(k, step.cache_rows), ops.gather_rows(v, step.cache_rows)
+            # the cache checked this step's rows (begin_step): no per-layer read of prefix_len, which
+            # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
+            return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale,
+                                      check_values=False, dense_mask=step.dense_mask)
 
 
 def treedec_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers, ops, sizing
+from . import layers, ops, profiling, sizing
 from .attention import TreeStep
 from .adapters import ModelAdapter
 from .cache import GROWTH_ROWS, TreeCache
@@ -60,6 +60,7 @@ class DecodeStats:
     tree_nodes: int = 0  # summed over steps (T per step)
     sequence_steps: int = 0  # steps summed over the sequences taking part in them
     draft_seconds: float = 0.0  # time the drafter spent proposing (running the model, for some)
+    profile: dict | None = None  # per-phase seconds (profiling.StepProfile.as_dict) when profiling
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +71,7 @@ class DecodeStats:
             "prefill_seconds": self.prefill_seconds,
             "mean_tree_nodes": self.tree_nodes / max(self.steps, 1),
             "draft_seconds": self.draft_seconds,
+            **({"profile": self.profile} if self.profile is not None else {}),
         }
 
 
@@ -116,17 +118,25 @@ class TreeDecoder:
         cost: sizing.CostCurve,
         max_nodes: int,
         cpu_linear: bool = True,
+        profile: bool = False,
+        routing: layers.LinearRouting | None = None,
     ):
         self.adapter, self.drafter = adapter, drafter
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
         self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
+        # where routed: which of the kernel and torch's linear runs each row count, measured
+        self.routing = routing if routing is not None else layers.LinearRouting()
+        self._routing_trials = False  # whether this call's projections are routed, so worth timing
         self.sampler: Sampler | None = None  # set per call from the request
+        self.profiling = profile  # opt-in per-phase timing of each step (profiling.py)
+        self.profile: profiling.NoProfile | profiling.StepProfile = profiling.NoProfile()
 
     # -- one call ----------------------------------------------------------------------------
     def generate(self, request: DecodeRequest) -> tuple[torch.Tensor, DecodeStats]:
         """The call's output, int64 [B, L + longest generation] on the CPU, and its figures."""
         linears = layers.routable_linears(self.adapter.decoder_layers) if self.cpu_linear else []
-        with layers.routed(linears), torch.inference_mode():
+        self._routing_trials = bool(linears)
+        with layers.routed(linears, self.routing), torch.inference_mode():
             generated, stats = self._decode(request)
         # built outside inference mode: HF returns an ordinary tensor, one users may write into
         # or use in autograd (log-probs of a generation)
@@ -138,6 +148,8 @@ class TreeDecoder:
         if self.sampler is not None:
             self.sampler.start(request.input_ids.shape[0], request.max_new_tokens)
         stats = DecodeStats(sequences=request.input_ids.shape[0])
+        self.profile = profiling.new_profile(self.profiling, self.adapter.lm_head_device)
+        profile = self.profile
         input_ids = request.input_ids.cpu()
         batch, length = input_ids.shape
         padding = left_padding(input_ids, request.attention_mask)
@@ -161,28 +173,34 @@ class TreeDecoder:
         while active:
             drafting_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
-            if self.max_nodes > 1:
-                proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
-            else:
-                proposal = Proposal([DraftTrie(roots[s]) for s in active])
+            with profile.phase("drafting"):
+                if self.max_nodes > 1:
+                    proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
+                else:
+                    proposal = Proposal([DraftTrie(roots[s]) for s in active])
             stats.draft_seconds += time.perf_counter() - drafting_started
             tries, verify_start = proposal.tries, proposal.verify_start
             with_drafts = any(len(trie) > 1 for trie in tries)
-            if with_drafts:
-                if not self.cost.covers(len(active)):
-                    self._calibrate(cache, len(active))  # kept out of the step's time
-                    verify_start = None  # its verifies wrote over the rows the drafts left there
-                num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
-            else:
-                num_nodes, kept = 1, [[0]] * len(active)
+            if with_drafts and not self.cost.covers(len(active)):
+                calibration_started = time.perf_counter()
+                self._calibrate(cache, len(active))  # kept out of the step's time
+                drafting_started += time.perf_counter() - calibration_started
+                verify_start = None  # its verifies wrote over the rows the drafts left there
             verify_started = time.perf_counter()
-            parents, tokens = pack_tries(tries, kept, num_nodes)
+            with profile.phase("tree_build"):
+                if with_drafts:
+                    num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
+                else:
+                    num_nodes, kept = 1, [[0]] * len(active)
+                parents, tokens = pack_tries(tries, kept, num_nodes)
             start = verify_start(kept, num_nodes) if verify_start is not None else None
             verified = self._verify_step(cache, parents, tokens, active, emitted, start)
             accept_len, accept_nodes, bonus, topk, topk_probs, hidden = verified
             if with_drafts:
-                self._learn_acceptance(tries, kept, accept_nodes)
-            cache.compact(accept_nodes, accept_len)
+                with profile.phase("learning"):
+                    self._learn_acceptance(tries, kept, accept_nodes)
+            with profile.phase("compaction"):
+                cache.compact(accept_nodes, accept_len)
 
             chunks = []
             for row, seq in enumerate(active):
@@ -198,8 +216,9 @@ class TreeDecoder:
             if request.streamer is not None and len(generated[0]) > streamed:  # batch size 1: final tokens
                 request.streamer.put(torch.tensor(generated[0][streamed:]))
                 streamed = len(generated[0])
-            self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active), topk_probs,
-                                             emitted=chunks, hidden=hidden))
+            with profile.phase("learning"):
+                self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active),
+                                                 topk_probs, emitted=chunks, hidden=hidden))
             finished_rows = []
             for row, (seq, chunk) in enumerate(zip(active, chunks)):
                 if seq in settled:
@@ -216,11 +235,14 @@ class TreeDecoder:
                 keep = [r for r in range(len(active)) if r not in finished_rows]
                 active = [active[r] for r in keep]
                 if active:
-                    cache.select(torch.tensor(keep, dtype=torch.int64))
+                    with profile.phase("compaction"):
+                        cache.select(torch.tensor(keep, dtype=torch.int64))
+            profile.step_done(time.perf_counter() - drafting_started)
         if request.streamer is not None:
             request.streamer.end()
         stats.new_tokens = sum(map(len, generated))
         stats.seconds = time.perf_counter() - started
+        stats.profile = profile.as_dict()
         return generated, stats
 
     # -- pieces --------------------------------------------------------------------------------
@@ -266,29 +288,42 @@ class TreeDecoder:
         Returns accept_len, accept_nodes, bonus (on the CPU), and what the drafter observes: the
         top-k ids after each node, when sampling their probabilities (None when greedy), and the
         last hidden state after each node [B, T, H]."""
-        depth, tree_mask = ops.build_tree(parents)
-        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask)
-        positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
-        cache.begin_step(tokens.shape[1])
-        if start is None:
-            hidden = self.adapter.forward(tokens.clamp(min=0), positions, cache, step)
-        else:
-            hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
+        profile = self.profile
+        with profile.phase("tree_build"):
+            depth, tree_mask = ops.build_tree(parents)
+            step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), tree_mask, profile=profile)
+            positions = (cache.prefix_len - cache.kv_start).long().view(-1, 1) + depth.long()
+            cache.begin_step(tokens.shape[1])
+        rows = tokens.numel()
+        trial = self._routing_trials and self.routing.start(rows)
+        forward_started = time.perf_counter()
+        with profile.phase("forward_other"):  # attention inside it is its own phase
+            if start is None:
+                hidden = self.adapter.forward(tokens.clamp(min=0), positions, cache, step)
+            else:
+                hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
+        if trial:  # CPU tensors (the only routed ones): the clock needs no synchronisation
+            self.routing.finish(rows, time.perf_counter() - forward_started)
         if self.sampler is None:
-            topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))
-            accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
+            with profile.phase("lm_head"):
+                topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))
+            with profile.phase("verify"):
+                accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
             return accept_len, accept_nodes, bonus, topk, None, hidden
         batch = tokens.shape[0]
         sequences = list(range(batch)) if sequences is None else sequences
         emitted = [0] * batch if emitted is None else emitted
-        uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
-        dists, (topk, topk_probs) = self._node_distributions(hidden)
-        choice = ops.sample_tokens(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
-        target = dists.token_ids(choice).view(tokens.shape).cpu()
-        if self.sampler.typical is None:
-            accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
-        else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
-            accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists, self.sampler.typical)
+        with profile.phase("sampling"):  # the LM head inside it is timed as lm_head
+            uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
+            dists, (topk, topk_probs) = self._node_distributions(hidden)
+            choice = ops.sample_tokens(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
+            target = dists.token_ids(choice).view(tokens.shape).cpu()
+        with profile.phase("verify"):
+            if self.sampler.typical is None:
+                accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
+            else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
+                accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists,
+                                                                 self.sampler.typical)
         return accept_len, accept_nodes, bonus, topk, topk_probs, hidden
 
     def _node_distributions(self, hidden: torch.Tensor):
@@ -304,7 +339,8 @@ class TreeDecoder:
         wanted = max((top_k or 0) + 1, draft_k)
         fused = self.adapter.fused_lm_head and top_k is not None and top_k + 1 <= self.adapter.vocab_size
         if fused:
-            values, ids = self.adapter.topk_values(hidden, wanted)
+            with self.profile.phase("lm_head"):
+                values, ids = self.adapter.topk_values(hidden, wanted)
             ids = ids.reshape(batch * num_nodes, -1)
             subset = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],
                                                ids[:, : top_k + 1])
@@ -314,7 +350,8 @@ class TreeDecoder:
                 view_probs = torch.nn.functional.pad(probs, (0, max(draft_k - top_k, 0)))[:, :draft_k]
                 view = (ids[:, :draft_k], view_probs)
                 return in_sampling_order(probs, kept_ids), self._drafter_view(view, batch, num_nodes)
-        logits = self.adapter.logits(hidden)
+        with self.profile.phase("lm_head"):
+            logits = self.adapter.logits(hidden)
         probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
         # Ranked by logit: past top-p's nucleus every probability is 0, the logits still rank.
         view_ids = logits.reshape(batch * num_nodes, -1).topk(draft_k, dim=-1).indices
@@ -333,19 +370,23 @@ class TreeDecoder:
         there, and extrapolation prices them until a real step measures one."""
         sizes = [s for s in CALIBRATION_SIZES
                  if s <= max(self.max_nodes, 1) and (s <= 2 or batch * s <= CALIBRATION_MAX_WORK)]
-        for size in sizes:
-            parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
-            tokens = torch.zeros(batch, size, dtype=torch.int64)
-            best = float("inf")
-            for _ in range(repeats):
-                started = time.perf_counter()
-                self._verify_step(cache, parents, tokens)
-                best = min(best, time.perf_counter() - started)
-            self.cost.record(batch, size, best)
-            if size == 1:
-                one_node = best
-            elif best > CALIBRATION_MAX_RATIO * one_node:
-                break
+        profile, self.profile = self.profile, profiling.NoProfile()  # not a step: kept out of the profile
+        try:
+            for size in sizes:
+                parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
+                tokens = torch.zeros(batch, size, dtype=torch.int64)
+                best = float("inf")
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    self._verify_step(cache, parents, tokens)
+                    best = min(best, time.perf_counter() - started)
+                self.cost.record(batch, size, best)
+                if size == 1:
+                    one_node = best
+                elif best > CALIBRATION_MAX_RATIO * one_node:
+                    break
+        finally:
+            self.profile = profile
 
     def _learn_acceptance(self, tries: list[DraftTrie], kept: list[list[int]], accept_nodes: torch.Tensor) -> None:
         """Each kept node whose parent was accepted is one trial of its key."""

@@ -14,7 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 
 
-from . import attention, compat, generation, sizing
+from . import attention, compat, generation, layers, sizing
 from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
 from .decoding import TreeDecoder
 from .drafters import DRAFTERS, Drafter, check_drafter_name, drafter_options, make_drafter
@@ -26,7 +26,7 @@ from .options import bool_option, int_option, number_option
 
 compat.check_transformers_version()
 
-LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha", "cpu_linear")
+LOOP_OPTIONS = ("max_tree_nodes", "acceptance", "posterior_threshold", "posterior_alpha", "cpu_linear", "profile")
 ACCEPTANCE_RULES = ("exact", "typical")  # "typical": Medusa's typical acceptance, lossy, sampling only
 DEFAULT_MAX_TREE_NODES = 32
 
@@ -42,6 +42,8 @@ class LearnedState:
     sample_acceptance: sizing.AcceptanceModel = field(default_factory=sizing.AcceptanceModel)
     sample_cost: sizing.CostCurve = field(default_factory=sizing.CostCurve)
     tables: dict = field(default_factory=dict)  # drafter tables (Token Recycling's successor table)
+    # per row count, whether the few-row kernel or torch's linear runs the projections (layers.py)
+    linear_routing: layers.LinearRouting = field(default_factory=layers.LinearRouting)
 
 
 _LEARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> LearnedState
@@ -95,8 +97,9 @@ def check_options(drafter, options: dict) -> dict:
     options = dict(options)
     if "max_tree_nodes" in options:
         options["max_tree_nodes"] = int_option("max_tree_nodes", options["max_tree_nodes"], 1, max(sizing.TREE_SIZES))
-    if "cpu_linear" in options:
-        bool_option("cpu_linear", options["cpu_linear"])
+    for name in ("cpu_linear", "profile"):
+        if name in options:
+            bool_option(name, options[name])
     rule = options.get("acceptance", "exact")
     if rule not in ACCEPTANCE_RULES:
         raise ValueError(f"acceptance = {rule!r} must be one of {', '.join(map(repr, ACCEPTANCE_RULES))}")
@@ -262,7 +265,8 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
     else:
         acceptance, cost = learned.acceptance, learned.cost
-    decoder = TreeDecoder(state.adapter, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True))
+    decoder = TreeDecoder(state.adapter, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True),
+                          profile=options.get("profile", False), routing=learned.linear_routing)
     output, stats = decoder.generate(request)
     state.last_stats = {**stats.as_dict(), **drafter.report()}
     return output.to(request.input_ids.device)

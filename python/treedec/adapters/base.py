@@ -141,6 +141,12 @@ class ModelAdapter:
         weight = getattr(self.lm_head, "weight", None)
         return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
+    @property
+    def lm_head_device(self) -> torch.device:
+        """Where the LM head's weights are (the CPU for a head without parameters)."""
+        weight = next(self.lm_head.parameters(), None)
+        return weight.device if weight is not None else torch.device("cpu")
+
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
         return self.topk_values(hidden, k)[1].cpu()
@@ -157,8 +163,7 @@ class ModelAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
         (sampling needs them all)."""
-        device = next(self.lm_head.parameters(), hidden).device
-        return self.lm_head(hidden.to(device))
+        return self.lm_head(hidden.to(self.lm_head_device))
 
 
 def plain_linear(module: torch.nn.Module) -> bool:

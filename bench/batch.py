@@ -2,6 +2,7 @@
 
     python bench/batch.py [--batch-sizes 1 8 32]
         [--max-new-tokens 64] [--methods auto none] [--threads 2] [--device cuda] [--json OUT]
+        [--profile] [--profile-plot PNG]
 
 For each batch size B, two calls of B Spec-Bench first turns each (the 2B shortest, chat
 template, left padded), by the unpatched model and by each treedec drafter, patched with nothing
@@ -11,6 +12,8 @@ later call, on the next B prompts, reuses it, as every later call on a model doe
 call: new tokens per second (tokens up to each row's EOS, the same count for both), the ratio to
 HF on the same prompts in the same run, tau, and whether the output equals HF's token for token.
 Batches of different sizes hold different prompts: compare methods within a batch size.
+`--profile` also records where each treedec step's time goes (the later call's, per method and
+batch size) and prints it as a table; `--profile-plot` draws it as stacked bars.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 import treedec
 from treedec import patching
-from treedec.tools.benchmark import encode_prompt
+from treedec.tools.benchmark import encode_prompt, plot_profile, profile_table
 from treedec.tools.models import load_default_model
 from treedec.tools.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos
 
@@ -56,7 +59,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--profile", action="store_true", help="record and print each step's time per phase")
+    parser.add_argument("--profile-plot", help="with --profile: a stacked bar per method and batch size (PNG)")
     args = parser.parse_args()
+    if args.profile_plot and not args.profile:
+        parser.error("--profile-plot needs --profile")
     if args.threads:
         torch.set_num_threads(args.threads)
     if min(args.batch_sizes) < 1 or args.max_new_tokens < 1:
@@ -71,7 +78,7 @@ def main() -> None:
     if 2 * max(args.batch_sizes) > len(encoded):
         parser.error(f"{args.questions} has {len(encoded)} questions; the largest batch needs {2 * max(args.batch_sizes)}")
 
-    rows = []
+    rows, profiles = [], {}
     print(f"{'B':>3}  {'method':<10} {'call':<6} {'tok/s':>7} {'x HF':>6} {'tau':>5}  identical")
     for batch in args.batch_sizes:
         # the first call decodes one set of prompts, the later call the next set (similar lengths):
@@ -87,7 +94,7 @@ def main() -> None:
             print(f"{batch:>3}  {'hf':<10} {call:<6} {hf_rates[call]:>7.1f} {1.0:>6.2f} {1.0:>5.2f}  -")
         for method in args.methods:
             patching.set_learned_state(model, None)  # nothing learned by an earlier batch or method
-            treedec.patch(model, drafter=None if method == "none" else method)
+            treedec.patch(model, drafter=None if method == "none" else method, profile=args.profile)
             try:
                 for call, (ids, mask) in calls.items():
                     out, seconds = timed_generate(model, ids, mask, args.max_new_tokens, pad)
@@ -96,11 +103,19 @@ def main() -> None:
                     identical = bool(torch.equal(out, expected[call]))
                     rows.append(dict(batch=batch, method=method, call=call, tokens=counts[call], seconds=seconds,
                                      tokens_per_s=rate, speedup=rate / hf_rates[call], tau=stats["tau"],
-                                     identical=identical))
+                                     identical=identical, profile=stats.get("profile")))
+                    if args.profile and call == "later":
+                        profiles[f"{method} B={batch}"] = stats["profile"]
                     print(f"{batch:>3}  {method:<10} {call:<6} {rate:>7.1f} {rate / hf_rates[call]:>6.2f} "
                           f"{stats['tau']:>5.2f}  {'yes' if identical else 'NO'}")
             finally:
                 treedec.unpatch(model)
+    if profiles:
+        print("\nWhere each step's time goes (ms per step, the later call):")
+        print(profile_table(profiles))
+    if args.profile_plot:
+        plot_profile(profiles, args.profile_plot, f"bench/batch.py, max_new_tokens={args.max_new_tokens}")
+        print(f"wrote {args.profile_plot}")
     if args.json:
         meta = dict(max_new_tokens=args.max_new_tokens, threads=torch.get_num_threads(), torch=torch.__version__,
                     device=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",

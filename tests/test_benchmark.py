@@ -187,6 +187,46 @@ def test_batch_benchmark_script_on_a_tiny_model(monkeypatch, tmp_path, capsys):
         batch.main()
 
 
+def test_batch_benchmark_profiles_each_method_and_batch_size(monkeypatch, tmp_path, capsys):
+    import json
+
+    batch = bench_script("batch")
+    texts = {f"q{i}": repetitive_prompt(10 + i, 6 + 3 * i) for i in range(4)}
+    tokenizer = ChatStub(texts)
+    tokenizer.pad_token_id = 0
+    monkeypatch.setattr(batch, "load_default_model", lambda: (peaked_llama(seed=3), tokenizer))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"category": "writing", "turns": [t]}) for t in texts))
+    plot = tmp_path / "profile.png"
+    monkeypatch.setattr("sys.argv", ["batch.py", "--questions", str(questions), "--batch-sizes", "1", "2",
+                                     "--max-new-tokens", "8", "--methods", "none", "--profile",
+                                     "--profile-plot", str(plot)])
+    batch.main()
+    out = capsys.readouterr().out
+    table = out[out.index("Where each step's time goes"):].splitlines()
+    assert "attention" in table[1] and [line.split()[:2] for line in table[2:4]] == [["none", "B=1"], ["none", "B=2"]]
+    assert plot.stat().st_size > 0
+
+
+def test_profiled_report_sums_each_methods_phases():
+    from treedec import profiling
+    from treedec.tools.benchmark import profile_table
+
+    model, tokenizer, prompts = setup()
+    report = run_benchmark(model, tokenizer, prompts, ["none", "lookup"], max_new_tokens=12, progress=False,
+                           profile=True)
+    assert all(r.identical for r in report.runs)
+    profiles = report.profiles()
+    assert list(profiles) == ["none", "lookup"]  # HF is not profiled
+    runs = [r for r in report.runs if r.method == "lookup"]
+    assert profiles["lookup"]["steps"] == sum(r.steps for r in runs)
+    assert sum(profiles["lookup"]["seconds"].values()) == pytest.approx(profiles["lookup"]["step_seconds"])
+    assert set(report.to_json()["profile"]) == {"none", "lookup"}
+    lines = profile_table(profiles).splitlines()
+    assert lines[0].split()[:len(profiling.PHASES)] == [p[:11] for p in profiling.PHASES]
+    assert run_benchmark(model, tokenizer, prompts, ["none"], max_new_tokens=4, progress=False).profiles() == {}
+
+
 def test_eos_helpers_take_every_form_of_eos_token_id():
     from types import SimpleNamespace
 

@@ -38,6 +38,8 @@ def one_error_line(capsys, expected: str) -> None:
 @pytest.mark.parametrize("arguments, expected", [
     (["--json", "/no/such/dir/x.json"], "the directory /no/such/dir does not exist"),
     (["--plot", "/no/such/dir/x.png"], "the directory /no/such/dir does not exist"),
+    (["--profile-plot", "x.png"], "--profile-plot needs --profile"),
+    (["--profile", "--profile-plot", "/no/such/dir/x.png"], "the directory /no/such/dir does not exist"),
     (["--max-new-tokens", "0"], "--max-new-tokens = 0 must be an int >= 1"),
     (["--threads", "0"], "--threads = 0 must be an int >= 1"),
     (["--limit-per-category", "0"], "--limit-per-category = 0 must be an int >= 1"),

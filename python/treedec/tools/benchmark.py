@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import profiling
 from ..auditing import first_difference, logit_gap
 from ..patching import LearnedState, learned_state, patch, set_learned_state, unpatch
 from .prompts import Prompt
@@ -54,6 +55,7 @@ class Run:
     draft_seconds: float = 0.0  # the drafter's proposing time within `seconds`
     drafted: int = 0  # candidate tokens a model drafter proposed (before the sizer prunes)
     accepted: int = 0  # tokens accepted from them
+    profile: dict | None = None  # the call's per-phase step times (profile=True; treedec methods)
 
 
 @dataclass
@@ -99,6 +101,14 @@ class Report:
             "acceptance": sum(r.accepted for r in runs) / drafted if drafted else float("nan"),
         }
 
+    def profile(self, method: str) -> dict | None:
+        """A treedec method's per-phase step times summed over its prompts (None: not profiled)."""
+        profiles = [r.profile for r in self.runs if r.method == method and r.profile]
+        return profiling.merge(profiles) if profiles else None
+
+    def profiles(self) -> dict[str, dict]:
+        return {m: p for m in self.methods if (p := self.profile(m)) is not None}
+
     def categories(self) -> list[str]:
         seen: list[str] = []
         for run in self.runs:
@@ -130,6 +140,7 @@ class Report:
             "summary": {c or "overall": self.summary(c) for c in self.categories() + [None]},
             "runs": [asdict(r) for r in self.runs],
             "drafting": {m: self.drafting(m) for m in self.methods if m in MODEL_DRAFTING_METHODS},
+            "profile": self.profiles(),
         }
 
 
@@ -175,11 +186,18 @@ def check_methods(model, methods: list[str], options: dict | None = None) -> Non
 def run_benchmark(
     model, tokenizer, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
     progress: bool = True, warmup: bool = True, sampling: dict | None = None, options: dict | None = None,
+    profile: bool = False,
 ) -> Report:
     """Time HF and treedec generation per prompt on the model's own device (CUDA work is
     synchronised before each clock read, so the figures are wall-clock). `options` maps a treedec
-    method to its `treedec.patch` options (e.g. {"layerskip": {"mode": "exit"}})."""
-    options = options or {}
+    method to its `treedec.patch` options (e.g. {"layerskip": {"mode": "exit"}}). `profile`:
+    every treedec call records where its steps' time goes (Report.profile; on a GPU the profile
+    synchronises at every phase, which slows the treedec methods' timings)."""
+    options = {m: dict(o) for m, o in (options or {}).items()}
+    if profile:
+        for method in methods:
+            if method in TREEDEC_METHODS:
+                options.setdefault(method, {})["profile"] = True
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -191,7 +209,7 @@ def run_benchmark(
     report = Report(methods, meta={
         "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__, "device": _device_name(device),
-        "sampling": sampling,
+        "sampling": sampling, "profile": profile,
     })
     decoding = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
 
@@ -243,7 +261,7 @@ def run_benchmark(
                 report.runs.append(Run(method, prompt.category, prompt.question_id,
                                        inputs["input_ids"].shape[1], len(tokens), seconds, stats["steps"],
                                        identical, diff, gap, stats.get("draft_seconds", 0.0), drafted,
-                                       round(acceptance * drafted)))
+                                       round(acceptance * drafted), stats.get("profile")))
             if progress:
                 mine = report.runs[-len(methods):]
                 hf_rate = mine[0].new_tokens / mine[0].seconds  # tokens/s: sampled lengths differ
@@ -278,6 +296,41 @@ def plot_speedups(report: Report, path: str) -> None:
     ax.legend(ncol=len(methods), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def profile_table(profiles: dict[str, dict]) -> str:
+    """Milliseconds per step in each phase (columns), one row per label (a method, or a method at
+    a batch size), with the measured step time: the phases sum to it."""
+    header = f"{'':<16}" + "".join(f"{phase[:11]:>12}" for phase in profiling.PHASES) + f"{'step':>9}"
+    lines = [header]
+    for label, profile in profiles.items():
+        per_step = profiling.per_step_ms(profile)
+        step_ms = 1000 * profile["step_seconds"] / max(profile["steps"], 1)
+        lines.append(f"{label:<16}" + "".join(f"{per_step[p]:>12.2f}" for p in profiling.PHASES) + f"{step_ms:>9.2f}")
+    return "\n".join(lines)
+
+
+def plot_profile(profiles: dict[str, dict], path: str, title: str = "") -> None:
+    """A stacked bar per label: milliseconds per step in each phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(profiles)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 3), 4))
+    bottoms = [0.0] * len(labels)
+    for phase in profiling.PHASES:
+        values = [profiling.per_step_ms(profiles[label])[phase] for label in labels]
+        ax.bar(labels, values, bottom=bottoms, label=phase)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax.set_ylabel("ms per step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def save_json(report: Report, path: str) -> None:

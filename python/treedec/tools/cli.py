@@ -251,11 +251,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench_e2e(args) -> int:
-    from .benchmark import plot_speedups, run_benchmark, save_json
+    from .benchmark import plot_profile, plot_speedups, profile_table, run_benchmark, save_json
 
     _check_common(args)
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
+    _check_output("--profile-plot", args.profile_plot)
+    if args.profile_plot and not args.profile:
+        raise UsageError("--profile-plot needs --profile")
     prompts = _questions(args.questions, args.limit_per_category)
     options: dict[str, dict] = {"medusa": {}, "hydra": {}}
     for flag, methods in (("--layerskip-options", ("layerskip",)), ("--heads-options", ("medusa", "hydra"))):
@@ -275,7 +278,7 @@ def cmd_bench_e2e(args) -> int:
     model, tokenizer = _load(args.dtype, args.threads, args.device)
     _patchable(model, args.methods, options)
     report = run_benchmark(model, tokenizer, prompts, args.methods, args.max_new_tokens, sampling=_sampling(args),
-                           options=options)
+                           options=options, profile=args.profile)
     report.meta.update(questions=str(args.questions), limit_per_category=args.limit_per_category)
     print()
     print(f"Spec-Bench e2e: {len(prompts)} prompts, {_mode(args)}, max_new_tokens={args.max_new_tokens}, "
@@ -289,9 +292,18 @@ def cmd_bench_e2e(args) -> int:
     for run in differing:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
               f"token {run.first_diff}, where HF's top-2 logit gap is {run.logit_gap:.3g}")
+    if args.profile:
+        print("\nWhere each step's time goes (ms per step, summed over the prompts' steps; calibration left out):")
+        print(profile_table(report.profiles()))
     if args.json:
         save_json(report, args.json)
         print(f"\nwrote {args.json}")
+    if args.profile_plot:
+        try:
+            plot_profile(report.profiles(), args.profile_plot, f"{len(prompts)} prompts, {_mode(args)}, {_where(args)}")
+            print(f"wrote {args.profile_plot}")
+        except ImportError:
+            print("matplotlib is not installed; no plot (pip install matplotlib)", file=sys.stderr)
     if args.plot:
         try:
             plot_speedups(report, args.plot)
@@ -563,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
                      default=[m for m in ALL_METHODS if m not in OPT_IN_METHODS])
     e2e.add_argument("--json", help="write per-prompt results and the summary here")
     e2e.add_argument("--plot", help="write a bar chart of speedup per category here (PNG)")
+    e2e.add_argument("--profile", action="store_true",
+                     help="record where each treedec step's time goes (drafting, tree build, attention, the rest of "
+                          "the forward, LM head, sampling, verify, compaction, learning, host) and print it per method")
+    e2e.add_argument("--profile-plot", help="with --profile: write a stacked bar of ms per step per phase here (PNG)")
     e2e.add_argument("--medusa-heads", help="heads directory for the medusa method (treedec train-heads)")
     e2e.add_argument("--hydra-heads", help="heads directory for the hydra method")
     e2e.add_argument("--heads-options", help='JSON of treedec.patch options for medusa and hydra, e.g. '

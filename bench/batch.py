@@ -22,14 +22,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-import torch
+# Run as a script, this file's directory comes first on sys.path, and bench/kernels.py would then
+# stand in for the `kernels` package that transformers imports when it is installed: drop it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import treedec
-from treedec import patching
-from treedec.tools.benchmark import encode_prompt, plot_profile, profile_table
-from treedec.tools.models import load_default_model
-from treedec.tools.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos
+import torch  # noqa: E402
+
+import treedec  # noqa: E402
+from treedec import patching  # noqa: E402
+from treedec.tools.benchmark import encode_prompt, plot_profile, profile_table  # noqa: E402
+from treedec.tools.models import load_default_model  # noqa: E402
+from treedec.tools.prompts import SPEC_BENCH_DEV, eos_ids, left_pad, load_questions, until_eos  # noqa: E402
 
 
 def new_tokens(out: torch.Tensor, width: int, eos: frozenset[int]) -> int:

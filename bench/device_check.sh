@@ -10,6 +10,9 @@
 #   bench    python bench/kernels.py --device cuda                        -> kernels_gpu.csv, bench.log
 #   e2e      treedec bench e2e --device cuda on the embedded model, greedy then sampling at
 #            temperature 0.7 (only where its weights were carried; see below) -> e2e_gpu_*.json, e2e*.log
+#   profile  treedec bench e2e --profile in bf16: HF, None, auto and hydra, where each step's time
+#            goes (the profile synchronises per phase: its speeds are not the e2e stage's)
+#            (only where its weights were carried)                       -> e2e_gpu_profile.json/.png
 #   heads    treedec train-heads --device cuda, Medusa then Hydra, for the shipped heads
 #            (only where the model's weights were carried)              -> heads_*/, heads_*.log
 #   batch    python bench/batch.py --device cuda: HF against treedec at batch 1, 8, 32, 64
@@ -49,7 +52,7 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$OUT/work"
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-470}"
-STAGES="${STAGES:-env build test configs bench e2e heads batch triton_small}"
+STAGES="${STAGES:-env build test configs bench e2e profile heads batch triton_small}"
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 touch "$SUMMARY"
@@ -184,6 +187,17 @@ if wanted e2e; then
       --json "$WORK/e2e_gpu_sample_t0.7.json" || STATUS=1
   else
     echo "e2e: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
+  fi
+fi
+
+if wanted profile; then
+  if model_ready; then
+    stage profile "${PROFILE_LIMIT_S:-90}" "$WORK/e2e_profile.log" env $MODEL_ENV \
+      "$PYTHON" -m treedec.tools.cli bench e2e --device cuda --dtype bf16 --questions python/treedec/tools/data/spec_bench/dev.jsonl \
+      --limit-per-category 1 --max-new-tokens 64 --methods hf none auto hydra --profile \
+      --json "$WORK/e2e_gpu_profile.json" --profile-plot "$WORK/e2e_gpu_profile.png" || STATUS=1
+  else
+    echo "profile: skipped (the embedded model's GGUF parts are missing or incomplete here)" | tee -a "$SUMMARY"
   fi
 fi
 

@@ -13,8 +13,13 @@ fixed") compares it with the isolated runs.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from treedec.tools import benchmark, cli
+# Run as a script, this file's directory comes first on sys.path, and bench/kernels.py would then
+# stand in for the `kernels` package that transformers imports when it is installed: drop it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from treedec.tools import benchmark, cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -19,9 +19,16 @@ import argparse
 import json
 import time
 
-import torch
+import sys
+from pathlib import Path
 
-import treedec
+# Run as a script, this file's directory comes first on sys.path, and bench/kernels.py would then
+# stand in for the `kernels` package that transformers imports when it is installed: drop it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+import treedec  # noqa: E402
 from treedec import sizing
 from treedec.tools.benchmark import encode_prompt
 from treedec.tools.models import load_default_model

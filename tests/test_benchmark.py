@@ -227,6 +227,30 @@ def test_profiled_report_sums_each_methods_phases():
     assert run_benchmark(model, tokenizer, prompts, ["none"], max_new_tokens=4, progress=False).profiles() == {}
 
 
+def test_markdown_script_gives_the_spread_of_repeated_runs_and_their_profile(tmp_path, capsys):
+    import json
+
+    from treedec.tools.benchmark import save_json
+
+    markdown = bench_script("e2e_markdown")
+    model, tokenizer, prompts = setup()
+    paths = []
+    for i in range(2):
+        report = run_benchmark(model, tokenizer, prompts, ["none"], max_new_tokens=6, progress=False, profile=True)
+        paths.append(str(tmp_path / f"r{i}.json"))
+        save_json(report, paths[-1])
+    markdown.main(paths)
+    out = capsys.readouterr().out
+    overall = next(line for line in out.splitlines() if line.startswith("| **overall**"))
+    speedups = [json.load(open(p))["summary"]["overall"]["none"]["speedup"] for p in paths]
+    assert f"({min(speedups):.2f}-{max(speedups):.2f})" in overall and overall.endswith("| yes |")
+    assert "2 run(s)" in out and "| none | " in out[out.index("ms per step"):]
+    report = run_benchmark(model, tokenizer, prompts, ["lookup"], max_new_tokens=6, progress=False)
+    save_json(report, str(tmp_path / "other.json"))
+    with pytest.raises(SystemExit, match="differ in methods"):
+        markdown.main([paths[0], str(tmp_path / "other.json")])
+
+
 def test_eos_helpers_take_every_form_of_eos_token_id():
     from types import SimpleNamespace
 

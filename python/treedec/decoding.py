@@ -171,7 +171,7 @@ class TreeDecoder:
         streamed = 0  # tokens already pushed to the streamer (batch size 1)
         self.drafter.start(prompts, prompt_hidden)
         while active:
-            drafting_started = time.perf_counter()
+            step_started = drafting_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
             with profile.phase("drafting"):
                 if self.max_nodes > 1:
@@ -183,15 +183,15 @@ class TreeDecoder:
             with_drafts = any(len(trie) > 1 for trie in tries)
             if with_drafts and not self.cost.covers(len(active)):
                 calibration_started = time.perf_counter()
-                self._calibrate(cache, len(active))  # kept out of the step's time
-                drafting_started += time.perf_counter() - calibration_started
+                self._calibrate(cache, len(active))  # kept out of the step's time and its profile
+                step_started += time.perf_counter() - calibration_started
                 verify_start = None  # its verifies wrote over the rows the drafts left there
-            verify_started = time.perf_counter()
             with profile.phase("tree_build"):
                 if with_drafts:
                     num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
                 else:
                     num_nodes, kept = 1, [[0]] * len(active)
+                verify_started = time.perf_counter()  # the cost curve prices the tree, not the choosing
                 parents, tokens = pack_tries(tries, kept, num_nodes)
             start = verify_start(kept, num_nodes) if verify_start is not None else None
             verified = self._verify_step(cache, parents, tokens, active, emitted, start)
@@ -237,7 +237,7 @@ class TreeDecoder:
                 if active:
                     with profile.phase("compaction"):
                         cache.select(torch.tensor(keep, dtype=torch.int64))
-            profile.step_done(time.perf_counter() - drafting_started)
+            profile.step_done(time.perf_counter() - step_started)
         if request.streamer is not None:
             request.streamer.end()
         stats.new_tokens = sum(map(len, generated))

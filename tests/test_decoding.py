@@ -61,7 +61,7 @@ def greedy_continuation(model, ids, mask, new):
     return out[:, ids.shape[1] :].tolist()
 
 
-def test_eos_inside_an_accepted_path_stops_each_sequence_at_its_own_eos():
+def test_eos_inside_an_accepted_path_stops_each_sequence_at_its_own_eos(flat_step_costs):
     model = tiny_llama(seed=5)
     ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 13), repetitive_prompt(7, 6)])
     continuations = greedy_continuation(model, ids, mask, 40)
@@ -174,48 +174,42 @@ def test_tree_size_follows_acceptance():
     assert all(rate < 0.1 for rate in model.treedec.learned.acceptance.snapshot().values())
 
 
-def test_calibration_once_per_range_of_work_not_per_batch_size(monkeypatch):
-    """Rows finishing one by one shrink the batch; the shrunken batches are priced from the curve
-    the first calibration measured (one curve keyed by batch x T), not calibrated each. Sizes
-    past CALIBRATION_MAX_WORK nodes over the batch are left to extrapolation."""
+def test_trees_grow_as_real_steps_measure_them_with_nothing_timed_apart(monkeypatch):
+    """No calibration: every verify is a decoding step, and the sizer's largest tree is at most
+    twice the largest work a step has measured, so the curve reaches big trees a doubling a step."""
     from treedec import decoding
 
-    calibrated = []  # (batch size, the works timed)
-    original = decoding.TreeDecoder._calibrate
+    verifies = []
+    original = decoding.TreeDecoder._verify_step
 
-    def counting(self, cache, batch, repeats=3):
-        before = set(self.cost.seconds)
-        original(self, cache, batch, repeats=1)
-        calibrated.append((batch, sorted(set(self.cost.seconds) - before)))
+    def counting(self, cache, parents, tokens, *args, **kwargs):
+        verifies.append(tokens.numel())
+        return original(self, cache, parents, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(decoding.TreeDecoder, "_calibrate", counting)
-    monkeypatch.setattr(decoding, "CALIBRATION_MAX_RATIO", float("inf"))  # the tiny model's costs are noise
+    monkeypatch.setattr(decoding.TreeDecoder, "_verify_step", counting)
+    model = tiny_llama(seed=5)
+    ids = torch.tensor([repetitive_prompt(5, 30)])
+    expected = model.generate(ids, max_new_tokens=40, do_sample=False)
+    treedec.patch(model, drafter="lookup")
+    assert torch.equal(model.generate(ids, max_new_tokens=40, do_sample=False), expected)
+    assert len(verifies) == model.treedec.last_stats["steps"]  # nothing but decoding steps
+    measured = 0
+    for work in verifies:  # each tree at most twice the largest work measured before it
+        assert work <= max(2 * measured, 1)
+        measured = max(measured, work)
+    assert max(verifies) >= 2  # and they grew (lookup drafts up to 3 nodes here)
+
+
+def test_rows_finishing_one_by_one_are_priced_from_the_curve_the_batch_measured():
+    """One curve keyed by batch x T: the batch's steps measured the work its shrinking rows need."""
     model = treedec.patch(tiny_llama(seed=5), drafter="auto")
-    # repeats for some rows (many tokens a step), noise for others: the rows end at different steps
     noise = torch.Generator().manual_seed(0)
     prompts = [repetitive_prompt(s, 18) for s in range(5)] + [
         torch.randint(3, 96, (9,), generator=noise).tolist() for _ in range(5)
     ]
     ids, mask = left_padded(prompts)
-    model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-    assert calibrated[0] == (10, [10, 20, 40, 80, 160])
-    assert len(calibrated) == 1  # the batches of 9, 8, ..., 1 rows are priced from that curve
-    model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=40, do_sample=False)
-    model.generate(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), max_new_tokens=4, do_sample=False)
-    assert len(calibrated) == 1  # later calls, smaller or within 2x of the largest work timed, reuse the curve
-
-
-def test_calibration_stops_at_the_first_size_over_twice_a_one_node_step():
-    import time
-    from types import SimpleNamespace
-
-    from treedec import decoding
-    from treedec.sizing import CostCurve
-
-    def verify(cache, parents, tokens):  # T = 4 at 1.3x the 1-node step, T = 8 at 4x: far from the 2x line
-        time.sleep({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.040}.get(tokens.shape[1], 0.080))
-
-    fake = SimpleNamespace(max_nodes=32, cost=CostCurve(), _verify_step=verify, profile=None)
-    decoding.TreeDecoder._calibrate(fake, None, 1, repeats=1)
-    assert sorted(fake.cost.seconds) == [1, 2, 4, 8]  # 8 is the first over 2x; 16 and 32 extrapolate
+    expected = model.treedec.original_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False), expected)
+    cost = model.treedec.learned.cost
+    assert max(cost.seconds) >= 10  # the whole batch's one-node step, at least
+    assert cost.covers(1) and cost.explored_nodes(1) >= 20  # one row may draft from the first step

@@ -56,6 +56,15 @@ def test_cost_covers_batches_up_to_twice_the_measured_work():
     assert not CostCurve().covers(1)
 
 
+def test_explored_nodes_is_twice_the_largest_measured_work():
+    assert CostCurve().explored_nodes(4) == 1  # nothing measured: no drafts, the step measures T = 1
+    cost = curve({1: 1.0, 2: 1.2}, batch=8)  # works 8 and 16
+    assert [cost.explored_nodes(b) for b in (1, 2, 8, 16, 32, 64)] == [32, 16, 4, 2, 1, 1]
+    one = CostCurve()
+    one.record(1, 1, 0.5)
+    assert one.explored_nodes(1) == 2 and one.cost(1, 2) == 0.5  # one point: priced flat, so tried
+
+
 def test_acceptance_converges_and_forgets_toward_prior():
     model = trained(0.8, ["a"])
     assert model.rate("a") == pytest.approx(0.8, abs=0.05)

@@ -24,12 +24,6 @@ from .reference.tree import pack_bits
 from .sampling import Sampler, in_sampling_order, typical_verify
 from .stopping import BatchStopping
 
-CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
-# A calibration times sizes up to this many nodes over the whole batch (and at least T = 2), and
-# stops at the first that costs CALIBRATION_MAX_RATIO x a 1-node step: a batch of 32 on a CPU
-# would otherwise spend seconds timing trees its sizer never keeps (see _calibrate).
-CALIBRATION_MAX_WORK = 256
-CALIBRATION_MAX_RATIO = 2.0
 MAX_UNIFORMS_AHEAD = 32  # deeper than any drafter's tree
 
 
@@ -181,14 +175,10 @@ class TreeDecoder:
             stats.draft_seconds += time.perf_counter() - drafting_started
             tries, verify_start = proposal.tries, proposal.verify_start
             with_drafts = any(len(trie) > 1 for trie in tries)
-            if with_drafts and not self.cost.covers(len(active)):
-                calibration_started = time.perf_counter()
-                self._calibrate(cache, len(active))  # kept out of the step's time and its profile
-                step_started += time.perf_counter() - calibration_started
-                verify_start = None  # its verifies wrote over the rows the drafts left there
             with profile.phase("tree_build"):
-                if with_drafts:
-                    num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, self.max_nodes)
+                if with_drafts:  # trees up to what the cost curve has measured, or twice that
+                    max_nodes = min(self.max_nodes, self.cost.explored_nodes(len(active)))
+                    num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, max_nodes)
                 else:
                     num_nodes, kept = 1, [[0]] * len(active)
                 verify_started = time.perf_counter()  # the cost curve prices the tree, not the choosing
@@ -228,8 +218,9 @@ class TreeDecoder:
             stats.steps += 1
             stats.sequence_steps += len(active)
             stats.tree_nodes += num_nodes
-            if with_drafts:  # the cost curve prices tree sizes: drafting's own time is not the tree's
-                self.cost.record(len(active), num_nodes, time.perf_counter() - verify_started)
+            # every step prices its tree size (one-node steps too: the curve's first point, before
+            # any draft is priced); drafting's own time is not the tree's
+            self.cost.record(len(active), num_nodes, time.perf_counter() - verify_started)
             self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]
@@ -362,31 +353,6 @@ class TreeDecoder:
     def _drafter_view(view, batch: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, probs = view
         return ids.reshape(batch, num_nodes, -1).cpu(), probs.reshape(batch, num_nodes, -1).float().cpu()
-
-    def _calibrate(self, cache: TreeCache, batch: int, repeats: int = 3) -> None:
-        """Time a verify at a few tree sizes on the live cache, best of `repeats` each (nothing is
-        committed: rows written after the prefix are overwritten by the next real step). Sizes
-        grow until one costs CALIBRATION_MAX_RATIO x the 1-node step: larger trees rarely pay
-        there, and extrapolation prices them until a real step measures one."""
-        sizes = [s for s in CALIBRATION_SIZES
-                 if s <= max(self.max_nodes, 1) and (s <= 2 or batch * s <= CALIBRATION_MAX_WORK)]
-        profile, self.profile = self.profile, profiling.NoProfile()  # not a step: kept out of the profile
-        try:
-            for size in sizes:
-                parents = torch.arange(-1, size - 1, dtype=torch.int32).expand(batch, -1).contiguous()
-                tokens = torch.zeros(batch, size, dtype=torch.int64)
-                best = float("inf")
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    self._verify_step(cache, parents, tokens)
-                    best = min(best, time.perf_counter() - started)
-                self.cost.record(batch, size, best)
-                if size == 1:
-                    one_node = best
-                elif best > CALIBRATION_MAX_RATIO * one_node:
-                    break
-        finally:
-            self.profile = profile
 
     def _learn_acceptance(self, tries: list[DraftTrie], kept: list[list[int]], accept_nodes: torch.Tensor) -> None:
         """Each kept node whose parent was accepted is one trial of its key."""

@@ -56,13 +56,16 @@ class AcceptanceModel:
 
 
 class CostCurve:
-    """Step seconds of a verify, keyed by its work: batch size x T nodes. Calibrated where the
-    curve does not reach a batch's work (`covers`), then the median of the latest real steps at
-    each work. One curve for every batch size: a batch whose rows finish one by one (32, 31, ...,
-    1) is priced from what its neighbours measured instead of calibrating at every size, which on
-    a CPU cost more than the decoding. A sample over 3x the curve's current estimate (a GC pause,
-    a busy neighbour) is dropped, so one outlier cannot price a size out; past the largest
-    measured work the estimate is an extrapolation, and every sample is kept to correct it."""
+    """Step seconds of a verify, keyed by its work: batch size x T nodes, the median of the latest
+    real steps at each work. Nothing is timed apart from decoding: the sizer may choose a tree of
+    at most twice the largest work measured (`explored_nodes`), so the curve reaches larger trees
+    a doubling per step, each measured by a step that also decodes. (An up-front calibration, best
+    of three verifies at T = 1..64, cost about 1.1 s on a 2-core CPU: a first call with drafts was
+    0.70x HF at B = 1 on a Xeon.) One curve for every batch size: a batch whose rows finish one by
+    one (32, 31, ..., 1) is priced from what its neighbours measured. A sample over 3x the curve's
+    current estimate (a GC pause, a busy neighbour) is dropped, so one outlier cannot price a size
+    out; past the largest measured work the estimate is an extrapolation, and every sample is kept
+    to correct it."""
 
     def __init__(self, window: int = 9, outlier_factor: float = 3.0):
         self.window, self.outlier_factor = window, outlier_factor
@@ -70,12 +73,20 @@ class CostCurve:
         self.seconds: dict[int, float] = {}  # batch size x T -> median of its samples
 
     def covers(self, batch_size: int) -> bool:
-        """Whether the curve can price this batch's trees without a calibration of its own: its
-        1-node step is at most 2x the largest measured work. Smaller batches are priced by
-        extrapolating down, which the step times of a CPU and a GPU both follow closely (cost
-        grows about linearly with work on the one, hardly at all on the other); far larger work
-        is calibrated, since extrapolating up can price a tree the hardware cannot afford."""
+        """Whether the curve prices this batch's trees from measurements near them: its 1-node
+        step is at most 2x the largest measured work. Smaller batches are priced by extrapolating
+        down, which the step times of a CPU and a GPU both follow closely (cost grows about
+        linearly with work on the one, hardly at all on the other)."""
         return bool(self.seconds) and batch_size <= 2 * max(self.seconds)
+
+    def explored_nodes(self, batch_size: int) -> int:
+        """The largest tree a `batch_size` step may have: work up to twice the largest measured
+        (one node, no drafts, before anything is measured), since extrapolating far up can price a
+        tree the hardware cannot afford. Priced optimistically inside that bound (see `cost`), a
+        tree worth trying is tried, and its step corrects the curve."""
+        if not self.seconds:
+            return 1
+        return max(1, 2 * max(self.seconds) // batch_size)
 
     def record(self, batch_size: int, num_nodes: int, seconds: float) -> None:
         work = batch_size * num_nodes
@@ -94,7 +105,7 @@ class CostCurve:
         smallest, to no less than half of it; above the largest, at no less than the mean slope)."""
         work = batch_size * num_nodes
         if not self.seconds:
-            return float(work)  # uncalibrated: proportional to work, only used before calibration
+            return float(work)  # nothing measured: proportional to work (explored_nodes allows 1 node)
         points = monotone(sorted(self.seconds.items()))
         below = [p for p in points if p[0] <= work]
         above = [p for p in points if p[0] > work]

@@ -7,8 +7,8 @@
 For each batch size B, two calls of B Spec-Bench first turns each (the 2B shortest, chat
 template, left padded), by the unpatched model and by each treedec drafter, patched with nothing
 learned yet (treedec keeps what it learns about a model across calls and patches). The first call
-includes what the loop measures before it can size trees (its cost curve's calibration); the
-later call, on the next B prompts, reuses it, as every later call on a model does. Reported per
+starts with nothing measured (its trees grow as its steps measure the cost curve); the later
+call, on the next B prompts, reuses what it learned, as every later call on a model does. Reported per
 call: new tokens per second (tokens up to each row's EOS, the same count for both), the ratio to
 HF on the same prompts in the same run, tau, and whether the output equals HF's token for token.
 Batches of different sizes hold different prompts: compare methods within a batch size.

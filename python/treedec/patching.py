@@ -168,7 +168,7 @@ def learned_state(model) -> LearnedState | None:
 
 def set_learned_state(model, state: LearnedState | None) -> None:
     """Make `state` everything treedec has learned about `model`; None forgets it all, so the next
-    call starts as in a fresh process (it calibrates again, and Token Recycling's table is empty).
+    call starts as in a fresh process (its cost curve is measured again, and Token Recycling's table is empty).
     The benchmarks give each method its own state: one method must not decode a prompt with a
     table another method filled from the same prompt's output."""
     if state is None and not hasattr(model, "treedec"):

@@ -36,7 +36,7 @@ OPT_IN_METHODS = ("medusa", "hydra")
 # Methods whose drafter runs the model (or heads) to draft: the report prints their drafting figures
 MODEL_DRAFTING_METHODS = ("layerskip", "medusa", "hydra")
 ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
-# Warms up (compiles, calibrates, runs layerskip's search) on text that no measured set holds.
+# Warms up (compiles, starts the cost curve, runs layerskip's search) on text that no measured set holds.
 WARMUP_PROMPT = Prompt("warmup", "Name three colours of the rainbow and one thing that has each colour.")
 
 

@@ -293,7 +293,7 @@ def cmd_bench_e2e(args) -> int:
         print(f"  {run.method} differs from HF on {run.category} question {run.question_id}: first at generated "
               f"token {run.first_diff}, where HF's top-2 logit gap is {run.logit_gap:.3g}")
     if args.profile:
-        print("\nWhere each step's time goes (ms per step, summed over the prompts' steps; calibration left out):")
+        print("\nWhere each step's time goes (ms per step, summed over the prompts' steps):")
         print(profile_table(report.profiles()))
     if args.json:
         save_json(report, args.json)

@@ -165,14 +165,14 @@ class TreeDecoder:
         streamed = 0  # tokens already pushed to the streamer (batch size 1)
         self.drafter.start(prompts, prompt_hidden)
         while active:
-            step_started = drafting_started = time.perf_counter()
+            step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
             with profile.phase("drafting"):
                 if self.max_nodes > 1:
                     proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
                 else:
                     proposal = Proposal([DraftTrie(roots[s]) for s in active])
-            stats.draft_seconds += time.perf_counter() - drafting_started
+            stats.draft_seconds += time.perf_counter() - step_started
             tries, verify_start = proposal.tries, proposal.verify_start
             with_drafts = any(len(trie) > 1 for trie in tries)
             with profile.phase("tree_build"):

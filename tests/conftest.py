@@ -28,6 +28,5 @@ def flat_step_costs(monkeypatch):
     made the sizer drop the drafts in about one run of six)."""
     from treedec import sizing
 
-    monkeypatch.setattr(sizing.CostCurve, "covers", lambda self, batch_size: True)
     monkeypatch.setattr(sizing.CostCurve, "explored_nodes", lambda self, batch_size: max(sizing.TREE_SIZES))
     monkeypatch.setattr(sizing.CostCurve, "cost", lambda self, batch_size, num_nodes: 1.0)

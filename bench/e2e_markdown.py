@@ -11,6 +11,8 @@ made with `--profile` also get a table of the mean milliseconds per step in each
 import json
 import sys
 
+from treedec import profiling
+
 
 def speedup_cell(values: list[float]) -> str:
     mean = sum(values) / len(values)
@@ -54,9 +56,8 @@ def main(paths: list[str]) -> None:
         print("|" + "---|" * (len(phases) + 2))
         for m in profiled:
             per_run = [run["profile"][m] for run in runs]
-            cells = [sum(1000 * p["seconds"][phase] / max(p["steps"], 1) for p in per_run) / len(per_run)
-                     for phase in phases]
-            step = sum(1000 * p["step_seconds"] / max(p["steps"], 1) for p in per_run) / len(per_run)
+            cells = [sum(profiling.per_step_ms(p)[phase] for p in per_run) / len(per_run) for phase in phases]
+            step = sum(profiling.step_ms(p) for p in per_run) / len(per_run)
             print(f"| {m} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {step:.2f} |")
 
 

@@ -119,3 +119,8 @@ def per_step_ms(profile: dict) -> dict[str, float]:
     """Each phase's mean milliseconds per step."""
     steps = max(profile["steps"], 1)
     return {phase: 1000 * seconds / steps for phase, seconds in profile["seconds"].items()}
+
+
+def step_ms(profile: dict) -> float:
+    """The mean milliseconds of a whole step (what the phases of per_step_ms add up to)."""
+    return 1000 * profile["step_seconds"] / max(profile["steps"], 1)

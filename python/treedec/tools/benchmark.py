@@ -305,8 +305,8 @@ def profile_table(profiles: dict[str, dict]) -> str:
     lines = [header]
     for label, profile in profiles.items():
         per_step = profiling.per_step_ms(profile)
-        step_ms = 1000 * profile["step_seconds"] / max(profile["steps"], 1)
-        lines.append(f"{label:<16}" + "".join(f"{per_step[p]:>12.2f}" for p in profiling.PHASES) + f"{step_ms:>9.2f}")
+        lines.append(f"{label:<16}" + "".join(f"{per_step[p]:>12.2f}" for p in profiling.PHASES)
+                     + f"{profiling.step_ms(profile):>9.2f}")
     return "\n".join(lines)
 
 

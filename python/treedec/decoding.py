@@ -271,7 +271,7 @@ class TreeDecoder:
         return cache, None
 
     def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
-                     sequences: list[int] | None = None, emitted: list[int] | None = None, start=None):
+                     sequences: list[int], emitted: list[int], start=None):
         """One tree forward and verification (greedy, or by sampling when the call samples).
         `sequences` (the rows' sequence ids) and `emitted` (tokens each has generated) place every
         node at its output position, whose uniform a sampling step uses. `start` (layer, residual)
@@ -301,9 +301,6 @@ class TreeDecoder:
             with profile.phase("verify"):
                 accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
             return accept_len, accept_nodes, bonus, topk, None, hidden
-        batch = tokens.shape[0]
-        sequences = list(range(batch)) if sequences is None else sequences
-        emitted = [0] * batch if emitted is None else emitted
         with profile.phase("sampling"):  # the LM head inside it is timed as lm_head
             uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
             dists, (topk, topk_probs) = self._node_distributions(hidden)

@@ -82,7 +82,7 @@ def test_eos_inside_an_accepted_path_stops_each_sequence_at_its_own_eos(flat_ste
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 7])
-def test_max_new_tokens_smaller_than_an_accepted_chunk(max_new_tokens):
+def test_max_new_tokens_smaller_than_an_accepted_chunk(max_new_tokens, flat_step_costs):
     model = tiny_llama(seed=6)
     ids = torch.tensor([repetitive_prompt(8, 10)])
     continuations = greedy_continuation(model, ids, None, 30)
@@ -92,7 +92,7 @@ def test_max_new_tokens_smaller_than_an_accepted_chunk(max_new_tokens):
     assert torch.equal(got, expected) and got.shape[1] == 10 + max_new_tokens
 
 
-def test_streamer_chunks_concatenate_to_the_output():
+def test_streamer_chunks_concatenate_to_the_output(flat_step_costs):
     class Collect:
         def __init__(self):
             self.puts, self.ended = [], False
@@ -114,7 +114,7 @@ def test_streamer_chunks_concatenate_to_the_output():
     assert max(len(chunk) for chunk in streamer.puts[1:]) > 1  # chunks, not single tokens
 
 
-def test_stopping_criteria_are_honoured_per_token():
+def test_stopping_criteria_are_honoured_per_token(flat_step_costs):
     class StopAfterToken(StoppingCriteria):
         def __init__(self, token):
             self.token = token

@@ -46,6 +46,71 @@ def test_branch_decomposition(num_nodes, q_heads, kv_heads):
             torch.testing.assert_close(out[b, :, i], expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def attention_over(q, keys, values, softcap):
+    """q [H, 1, D] over keys/values [H, n, D]: plain attention, scores soft-capped if asked."""
+    scores = q @ keys.transpose(1, 2) / q.shape[-1] ** 0.5
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.softmax(scores, dim=-1) @ values
+
+
+@pytest.mark.parametrize("shape", ["chain", "star", "random", "single"])
+@pytest.mark.parametrize("window, softcap", [(1, None), (3, None), (8, None), (None, 0.7), (4, 0.7)])
+def test_sliding_window_and_softcap_by_position(shape, window, softcap):
+    """Node i of depth d after a prefix of p rows sits at position p + d (rows before kv_start
+    are padding): it sees the rows fewer than `window` positions behind it, as HF's sliding mask."""
+    rng = random.Random(hash((shape, window)) % 1000)
+    num_nodes = {"chain": 11, "star": 6, "random": 13, "single": 1}[shape]
+    batch, heads, dim, rows = 3, 2, 8, 40
+    prefix_len = torch.tensor([9, 0, 14], dtype=torch.int32)
+    kv_start = torch.tensor([3, 0, 0], dtype=torch.int32)
+    make = {"chain": lambda: list(range(-1, num_nodes - 1)), "star": lambda: [-1] + [0] * (num_nodes - 1),
+            "random": lambda: random_parents(num_nodes, rng), "single": lambda: [-1]}[shape]
+    parents = [make() for _ in range(batch)]
+    _, mask = build_tree(batch_parents(parents))
+    q, k, v = torch.randn(batch, heads, num_nodes, dim), torch.randn(batch, heads, rows, dim), torch.randn(batch, heads, rows, dim)
+    out = tree_attention(q, k, v, prefix_len, mask, kv_start, window=window, softcap=softcap)
+    limit = window if window is not None else rows
+    for b in range(batch):
+        p = int(prefix_len[b])
+        for i in range(num_nodes):
+            path = root_path(parents[b], i)
+            depth = len(path) - 1
+            visible = [r for r in range(int(kv_start[b]), p) if p + depth - r < limit]
+            visible += [p + j for d, j in enumerate(path) if depth - d < limit]
+            expected = attention_over(q[b, :, i : i + 1], k[b, :, visible], v[b, :, visible], softcap)
+            torch.testing.assert_close(out[b, :, i], expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_and_softcap_outside_the_loop_are_eager_attentions():
+    """Without a tree step, a soft-capped layer (Gemma 2) attends as transformers' eager attention,
+    which sdpa cannot: causal with the queries last, or over the bool mask given."""
+    from treedec.attention import softcapped_forward
+
+    q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    out = softcapped_forward(q, k, v, None, None, 0.5)  # [B, T, H, D]
+    for i in range(3):
+        expected = attention_over(q[0, :, i : i + 1], k[0, :, : 3 + i], v[0, :, : 3 + i], 0.5)
+        torch.testing.assert_close(out[0, i], expected[:, 0], atol=1e-5, rtol=1e-5)
+    bool_mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    bool_mask[1, :, :, 0] = False
+    out = softcapped_forward(q, k, v, bool_mask, None, 0.5)
+    expected = attention_over(q[1, :, 2:3], k[1, :, 1:], v[1, :, 1:], 0.5)
+    torch.testing.assert_close(out[1, 2], expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_window_and_softcap_raise():
+    q, kv = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 10, 8)
+    _, mask = build_tree(batch_parents([[-1, 0]]))
+    prefix = torch.tensor([0], dtype=torch.int32)
+    for window in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            tree_attention(q, kv, kv, prefix, mask, window=window)
+    for softcap in (0.0, -1.0):
+        with pytest.raises(ValueError, match="softcap"):
+            tree_attention(q, kv, kv, prefix, mask, softcap=softcap)
+
+
 def test_bad_arguments_raise():
     q, kv = torch.randn(1, 3, 2, 8), torch.randn(1, 2, 10, 8)
     _, mask = build_tree(batch_parents([[-1, 0]]))

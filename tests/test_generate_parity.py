@@ -381,28 +381,6 @@ def test_pad_tokens_in_a_batch_without_mask_are_masked_as_hf_masks_them():
 
 
 # -- what HF does that treedec does not: HF's own generate, with the model's own attention -----------
-@pytest.mark.parametrize("model_type, extra", [("mistral", {"sliding_window": 8}),
-                                               ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
-                                                          "max_window_layers": 0})])
-def test_a_sliding_window_the_call_outgrows_falls_back(model_type, extra):
-    import transformers
-
-    from test_model_types import COMMON, CONFIGS
-
-    config_name, model_name, _ = CONFIGS[model_type]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**COMMON, **extra)).eval()
-    ids = torch.tensor([repetitive_prompt(20, 12)])
-    kwargs = dict(max_new_tokens=30, do_sample=False, eos_token_id=None)
-    with pytest.warns(UserWarning, match="exceeds the sliding window"):
-        expected, got = hf_then_treedec(model, ids, **kwargs)
-    assert torch.equal(got, expected)
-    short = treedec.unpatch(model).generate(ids[:, :4], max_new_tokens=4, do_sample=False)  # inside the window
-    treedec.patch(model)
-    assert torch.equal(model.generate(ids[:, :4], max_new_tokens=4, do_sample=False), short)
-    no_fallback(model)
-
-
 @pytest.mark.parametrize("settings, reason", [
     (dict(penalty_alpha=0.6, top_k=4, trust_remote_code=True), "contrastive_search"),
     (dict(dola_layers="low", trust_remote_code=True), "dola_generation"),

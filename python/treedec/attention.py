@@ -36,7 +36,7 @@ class TreeStep:
     # times attention when the loop profiles (the verify forward's steps; drafters' forwards do not)
     profile: object = field(default_factory=NoProfile, repr=False)
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
-    _dense: torch.Tensor | None = field(default=None, repr=False)
+    _dense: dict = field(default_factory=dict, repr=False)  # window (None: none) -> the dense mask
 
     @property
     def num_nodes(self) -> int:
@@ -58,17 +58,20 @@ class TreeStep:
         host = rows.cpu()
         return TreeStep(self.prefix_len[host], self.kv_start[host], self.tree_mask[host], host, self.profile)
 
-    def dense_mask(self) -> torch.Tensor:
-        """bool [B, 1, T, max(prefix_len) + T] for the reference path; built once per step and device."""
-        if self._dense is None:
+    def dense_mask(self, window: int | None = None) -> torch.Tensor:
+        """bool [B, 1, T, max(prefix_len) + T] for the reference path (`window`: a sliding-window
+        layer's); built once per step, device and window."""
+        if window not in self._dense:
             kv_len = int(self.prefix_len.max()) + self.num_nodes
-            self._dense = reference.dense_tree_mask(
-                self.prefix_len, self.tree_mask, self.kv_start, self.num_nodes, kv_len
+            self._dense[window] = reference.dense_tree_mask(
+                self.prefix_len, self.tree_mask, self.kv_start, self.num_nodes, kv_len, window
             )
-        return self._dense
+        return self._dense[window]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q [B, Hq, T, D] over cache buffers k, v [B, Hkv, S, D] -> [B, Hq, T, D]; `window` and
+        `softcap` as ops.tree_attention takes them."""
         step = self.on(q.device)
         with self.profile.phase("attention"):
             if step.cache_rows is not None:  # a row subset: its sequences' cache rows, gathered
@@ -76,18 +79,45 @@ class TreeStep:
             # the cache checked this step's rows (begin_step): no per-layer read of prefix_len, which
             # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
             return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale,
-                                      check_values=False, dense_mask=step.dense_mask)
+                                      check_values=False, dense_mask=lambda: step.dense_mask(window),
+                                      window=window, softcap=softcap)
+
+
+def layer_window(module, kwargs: dict) -> int | None:
+    """The sliding window of the attention layer `module`, or None: what the layer passes
+    (Mistral, Qwen2, Gemma), else what it keeps (Qwen2-MoE keeps it and does not pass it; its
+    mask, which the loop's own mask replaces, holds it). transformers writes 0 for none."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return int(window) if window else None
 
 
 def treedec_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention-interface signature; returns ([B, T, Hq, D], None)."""
     step = kwargs.get("treedec_step")
+    softcap = kwargs.get("softcap")
     if step is None:
+        if softcap is not None:  # sdpa has no soft-cap (transformers picks eager for such models)
+            return softcapped_forward(query, key, value, attention_mask, scaling, softcap), None
         return compat.sdpa_attention_forward()(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    out = step.attend(query, key, value, scaling)
+    out = step.attend(query, key, value, scaling, layer_window(module, kwargs), softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+def softcapped_forward(query, key, value, attention_mask, scaling, softcap: float) -> torch.Tensor:
+    """A forward outside the loop with soft-capped scores: transformers' eager attention over the
+    sdpa mask treedec's mask function made (bool, or None for a plain causal forward)."""
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        rows = torch.arange(num_keys, device=query.device)
+        mask = rows.view(1, -1) <= torch.arange(num_queries, device=query.device).view(-1, 1) + num_keys - num_queries
+    else:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = mask[..., :num_keys]
+    out = reference.softcapped_attention(query, key, value, mask.expand(query.shape[0], 1, num_queries, num_keys),
+                                         scaling, softcap)
+    return out.transpose(1, 2).contiguous()
 
 
 def treedec_mask(*args, **kwargs):

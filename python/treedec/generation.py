@@ -110,7 +110,7 @@ def prepare(model, adapter: ModelAdapter, call: GenerateCall, drafter_name, opti
     compat.prepare_generated_length(model, config, has_default_max, has_default_min, input_ids)
     max_new_tokens, eos_token_ids = _custom_limits(criteria, length, config.max_length - length, eos_token_ids)
     real_length = int(attention_mask.sum(1).max())
-    reason = length_reason(model.config, real_length + max_new_tokens + max_tree_nodes, length + max_new_tokens)
+    reason = length_reason(model.config, real_length + max_new_tokens + max_tree_nodes)
     if reason is not None:
         return reason
     compat.validate_generated_length(model, config, length, has_default_max)
@@ -213,17 +213,14 @@ def padding_reason(attention_mask: torch.Tensor, shape: torch.Size) -> str | Non
     return None
 
 
-def length_reason(model_config, longest: int, total_len: int) -> str | None:
-    """Why a call reaching `longest` positions (prompt, new tokens and the deepest tree), of
-    `total_len` columns with padding, is not attended or rotated as HF would, or None.
+def length_reason(model_config, longest: int) -> str | None:
+    """Why a call reaching `longest` positions (prompt, new tokens and the deepest tree) is not
+    rotated as HF would, or None.
 
-    A sliding window: tree attention sees the whole prefix, so once a sequence passes the window
-    its attention is not the model's. RoPE: ordinary rotations treat every position alike, so only
-    rope types whose frequencies change with the forward's longest position matter; past that
-    length HF's own output is the only reference there is."""
-    window = getattr(model_config, "sliding_window", None)
-    if window is not None and getattr(model_config, "use_sliding_window", True) and total_len > window:
-        return f"prompt + max_new_tokens ({total_len}) exceeds the sliding window ({window})"
+    Ordinary rotations treat every position alike, so only rope types whose frequencies change
+    with the forward's longest position matter; past that length HF's own output is the only
+    reference there is. (Sliding windows need nothing here: tree attention applies each layer's
+    window, `attention.layer_window`.)"""
     rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     limit_name = LENGTH_DEPENDENT_ROPE.get(rope_type)

@@ -127,6 +127,15 @@ class ModelAdapter:
         return cache
 
     # -- the LM head --------------------------------------------------------------------------
+    # whether `scale_logits` changes anything (a family adapter sets it)
+    transforms_logits: bool = False
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's *ForCausalLM does to the LM head's output before returning it (Gemma
+        2's soft-cap, Granite's divisor); nothing by default. It must keep the logits' order: the
+        fused top-k picks ids before it runs (`topk_values` handles the ties it may make)."""
+        return logits
+
     def refresh(self) -> None:
         """Read the LM head again (each generate call does): it may have been replaced, hooked or
         wrapped since `patch`. Only a plain bias-free nn.Linear that nothing hooks runs through the
@@ -157,13 +166,22 @@ class ModelAdapter:
         if not self.fused_lm_head:
             return reference.topk_of_logits(self.logits(hidden).float(), k)
         weight = self.lm_head.weight
-        values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, k)
-        return values.view(batch, num_nodes, k), ids.view(batch, num_nodes, k)
+        wanted = min(k + 1, self.vocab_size) if self.transforms_logits else k
+        values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, wanted)
+        values, ids = values.view(batch, num_nodes, wanted), ids.view(batch, num_nodes, wanted)
+        if not self.transforms_logits:
+            return values, ids
+        # In the model's dtype, as its forward computes them. A soft-cap can round logits the kernel
+        # ranked apart to one value, and HF's argmax then takes the lower id: ties take full logits.
+        values = self.scale_logits(values.to(weight.dtype)).float()
+        if bool((values[..., 1:] == values[..., :-1]).any()):
+            return reference.topk_of_logits(self.logits(hidden).float(), k)
+        return values[..., :k], ids[..., :k]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
-        (sampling needs them all)."""
-        return self.lm_head(hidden.to(self.lm_head_device))
+        (sampling needs them all), as the model's forward returns them (`scale_logits`)."""
+        return self.scale_logits(self.lm_head(hidden.to(self.lm_head_device)))
 
 
 def plain_linear(module: torch.nn.Module) -> bool:
@@ -179,13 +197,22 @@ def plain_linear(module: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def swapped_layers(base: torch.nn.Module, layers: torch.nn.ModuleList | None):
-    """Within the block `base` runs `layers` (None: its own), swapped in where it keeps them."""
+    """Within the block `base` runs `layers` (None: its own), swapped in where it keeps them. A
+    model that reads a layer's type by its position (Gemma 3's rotary, `config.layer_types[i]`)
+    reads the subset's own types meanwhile."""
     if layers is None:
         yield
         return
     full = base._modules["layers"]
+    config = base.config
+    types = getattr(config, "layer_types", None)
     base._modules["layers"] = layers
+    if types is not None:
+        index = {id(layer): i for i, layer in enumerate(full)}
+        config.layer_types = [types[index[id(layer)]] for layer in layers]
     try:
         yield
     finally:
         base._modules["layers"] = full
+        if types is not None:
+            config.layer_types = types

@@ -1,6 +1,9 @@
-"""The Llama family's layout (Llama, Mistral, Qwen2, Qwen3): `model.<base_model_prefix>` holds
-`embed_tokens`, `layers` (each with `self_attn`), `norm` and `rotary_emb`, and calls attention
-through transformers' AttentionInterface, which treedec's "treedec" backend serves."""
+"""The Llama layout, shared by most decoder-only families (Llama, Mistral, Mixtral, Qwen2/3 and
+their MoE variants, Phi-3, OLMo 2, and the Gemma and Granite adapters built on it):
+`model.<base_model_prefix>` holds `embed_tokens`, `layers` (each with `self_attn`), `norm` and
+`rotary_emb`, and calls attention through transformers' AttentionInterface, which treedec's
+"treedec" backend serves. What differs inside a layer (MoE blocks, fused QKV, extra norms,
+residual multipliers, sliding windows: `attention.layer_window`) runs as the layer's own code."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ class LlamaFamilyAdapter(ModelAdapter):
         return self.base
 
     def layer_devices(self) -> list[torch.device]:
-        return [layer.self_attn.k_proj.weight.device for layer in self.base.layers]
+        return [next(layer.self_attn.parameters()).device for layer in self.base.layers]
 
     def _input_device(self) -> torch.device:
         return self.base.embed_tokens.weight.device
@@ -57,6 +60,12 @@ class LlamaFamilyAdapter(ModelAdapter):
         with swapped_layers(self.base, layers):
             return self.base(input_ids=tokens.to(self._input_device()), use_cache=False).last_hidden_state
 
+    def layer_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """Each layer's rotary (cos, sin) for `run_layers`, as the base model's forward computes them:
+        one rotary for every layer here."""
+        embeddings = self.base.rotary_emb(hidden, position_ids=position_ids)
+        return [embeddings] * self.num_layers
+
     def supports_row_subsets(self) -> bool:
         return all(hasattr(self.base, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
 
@@ -67,12 +76,13 @@ class LlamaFamilyAdapter(ModelAdapter):
         hidden = hidden.to(self._input_device())
         batch = hidden.shape[0]
         position_ids = positions.to(hidden.device)
-        cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)
+        rotary = self.layer_position_embeddings(hidden, position_ids)
         mask = step.tree_mask.unsqueeze(1).to(hidden.device)
         for index, layer in enumerate(self.base.layers):
             rows = active[index].nonzero().flatten()
             if rows.numel() == 0:
                 continue
+            cos, sin = rotary[index]
             cache_kwarg = {compat.cache_kwarg_name(layer): cache}
             if rows.numel() == batch:
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids,

@@ -28,6 +28,8 @@ def tree_attention(
     scale: float | None = None,
     check_values: bool = True,
     dense_mask: Callable[[], torch.Tensor] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their own ancestors.
 
@@ -54,6 +56,15 @@ def tree_attention(
         For the reference (SDPA with a dense mask): gives the bool [B, 1, T, max(prefix_len) + T]
         mask of these arguments (`reference.dense_tree_mask`), so a caller running every layer
         of one step builds it once (TreeStep.dense_mask). Other backends read the packed mask.
+        With `window` it must be the windowed mask.
+    window : int, optional
+        A sliding-window layer's window: each node sees only the rows fewer than `window`
+        positions behind it, its position being its prefix length plus its depth
+        (`reference.dense_tree_mask`).
+    softcap : float, optional
+        Gemma 2's attention-logit soft-cap: scores become softcap * tanh(scores / softcap).
+
+    No kernel implements `window` or `softcap` yet: a call with either runs the reference.
 
     Returns
     -------
@@ -61,6 +72,13 @@ def tree_attention(
     """
     _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values)
     args = (q, k, v, prefix_len, tree_mask, kv_start, scale)
+    if window is not None or softcap is not None:
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window = {window!r} must be a positive int")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap = {softcap!r} must be positive")
+        mask = dense_mask() if dense_mask is not None else None
+        return reference.tree_attention(*args, dense_mask=mask, window=window, softcap=softcap)
     backend = TREE_ATTENTION.backend(q.device, *args)
     if backend == "reference" and dense_mask is not None and not torch.compiler.is_compiling():
         return reference.tree_attention(*args, dense_mask=dense_mask())

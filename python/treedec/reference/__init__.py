@@ -5,7 +5,7 @@ and the backend `TREEDEC_BACKEND=reference` runs everywhere. Shapes and semantic
 the data contracts in docs/design.md; argument checking lives in `treedec.ops`, not here.
 """
 
-from .attention import dense_tree_mask, tree_attention
+from .attention import dense_tree_mask, softcapped_attention, tree_attention
 from .compact import compact_kv
 from .heads import draft_heads_topk
 from .linear import linear_rows
@@ -24,6 +24,7 @@ __all__ = [
     "lm_head_topk",
     "sample_tokens",
     "scatter_rows",
+    "softcapped_attention",
     "topk_of_logits",
     "tree_attention",
     "verify_greedy",

@@ -43,7 +43,7 @@ $(VENV_COMPAT)/.installed: pyproject.toml setup.py
 test-compat: $(VENV_COMPAT)/.installed
 	$(VENV_COMPAT)/bin/python -c "import transformers; print('compat run on transformers', transformers.__version__)"
 	$(VENV_COMPAT)/bin/python -m pytest -q tests/test_decoding.py tests/test_patching.py tests/test_cache.py tests/test_attention.py tests/test_model_types.py tests/test_sampling.py \
-		tests/test_generate_parity.py tests/test_audit.py \
+		tests/test_generate_parity.py tests/test_audit.py tests/test_tensor_parallel.py \
 		tests/test_layerskip.py tests/test_skipdecode.py
 
 bench-e2e: setup

@@ -245,21 +245,38 @@ def test_a_cache_that_grows_many_times_decodes_losslessly(monkeypatch):
     assert caches[-1].capacity > 15 + 3 + 33  # it grew past its first rows (prompt + 3 + a tree's)
 
 
-# -- 5. offloading -------------------------------------------------------------------------------
-def test_an_offloaded_model_falls_back_to_hf():
+# -- 5. offloading and device maps: weights accelerate loads in its hooks ----------------------
+def decodes_without_fallback(model, ids, mask=None, **kwargs) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="treedec: falling back")
+        return model.generate(ids, attention_mask=mask, **kwargs)
+
+
+@pytest.mark.parametrize("drafter", [None, "auto", "layerskip"])
+def test_an_offloaded_model_decodes_losslessly(drafter):
+    """accelerate's cpu_offload: every weight on the meta device, loaded by a hook on each leaf
+    module for its forward; the cache and the inputs go to the hooks' execution device."""
     from accelerate import cpu_offload
 
-    model = tiny_llama(seed=12)
-    ids = torch.tensor([repetitive_prompt(12, 10)])
-    expected = model.generate(ids, max_new_tokens=10, do_sample=False)
+    model = tiny_llama(seed=12, num_layers=3)
+    ids, mask = left_padded([repetitive_prompt(12, 10), repetitive_prompt(13, 17), [5, 6, 7]])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    options = {"mode": "exit", "exit_layer": 1} if drafter == "layerskip" else {}
+    treedec.patch(model, drafter=drafter, **options)
+    torch.manual_seed(4)  # treedec's sample before offloading: a seed fixes its tokens, whatever the trees
+    resident_sample = decodes_without_fallback(model, ids, mask, max_new_tokens=12, do_sample=True)
+    treedec.unpatch(model)
     cpu_offload(model, execution_device=torch.device("cpu"))
     assert any(p.device.type == "meta" for p in model.parameters())
-    treedec.patch(model, drafter="auto")
-    with pytest.warns(UserWarning, match="offloaded"):
-        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    treedec.patch(model, drafter=drafter, **options)
+    got = decodes_without_fallback(model, ids, mask, max_new_tokens=30, do_sample=False)
+    assert torch.equal(got, expected)
+    torch.manual_seed(4)
+    assert torch.equal(decodes_without_fallback(model, ids, mask, max_new_tokens=12, do_sample=True), resident_sample)
 
 
-def test_a_device_map_with_disk_offload_falls_back_to_hf(tmp_path):
+def test_a_device_map_with_disk_offload_decodes_losslessly(tmp_path):
+    """A multi-entry device_map, one layer offloaded to disk: its hook (on the layer) loads it."""
     from transformers import AutoModelForCausalLM
 
     tiny_llama(seed=12).save_pretrained(tmp_path / "model")
@@ -267,11 +284,40 @@ def test_a_device_map_with_disk_offload_falls_back_to_hf(tmp_path):
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
                                                  offload_folder=str(tmp_path / "offload"))
-    ids = torch.tensor([repetitive_prompt(12, 10)])
-    expected = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert any(p.device.type == "meta" for p in model.model.layers[1].parameters())
+    ids, mask = left_padded([repetitive_prompt(12, 10), repetitive_prompt(14, 13)])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     treedec.patch(model, drafter="auto")
-    with pytest.warns(UserWarning, match="offloaded"):
-        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert torch.equal(decodes_without_fallback(model, ids, mask, max_new_tokens=30, do_sample=False), expected)
+
+
+def test_an_explicit_device_map_decodes_losslessly(tmp_path):
+    """Every layer its own device_map entry (all on the CPU here; on a GPU machine the same code
+    puts each layer's KV rows where the map puts the layer)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(seed=12, num_layers=3).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map)
+    ids, mask = left_padded([repetitive_prompt(12, 10), repetitive_prompt(14, 13)])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="auto")
+    assert torch.equal(decodes_without_fallback(model, ids, mask, max_new_tokens=30, do_sample=False), expected)
+
+
+def test_execution_devices_follow_accelerate_hooks():
+    """A hook's execution device wins over a parameter's (meta) device, on the module or below it."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    from treedec.adapters.base import execution_device
+
+    with torch.device("meta"):
+        layer = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert execution_device(layer) == torch.device("cpu")  # no tensor off the meta device, no hook
+    layer[0]._hf_hook = SequentialHook(AlignDevicesHook(execution_device=0))  # as add_hook_to_module leaves it
+    assert execution_device(layer) == torch.device("cuda", 0)
+    assert execution_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
 
 
 def test_a_model_on_the_meta_device_is_refused_at_patch():

@@ -790,3 +790,18 @@ def test_a_model_is_recognised_by_its_weights_not_its_path():
 def test_the_shipped_heads_are_refused_for_another_model():
     with pytest.raises(ValueError, match="the shipped heads are for the embedded SmolLM2-135M-Instruct only"):
         treedec.patch(tiny_llama(), drafter="medusa")
+
+
+def test_heads_on_an_offloaded_lm_head_fall_back_naming_why(tmp_path):
+    """The heads draft through the LM head's weight; accelerate's offloading leaves it on the meta
+    device (loaded only inside the head's forward), so the call goes to HF, with HF's tokens."""
+    from accelerate import cpu_offload
+
+    model = peaked(seed=3)
+    save(random_heads("medusa", model), tmp_path / "medusa")
+    ids = torch.tensor([repetitive_prompt(0, 21)])
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    treedec.patch(model, drafter="medusa", heads=tmp_path / "medusa")
+    with pytest.warns(UserWarning, match="LM head's .V, H. weight.*offloaded"):
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)

@@ -220,7 +220,8 @@ class TreeDecoder:
             stats.tree_nodes += num_nodes
             # every step prices its tree size (one-node steps too: the curve's first point, before
             # any draft is priced); drafting's own time is not the tree's
-            self.cost.record(len(active), num_nodes, time.perf_counter() - verify_started)
+            verify_seconds = self.adapter.agreed_seconds(time.perf_counter() - verify_started)
+            self.cost.record(len(active), num_nodes, verify_seconds)
             self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]
@@ -294,7 +295,7 @@ class TreeDecoder:
             else:
                 hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
         if trial:  # CPU tensors (the only routed ones): the clock needs no synchronisation
-            self.routing.finish(rows, time.perf_counter() - forward_started)
+            self.routing.finish(rows, self.adapter.agreed_seconds(time.perf_counter() - forward_started))
         if self.sampler is None:
             with profile.phase("lm_head"):
                 topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))

@@ -162,11 +162,10 @@ def model_reason(model, adapter: ModelAdapter, drafter_name) -> str | None:
     if adapter.stack._forward_hooks or adapter.stack._forward_pre_hooks:
         if drafter_name == "layerskip":  # its steps run the decoder layers without the stack's forward
             return f"forward hooks on {type(adapter.stack).__name__} with drafter='layerskip'"
-    if any(p.device.type == "meta" for p in model.parameters()):
-        return "the model's weights are offloaded (parameters on the meta device, loaded by accelerate's hooks)"
     if drafter_name in ("medusa", "hydra") and adapter.lm_head_weight is None:
         head = type(adapter.lm_head).__name__
-        return f"drafter={drafter_name!r} drafts through the LM head's [V, H] weight; {head} has none"
+        return (f"drafter={drafter_name!r} drafts through the LM head's [V, H] weight; {head} has none resident and "
+                "whole (none at all, offloaded by accelerate, or sharded across ranks)")
     return None
 
 

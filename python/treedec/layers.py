@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import ops
+from . import ops, parallel
 
 MAX_ROWS = 16  # beyond this torch's GEMM catches up on every CPU measured (bench/kernels.py, linear_rows)
 ROUTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -80,13 +80,14 @@ def few_row_forward(module: torch.nn.Linear, run, routing: LinearRouting, x: tor
 
 def routable_linears(layers: torch.nn.Module) -> list[torch.nn.Linear]:
     """The plain nn.Linear modules under `layers` that the kernel can run (CPU, fp32/bf16, C++
-    built) and that nothing else has wrapped (an instance `forward`, e.g. an accelerate hook)."""
+    built, a weight that is not a DTensor) and that nothing else has wrapped (an instance
+    `forward`, e.g. an accelerate hook or tensor parallelism's)."""
     if ops.choose_backend(torch.device("cpu"), "linear_rows") != "cpp":
         return []
     return [
         m for m in layers.modules()
         if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in ROUTED_DTYPES
-        and "forward" not in m.__dict__
+        and "forward" not in m.__dict__ and not parallel.is_distributed(m.weight)
     ]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .. import ops, reference
+from .. import ops, parallel, reference
 from ..attention import TreeStep
 from ..cache import TreeCache
 
@@ -29,6 +29,8 @@ class ModelAdapter:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
+        # tensor parallel: measured times are agreed on across the ranks (parallel.py)
+        self.agreement = parallel.Agreement.for_model(model)
         self.refresh()
 
     # -- the layout: one implementation per model family --------------------------------------
@@ -76,6 +78,11 @@ class ModelAdapter:
     def layer_devices(self) -> list[torch.device]:
         """Each layer's device, where its KV rows live (a device_map may split the layers)."""
         raise NotImplementedError
+
+    def agreed_seconds(self, seconds: float) -> float:
+        """A measured time that decides anything (a tree's size, a search's budget), as every rank
+        sharing the model records it: the slowest rank's under tensor parallelism."""
+        return self.agreement.seconds(seconds)
 
     # -- built on the layout ------------------------------------------------------------------
     def forward_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: TreeCache, step: TreeStep,
@@ -146,15 +153,18 @@ class ModelAdapter:
 
     @property
     def lm_head_weight(self) -> torch.Tensor | None:
-        """The LM head's [V, H] weight where it has one (draft heads read it to draft)."""
+        """The LM head's [V, H] weight where it has one (draft heads read it to draft); None for a
+        head sharded across ranks (tensor parallel), whose rows this rank does not all hold."""
         weight = getattr(self.lm_head, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+        whole = (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not parallel.is_distributed(weight)
+                 and weight.device.type != "meta")  # offloaded: loaded only inside the head's forward
+        return weight if whole else None
 
     @property
     def lm_head_device(self) -> torch.device:
-        """Where the LM head's weights are (the CPU for a head without parameters)."""
-        weight = next(self.lm_head.parameters(), None)
-        return weight.device if weight is not None else torch.device("cpu")
+        """Where the LM head computes (execution_device: its weights' device, or where accelerate's
+        hook loads offloaded ones)."""
+        return execution_device(self.lm_head)
 
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
@@ -184,15 +194,32 @@ class ModelAdapter:
         return self.scale_logits(self.lm_head(hidden.to(self.lm_head_device)))
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes. A module that accelerate offloads (`cpu_offload`, a `device_map`
+    with "cpu" or "disk" entries) keeps its weights on the meta device, and the hook on it or on
+    its submodules (one per device_map entry, or per leaf) loads them onto its execution device
+    for each forward. Otherwise the device of its first parameter or buffer (the CPU with none)."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook
+            device = getattr(part, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
 def plain_linear(module: torch.nn.Module) -> bool:
-    """A bias-free nn.Linear (not a subclass) with resident weights that no hook, instance forward
-    or parametrization changes: its logits are exactly `hidden @ weight.T`."""
+    """A bias-free nn.Linear (not a subclass) with resident, unsharded weights that no hook,
+    instance forward or parametrization changes: its logits are exactly `hidden @ weight.T`."""
     from torch.nn.modules import module as torch_module
 
     return (type(module) is torch.nn.Linear and module.bias is None and "forward" not in module.__dict__
             and not module._forward_hooks and not module._forward_pre_hooks
             and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
-            and module.weight.device.type != "meta")
+            and module.weight.device.type != "meta" and not parallel.is_distributed(module.weight))
 
 
 @contextlib.contextmanager

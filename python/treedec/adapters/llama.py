@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import compat, ops
+from .. import compat, ops, parallel
 from ..attention import TreeStep
 from ..cache import TreeCache
-from .base import ModelAdapter, swapped_layers
+from .base import ModelAdapter, execution_device, swapped_layers
 
 
 class LlamaFamilyAdapter(ModelAdapter):
@@ -20,6 +20,15 @@ class LlamaFamilyAdapter(ModelAdapter):
         self.base = getattr(model, model.base_model_prefix)
         self.cache_kwarg = compat.cache_kwarg_name(self.base)
         super().__init__(model)
+        self.num_kv_heads = self._local_kv_heads()
+
+    def _local_kv_heads(self) -> int:
+        """KV heads this rank computes: under tensor parallelism k_proj's shard holds its share of
+        the heads, and the cache holds only those (config's count on one device)."""
+        k_proj = getattr(self.base.layers[0].self_attn, "k_proj", None)
+        if k_proj is None or not isinstance(getattr(k_proj, "weight", None), torch.Tensor):
+            return self.num_kv_heads
+        return parallel.local_tensor(k_proj.weight).shape[0] // self.head_dim
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -30,10 +39,10 @@ class LlamaFamilyAdapter(ModelAdapter):
         return self.base
 
     def layer_devices(self) -> list[torch.device]:
-        return [next(layer.self_attn.parameters()).device for layer in self.base.layers]
+        return [execution_device(layer) for layer in self.base.layers]
 
     def _input_device(self) -> torch.device:
-        return self.base.embed_tokens.weight.device
+        return execution_device(self.base.embed_tokens)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(tokens.to(self._input_device()))

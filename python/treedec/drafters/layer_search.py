@@ -75,13 +75,16 @@ def search(adapter, window: torch.Tensor, depth: int, budget_seconds: float) -> 
         forwards += 1
         return float((choices(adapter, window, kept) == target).float().mean())
 
+    def elapsed() -> float:  # the same on every rank of a tensor-parallel model
+        return adapter.agreed_seconds(time.perf_counter() - started)
+
     def out_of_time() -> bool:
-        return time.perf_counter() - started > budget_seconds
+        return elapsed() > budget_seconds
 
     middle = list(range(1, num_layers - 1))
     scores: dict[int, float] = {}
     for layer in middle:
-        if time.perf_counter() - started > SCORING_SHARE * budget_seconds:
+        if elapsed() > SCORING_SHARE * budget_seconds:
             break  # keep the rest of the budget for trying sets
         scores[layer] = agreement(tuple(i for i in range(num_layers) if i != layer))
     order = sorted(scores, key=lambda layer: -scores[layer])  # least harmful to skip first

@@ -39,7 +39,14 @@ CONFIGS = {
                                                      "final_logit_softcapping": 2.0}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 2.0,
                                                                "layer_types": ["sliding_attention", "full_attention"]}),
+    # the multimodal model (what AutoModelForCausalLM loads for Gemma 3 4B and up) on text prompts;
+    # its settings go to the text config (build)
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", {"head_dim": 16, "final_logit_softcapping": 2.0,
+                                                                   "layer_types": ["sliding_attention", "full_attention"]}),
 }
+MULTIMODAL = {"gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=14),
+                             mm_tokens_per_image=4, boi_token_index=93, eoi_token_index=94, image_token_index=95)}
 # model_type -> the settings that give it a sliding window of `window` rows
 SLIDING = {
     "mistral": lambda window: {"sliding_window": window},
@@ -52,6 +59,7 @@ SLIDING = {
     "qwen3_moe": lambda window: {"sliding_window": window},  # every layer, as its attention reads it
     "gemma2": lambda window: {"sliding_window": window},
     "gemma3_text": lambda window: {"sliding_window": window},
+    "gemma3": lambda window: {"sliding_window": window},
 }
 
 
@@ -59,7 +67,11 @@ def build(model_type: str, seed: int = 0, **overrides):
     """A tiny random model of `model_type` with sharp distributions (drafts get accepted)."""
     config_name, model_name, extra = CONFIGS[model_type]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    settings = {**COMMON, **extra, **overrides}
+    if model_type in MULTIMODAL:
+        config = getattr(transformers, config_name)(text_config=settings, **MULTIMODAL[model_type])
+    else:
+        config = getattr(transformers, config_name)(**settings)
     model = getattr(transformers, model_name)(config).eval()
     assert model.config.model_type == model_type
     with torch.no_grad():
@@ -206,3 +218,22 @@ def test_gemma3_with_a_tied_256k_vocabulary(flat_step_costs):
     expected, got = greedy_pair(model, rows, max_new_tokens=12)
     assert torch.equal(got, expected)
 
+
+
+def test_a_multimodal_model_with_images_or_hooks_on_its_wrapper_falls_back():
+    """Gemma 3's multimodal model decodes text through its language model alone: a call with
+    images, or a hook on the wrapper the loop never runs, goes to HF's generate, named."""
+    model = build("gemma3")
+    ids = torch.tensor([[5, 7, 9, 93] + [95] * 4 + [94, 5, 7]])
+    pixels = torch.randn(1, 3, 28, 28)
+    expected = model.generate(ids, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    treedec.patch(model, drafter="lookup")
+    with pytest.warns(UserWarning, match="pixel_values"):
+        assert torch.equal(model.generate(ids, pixel_values=pixels, max_new_tokens=6, do_sample=False), expected)
+    text = ids[:, :3]
+    plain = model.generate(text, max_new_tokens=6, do_sample=False)
+    calls = []
+    model.model.register_forward_hook(lambda module, args, out: calls.append(1))
+    with pytest.warns(UserWarning, match="forward hooks on the Gemma3Model"):
+        assert torch.equal(model.generate(text, max_new_tokens=6, do_sample=False), plain)
+    assert calls  # HF's generate ran the wrapper, and its hook

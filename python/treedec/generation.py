@@ -87,7 +87,7 @@ def prepare(model, adapter: ModelAdapter, call: GenerateCall, drafter_name, opti
         return reason
     if input_ids is None:
         return "no input_ids (inputs_embeds, or a prompt of BOS alone)"
-    check_input_ids(input_ids, model.config.vocab_size)
+    check_input_ids(input_ids, adapter.vocab_size)
     batch, length = input_ids.shape
     if call.streamer is not None and batch > 1:
         return "a streamer with batch size > 1 (treedec's sequences advance by different amounts)"
@@ -110,7 +110,7 @@ def prepare(model, adapter: ModelAdapter, call: GenerateCall, drafter_name, opti
     compat.prepare_generated_length(model, config, has_default_max, has_default_min, input_ids)
     max_new_tokens, eos_token_ids = _custom_limits(criteria, length, config.max_length - length, eos_token_ids)
     real_length = int(attention_mask.sum(1).max())
-    reason = length_reason(model.config, real_length + max_new_tokens + max_tree_nodes)
+    reason = length_reason(adapter.config, real_length + max_new_tokens + max_tree_nodes)
     if reason is not None:
         return reason
     compat.validate_generated_length(model, config, length, has_default_max)
@@ -157,8 +157,9 @@ def _call_reason(call: GenerateCall) -> str | None:
 def model_reason(model, adapter: ModelAdapter, drafter_name) -> str | None:
     """Why treedec cannot decode on `model` as it stands now (hooks or offloading added since
     `patch`), or None."""
-    if model._forward_hooks or model._forward_pre_hooks:
-        return f"forward hooks on the {type(model).__name__} itself (treedec's loop never calls its forward)"
+    for module in adapter.bypassed:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"forward hooks on the {type(module).__name__} (treedec's loop never calls its forward)"
     if adapter.stack._forward_hooks or adapter.stack._forward_pre_hooks:
         if drafter_name == "layerskip":  # its steps run the decoder layers without the stack's forward
             return f"forward hooks on {type(adapter.stack).__name__} with drafter='layerskip'"

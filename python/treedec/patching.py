@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 
 from . import attention, compat, generation, layers, sizing
-from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for, text_config
 from .decoding import TreeDecoder
 from .drafters import DRAFTERS, Drafter, check_drafter_name, drafter_options, make_drafter
 from .generation import GenerateCall
@@ -44,6 +44,13 @@ class LearnedState:
     tables: dict = field(default_factory=dict)  # drafter tables (Token Recycling's successor table)
     # per row count, whether the few-row kernel or torch's linear runs the projections (layers.py)
     linear_routing: layers.LinearRouting = field(default_factory=layers.LinearRouting)
+    # per drafter, greedy or sampling, and batch size: whether steps draft at all (drafted steps
+    # that lose to plain ones stop a while); what drafting costs depends on the drafter
+    gates: dict = field(default_factory=dict)
+
+    def gate(self, drafter, sampling: bool) -> sizing.DraftGate:
+        name = drafter if isinstance(drafter, str) or drafter is None else type(drafter).__name__
+        return self.gates.setdefault((name, sampling), sizing.DraftGate())
 
 
 _LEARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> LearnedState
@@ -183,6 +190,7 @@ def set_learned_state(model, state: LearnedState | None) -> None:
 def _drafter_for(drafter, options: dict, model_config, learned: LearnedState) -> Drafter:
     if isinstance(drafter, Drafter):
         return drafter
+    model_config = text_config(model_config)
     return make_drafter(drafter, options, model_config.vocab_size, learned.tables, model_config.num_hidden_layers)
 
 
@@ -265,8 +273,9 @@ def _generate(model, inputs=None, generation_config=None, logits_processor=None,
         acceptance, cost = learned.sample_acceptance, learned.sample_cost
     else:
         acceptance, cost = learned.acceptance, learned.cost
+    gate = learned.gate(state.drafter, request.sampler is not None)
     decoder = TreeDecoder(state.adapter, drafter, acceptance, cost, max_nodes, cpu_linear=options.get("cpu_linear", True),
-                          profile=options.get("profile", False), routing=learned.linear_routing)
+                          profile=options.get("profile", False), routing=learned.linear_routing, gate=gate)
     output, stats = decoder.generate(request)
     state.last_stats = {**stats.as_dict(), **drafter.report()}
     return output.to(request.input_ids.device)

@@ -3,7 +3,7 @@ adapter here, not edits across the loop and the drafters (see `base.ModelAdapter
 
 from __future__ import annotations
 
-from .base import ModelAdapter, plain_linear
+from .base import ModelAdapter, plain_linear, text_config
 from .gemma import GemmaFamilyAdapter
 from .granite import GraniteAdapter
 from .llama import LlamaFamilyAdapter
@@ -22,6 +22,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "gemma": GemmaFamilyAdapter,
     "gemma2": GemmaFamilyAdapter,
     "gemma3_text": GemmaFamilyAdapter,
+    "gemma3": GemmaFamilyAdapter,  # Gemma3ForConditionalGeneration, on text
 }
 SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
 
@@ -38,4 +39,4 @@ def adapter_for(model) -> ModelAdapter:
 
 
 __all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "GemmaFamilyAdapter", "GraniteAdapter", "LlamaFamilyAdapter",
-           "ModelAdapter", "adapter_for", "plain_linear"]
+           "ModelAdapter", "adapter_for", "plain_linear", "text_config"]

@@ -23,7 +23,9 @@ class ModelAdapter:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        config = model.config
+        # a multimodal model (Gemma 3's ForConditionalGeneration) keeps the decoder's settings in
+        # its text config; a text model's text config is its config
+        self.config = config = text_config(model.config)
         self.num_layers: int = config.num_hidden_layers
         self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -44,6 +46,12 @@ class ModelAdapter:
         """The module whose forward `forward` calls (the base model): its hooks run there, not in
         `run_layers`, which calls the layers one by one."""
         raise NotImplementedError
+
+    @property
+    def bypassed(self) -> list[torch.nn.Module]:
+        """Modules around the stack whose forward the loop never calls (the *ForCausalLM itself,
+        a multimodal model's wrapper around its language model): hooks on them would not run."""
+        return [self.model]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens int64 [...] (no -1) -> embeddings [..., H] on the model's input device."""
@@ -192,6 +200,12 @@ class ModelAdapter:
         """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module
         (sampling needs them all), as the model's forward returns them (`scale_logits`)."""
         return self.scale_logits(self.lm_head(hidden.to(self.lm_head_device)))
+
+
+def text_config(config):
+    """The decoder's config: a multimodal config's text config, else the config itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:

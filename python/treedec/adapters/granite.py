@@ -14,7 +14,7 @@ class GraniteAdapter(LlamaFamilyAdapter):
     transforms_logits = True
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return super().embed(tokens) * self.model.config.embedding_multiplier
+        return super().embed(tokens) * self.config.embedding_multiplier
 
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.model.config.logits_scaling
+        return logits / self.config.logits_scaling

@@ -18,6 +18,12 @@ from .base import ModelAdapter, execution_device, swapped_layers
 class LlamaFamilyAdapter(ModelAdapter):
     def __init__(self, model: torch.nn.Module):
         self.base = getattr(model, model.base_model_prefix)
+        # A multimodal model (Gemma 3) wraps its language model: the loop decodes text through the
+        # language model alone, which is what the wrapper runs for a prompt without images (a
+        # call with images falls back: generation.MODEL_KWARGS_HANDLED).
+        self.wrapper = None
+        if hasattr(self.base, "language_model"):
+            self.wrapper, self.base = self.base, self.base.language_model
         self.cache_kwarg = compat.cache_kwarg_name(self.base)
         super().__init__(model)
         self.num_kv_heads = self._local_kv_heads()
@@ -37,6 +43,10 @@ class LlamaFamilyAdapter(ModelAdapter):
     @property
     def stack(self) -> torch.nn.Module:
         return self.base
+
+    @property
+    def bypassed(self) -> list[torch.nn.Module]:
+        return [self.model] + ([self.wrapper] if self.wrapper is not None else [])
 
     def layer_devices(self) -> list[torch.device]:
         return [execution_device(layer) for layer in self.base.layers]

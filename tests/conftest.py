@@ -23,10 +23,12 @@ def _deterministic():
 
 @pytest.fixture
 def flat_step_costs(monkeypatch):
-    """Every tree size costs the same and may be chosen from the first step: for tests that assert how much of
+    """Every tree size costs the same and may be chosen from the first step, and every step drafts
+    (sizing.DraftGate never closes): for tests that assert how much of
     a draft is accepted, on tiny models whose measured step times are noise (a slow sample there
     made the sizer drop the drafts in about one run of six)."""
     from treedec import sizing
 
     monkeypatch.setattr(sizing.CostCurve, "explored_nodes", lambda self, batch_size: max(sizing.TREE_SIZES))
     monkeypatch.setattr(sizing.CostCurve, "cost", lambda self, batch_size, num_nodes: 1.0)
+    monkeypatch.setattr(sizing.DraftGate, "opens", lambda self, batch_size: True)  # and every step drafts

@@ -1,11 +1,14 @@
 """Lossless end to end on tiny random Llamas: treedec's output equals unpatched HF greedy."""
 
+import time
+
 import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import treedec
 from helpers import OracleDrafter
+from treedec.drafters.base import DraftTrie
 from treedec.tools.models import tiny_llama
 from treedec.tools.prompts import left_pad
 
@@ -213,3 +216,35 @@ def test_rows_finishing_one_by_one_are_priced_from_the_curve_the_batch_measured(
     cost = model.treedec.learned.cost
     assert max(cost.seconds) >= 10  # the whole batch's one-node step, at least
     assert cost.covers(1) and cost.explored_nodes(1) >= 20  # one row may draft from the first step
+
+
+class SlowWrongDrafter(OracleDrafter):
+    """Drafts only wrong tokens, slowly: drafting never pays."""
+
+    def propose_row(self, seq, root_token, uniforms=None):
+        time.sleep(0.004)
+        trie = DraftTrie(root_token)
+        trie.child(0, (root_token + 1) % self.vocab_size, ("wrong", 1))
+        return trie
+
+
+def test_steps_stop_drafting_while_drafts_do_not_pay():
+    """sizing.DraftGate: drafted steps that cost more per token than plain ones turn drafting off
+    for a while (plain steps), and the output stays HF's."""
+    model = tiny_llama(seed=5)
+    ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 13)])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
+    treedec.patch(model, drafter=SlowWrongDrafter([[], []]))
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False), expected)
+    assert model.treedec.last_stats["plain_steps"] > 0
+    assert treedec.patching.learned_state(model).gate(model.treedec.drafter, sampling=False).closings > 0
+
+
+def test_drafts_that_pay_keep_the_gate_open(flat_step_costs):
+    model = tiny_llama(seed=5)
+    ids, mask = left_padded([repetitive_prompt(5, 9), repetitive_prompt(6, 13)])
+    continuations = greedy_continuation(model, ids, mask, 60)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
+    treedec.patch(model, drafter=OracleDrafter(continuations, depth=8))
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False), expected)
+    assert model.treedec.last_stats["plain_steps"] == 0 and model.treedec.last_stats["tau"] > 3

@@ -221,7 +221,8 @@ class FixedChain(RowDrafter):
 @pytest.fixture
 def full_trees(monkeypatch):
     """Verify every drafted node every step: the sizer would often pick T=1 for a 500-row batch of a
-    tiny model, and then the drafts (what these tests are about) would never be verified."""
+    tiny model (and the draft gate stop drafting), and then the drafts (what these tests are
+    about) would never be verified."""
     from treedec import decoding
 
     def keep_everything(tries, acceptance, cost, max_nodes):
@@ -230,6 +231,7 @@ def full_trees(monkeypatch):
 
     monkeypatch.setattr(decoding.sizing, "choose", keep_everything)
     monkeypatch.setattr(decoding.sizing.CostCurve, "explored_nodes", lambda self, batch: max(decoding.sizing.TREE_SIZES))
+    monkeypatch.setattr(decoding.sizing.DraftGate, "opens", lambda self, batch: True)
 
 
 def distribution_model():

@@ -3,7 +3,7 @@
 import pytest
 
 from treedec.drafters.base import DraftTrie
-from treedec.sizing import AcceptanceModel, CostCurve, choose, monotone, path_probabilities
+from treedec.sizing import AcceptanceModel, CostCurve, DraftGate, choose, monotone, path_probabilities
 
 
 def curve(points: dict[int, float], batch: int = 1) -> CostCurve:
@@ -120,3 +120,29 @@ def test_samples_past_the_measured_work_are_kept_however_slow():
     assert cost.cost(1, 64) == pytest.approx(40.0)
     cost.record(1, 2, 50.0)  # within the measured work: a GC pause, dropped
     assert cost.cost(1, 2) == pytest.approx(1.1)
+
+
+def test_draft_gate_closes_while_drafted_steps_lose_and_backs_off():
+    gate = DraftGate(margin=0.03, evidence=3, first_backoff=4, max_backoff=8)
+    for _ in range(2):  # 0.5 s a token against a plain 0.1 s a row: losing, but too little evidence
+        gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
+        assert gate.opens(4)
+    gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
+    assert [gate.opens(4) for _ in range(5)] == [False] * 4 + [True]  # 4 plain steps, then drafting again
+    assert gate.opens(8)  # other batch sizes keep their own verdicts
+    for _ in range(3):  # losing again, on fresh evidence: twice as long
+        gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
+    assert [gate.opens(4) for _ in range(9)] == [False] * 8 + [True]
+    for _ in range(3):  # winning: 0.05 s a token, and the backoff starts over
+        gate.record(4, seconds=0.4, tokens=8, plain_seconds=0.4)
+    assert gate.opens(4) and gate.backoff[4] == 4 and gate.closings == 2
+
+
+def test_draft_gate_needs_a_plain_step_to_compare_with():
+    gate = DraftGate(evidence=1)
+    for _ in range(5):
+        gate.record(2, seconds=9.0, tokens=2, plain_seconds=None)
+        assert gate.opens(2)
+    even = DraftGate(evidence=1)
+    even.record(2, seconds=0.2, tokens=2, plain_seconds=0.2)  # as fast as a plain step: within the margin
+    assert even.opens(2) and even.closings == 0

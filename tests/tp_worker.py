@@ -21,7 +21,7 @@ from treedec import decoding  # noqa: E402
 
 # name -> (drafter, options, sampling settings or None, timed). Timed cases size trees from each
 # rank's measured step times, agreed on (treedec.parallel), so whether they draft depends on the
-# machine; the others price every tree size alike (as tests' flat_step_costs), so they draft.
+# machine; the others price every tree size alike and always draft (as tests' flat_step_costs).
 CASES = {
     "none": (None, {}, None, True),
     "lookup": ("lookup", {}, None, True),
@@ -50,11 +50,12 @@ def flat_costs(flat: bool) -> None:
     from treedec import sizing
 
     if not hasattr(sizing.CostCurve, "_measured"):
-        sizing.CostCurve._measured = (sizing.CostCurve.explored_nodes, sizing.CostCurve.cost)
-    explored, cost = sizing.CostCurve._measured
+        sizing.CostCurve._measured = (sizing.CostCurve.explored_nodes, sizing.CostCurve.cost, sizing.DraftGate.opens)
+    explored, cost, opens = sizing.CostCurve._measured
     if flat:
         explored, cost = (lambda self, batch_size: max(sizing.TREE_SIZES)), (lambda self, batch_size, nodes: 1.0)
-    sizing.CostCurve.explored_nodes, sizing.CostCurve.cost = explored, cost
+        opens = lambda self, batch_size: True  # noqa: E731
+    sizing.CostCurve.explored_nodes, sizing.CostCurve.cost, sizing.DraftGate.opens = explored, cost, opens
 
 
 def main(model_dir: str, out_path: str) -> None:

@@ -54,6 +54,7 @@ class DecodeStats:
     tree_nodes: int = 0  # summed over steps (T per step)
     sequence_steps: int = 0  # steps summed over the sequences taking part in them
     draft_seconds: float = 0.0  # time the drafter spent proposing (running the model, for some)
+    plain_steps: int = 0  # steps that did not draft because drafted steps were losing (sizing.DraftGate)
     profile: dict | None = None  # per-phase seconds (profiling.StepProfile.as_dict) when profiling
 
     def as_dict(self) -> dict:
@@ -65,6 +66,7 @@ class DecodeStats:
             "prefill_seconds": self.prefill_seconds,
             "mean_tree_nodes": self.tree_nodes / max(self.steps, 1),
             "draft_seconds": self.draft_seconds,
+            "plain_steps": self.plain_steps,
             **({"profile": self.profile} if self.profile is not None else {}),
         }
 
@@ -114,9 +116,12 @@ class TreeDecoder:
         cpu_linear: bool = True,
         profile: bool = False,
         routing: layers.LinearRouting | None = None,
+        gate: sizing.DraftGate | None = None,
     ):
         self.adapter, self.drafter = adapter, drafter
         self.acceptance, self.cost, self.max_nodes = acceptance, cost, max_nodes
+        # whether each step drafts at all: off for a while where drafted steps lose to plain ones
+        self.gate = gate if gate is not None else sizing.DraftGate()
         self.cpu_linear = cpu_linear  # route few-row projections through ops.linear_rows (see layers)
         # where routed: which of the kernel and torch's linear runs each row count, measured
         self.routing = routing if routing is not None else layers.LinearRouting()
@@ -168,9 +173,11 @@ class TreeDecoder:
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
             with profile.phase("drafting"):
-                if self.max_nodes > 1:
+                drafts = self.max_nodes > 1 and self.gate.opens(len(active))
+                if drafts:
                     proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
                 else:
+                    stats.plain_steps += self.max_nodes > 1
                     proposal = Proposal([DraftTrie(roots[s]) for s in active])
             stats.draft_seconds += time.perf_counter() - step_started
             tries, verify_start = proposal.tries, proposal.verify_start
@@ -222,6 +229,9 @@ class TreeDecoder:
             # any draft is priced); drafting's own time is not the tree's
             verify_seconds = self.adapter.agreed_seconds(time.perf_counter() - verify_started)
             self.cost.record(len(active), num_nodes, verify_seconds)
+            if with_drafts:  # the whole step, drafting included, against a plain step of this batch
+                self.gate.record(len(active), self.adapter.agreed_seconds(time.perf_counter() - step_started),
+                                 sum(map(len, chunks)), self.cost.seconds.get(len(active)))
             self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]

@@ -3,7 +3,7 @@
 import pytest
 
 from treedec.drafters.base import DraftTrie
-from treedec.sizing import AcceptanceModel, CostCurve, DraftGate, choose, monotone, path_probabilities
+from treedec.sizing import AcceptanceModel, CostCurve, DraftGate, batch_bucket, choose, monotone, path_probabilities
 
 
 def curve(points: dict[int, float], batch: int = 1) -> CostCurve:
@@ -128,14 +128,15 @@ def test_draft_gate_closes_while_drafted_steps_lose_and_backs_off():
         gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
         assert gate.opens(4)
     gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
-    assert [gate.opens(4) for _ in range(5)] == [False] * 4 + [True]  # 4 plain steps, then drafting again
-    assert gate.opens(8)  # other batch sizes keep their own verdicts
+    assert not gate.opens(3)  # 3 rows share 4's bucket (3-4): the first of its 4 plain steps
+    assert [gate.opens(4) for _ in range(4)] == [False] * 3 + [True]  # then drafting again
+    assert gate.opens(8)  # another bucket (5-8) keeps its own verdict
     for _ in range(3):  # losing again, on fresh evidence: twice as long
         gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
     assert [gate.opens(4) for _ in range(9)] == [False] * 8 + [True]
     for _ in range(3):  # winning: 0.05 s a token, and the backoff starts over
         gate.record(4, seconds=0.4, tokens=8, plain_seconds=0.4)
-    assert gate.opens(4) and gate.backoff[4] == 4 and gate.closings == 2
+    assert gate.opens(4) and gate.backoff[batch_bucket(4)] == 4 and gate.closings == 2
 
 
 def test_draft_gate_needs_a_plain_step_to_compare_with():

@@ -230,8 +230,9 @@ class TreeDecoder:
             verify_seconds = self.adapter.agreed_seconds(time.perf_counter() - verify_started)
             self.cost.record(len(active), num_nodes, verify_seconds)
             if with_drafts:  # the whole step, drafting included, against a plain step of this batch
+                plain = self.cost.cost(len(active), 1) if self.cost.seconds else None
                 self.gate.record(len(active), self.adapter.agreed_seconds(time.perf_counter() - step_started),
-                                 sum(map(len, chunks)), self.cost.seconds.get(len(active)))
+                                 sum(map(len, chunks)), plain)
             self.acceptance.next_step()
             if finished_rows:
                 keep = [r for r in range(len(active)) if r not in finished_rows]

@@ -130,17 +130,23 @@ class CostCurve:
         return dict(sorted(self.seconds.items()))
 
 
+def batch_bucket(batch_size: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, ..., 33-64, ... share a bucket: a batch whose rows finish one by
+    one passes through many sizes, each too briefly to gather evidence of its own."""
+    return (batch_size - 1).bit_length()
+
+
 class DraftGate:
-    """Whether a step drafts at all, per batch size.
+    """Whether a step drafts at all, per batch-size bucket (`batch_bucket`).
 
     The cost curve prices a tree's verify, and `choose` keeps only nodes worth it, but drafting
     itself (the drafter's proposals and choosing) costs time whatever is kept: Python per row,
     about 4 ms a step at B = 64 on a 2-core Xeon. Where drafts barely pay (a compute-bound batch,
     text no drafter predicts) trees of one or two nodes then lose to plain steps. So the gate
-    compares, per batch size, the measured seconds per emitted token of drafted steps (whole
-    steps) with a plain step's (the cost curve's one-node cost over the batch). Once at least
-    `evidence` drafted steps average more than `1 + margin` times the plain cost, the next
-    `backoff` steps of that batch size do not draft, as with drafter=None. The backoff doubles
+    compares, per bucket, the measured seconds per emitted token of drafted steps (whole steps)
+    with a plain step's (the cost curve's one-node cost over the batch). Once at least `evidence`
+    drafted steps average more than `1 + margin` times the plain cost, the next `backoff` steps
+    of that bucket do not draft, as with drafter=None. The backoff doubles
     (up to `max_backoff`) while drafting keeps losing and resets when it wins; each reopening
     gathers fresh evidence."""
 
@@ -148,36 +154,38 @@ class DraftGate:
                  smoothing: float = 0.3):
         self.margin, self.evidence, self.smoothing = margin, evidence, smoothing
         self.first_backoff, self.max_backoff = first_backoff, max_backoff
-        self.per_token: dict[int, tuple[float, int]] = {}  # batch -> (EMA seconds per token, steps)
-        self.closed: dict[int, int] = {}  # batch -> plain steps left before drafting again
-        self.backoff: dict[int, int] = {}  # batch -> the next closing's length
+        self.per_token: dict[int, tuple[float, int]] = {}  # bucket -> (EMA seconds per token, steps)
+        self.closed: dict[int, int] = {}  # bucket -> plain steps left before drafting again
+        self.backoff: dict[int, int] = {}  # bucket -> the next closing's length
         self.closings = 0  # how often the gate closed (last_stats)
 
     def opens(self, batch_size: int) -> bool:
         """Whether this step of `batch_size` rows drafts (a closed gate counts the step down)."""
-        left = self.closed.get(batch_size, 0)
+        bucket = batch_bucket(batch_size)
+        left = self.closed.get(bucket, 0)
         if left > 0:
-            self.closed[batch_size] = left - 1
+            self.closed[bucket] = left - 1
             return False
         return True
 
     def record(self, batch_size: int, seconds: float, tokens: int, plain_seconds: float | None) -> None:
         """A drafted step of `batch_size` rows took `seconds` and emitted `tokens`; a plain step of
         that batch costs `plain_seconds` (None: not measured yet, nothing to compare with)."""
-        mean, steps = self.per_token.get(batch_size, (0.0, 0))
+        bucket = batch_bucket(batch_size)
+        mean, steps = self.per_token.get(bucket, (0.0, 0))
         value = seconds / max(tokens, 1)
         mean = value if steps == 0 else (1 - self.smoothing) * mean + self.smoothing * value
-        self.per_token[batch_size] = (mean, steps + 1)
+        self.per_token[bucket] = (mean, steps + 1)
         if plain_seconds is None or steps + 1 < self.evidence:
             return
         if mean > (1 + self.margin) * plain_seconds / batch_size:
-            length = self.backoff.get(batch_size, self.first_backoff)
-            self.closed[batch_size] = length
-            self.backoff[batch_size] = min(2 * length, self.max_backoff)
-            self.per_token.pop(batch_size)
+            length = self.backoff.get(bucket, self.first_backoff)
+            self.closed[bucket] = length
+            self.backoff[bucket] = min(2 * length, self.max_backoff)
+            self.per_token.pop(bucket)
             self.closings += 1
         else:
-            self.backoff[batch_size] = self.first_backoff
+            self.backoff[bucket] = self.first_backoff
 
 
 def monotone(points: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -123,7 +123,7 @@ def test_samples_past_the_measured_work_are_kept_however_slow():
 
 
 def test_draft_gate_closes_while_drafted_steps_lose_and_backs_off():
-    gate = DraftGate(margin=0.03, evidence=3, first_backoff=4, max_backoff=8)
+    gate = DraftGate(margin=0.03, evidence=3, first_backoff=4, max_backoff=8, min_batch=1)
     for _ in range(2):  # 0.5 s a token against a plain 0.1 s a row: losing, but too little evidence
         gate.record(4, seconds=2.0, tokens=4, plain_seconds=0.4)
         assert gate.opens(4)
@@ -140,10 +140,10 @@ def test_draft_gate_closes_while_drafted_steps_lose_and_backs_off():
 
 
 def test_draft_gate_needs_a_plain_step_to_compare_with():
-    gate = DraftGate(evidence=1)
+    gate = DraftGate(evidence=1, min_batch=1)
     for _ in range(5):
         gate.record(2, seconds=9.0, tokens=2, plain_seconds=None)
         assert gate.opens(2)
-    even = DraftGate(evidence=1)
+    even = DraftGate(evidence=1, min_batch=1)
     even.record(2, seconds=0.2, tokens=2, plain_seconds=0.2)  # as fast as a plain step: within the margin
     assert even.opens(2) and even.closings == 0

@@ -177,6 +177,8 @@ class DraftGate:
     def record(self, batch_size: int, seconds: float, tokens: int, plain_seconds: float | None) -> None:
         """A drafted step of `batch_size` rows took `seconds` and emitted `tokens`; a plain step of
         that batch costs `plain_seconds` (None: not measured yet, nothing to compare with)."""
+        if batch_size < self.min_batch:  # these batches always draft (`opens`): nothing to keep
+            return
         bucket = batch_bucket(batch_size)
         mean, steps = self.per_token.get(bucket, (0.0, 0))
         value = seconds / max(tokens, 1)

@@ -156,7 +156,9 @@ class TreeDecoder:
         if request.streamer is not None:
             request.streamer.put(input_ids)
 
-        cache, prompt_hidden = self._prefill(input_ids, padding, request.max_new_tokens)
+        cache, prompt_states, prompt_features = self._prefill(input_ids, padding, request.max_new_tokens)
+        # the state whose LM-head output is each prompt's first root (None for one-token prompts)
+        prompt_hidden = None if prompt_states is None else prompt_states[:, -1].contiguous()
         stats.prefill_seconds = time.perf_counter() - started
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -169,6 +171,8 @@ class TreeDecoder:
                                      request.pad_token_id, request.finished_rows_pad)
         streamed = 0  # tokens already pushed to the streamer (batch size 1)
         self.drafter.start(prompts, prompt_hidden)
+        if prompt_states is not None:
+            self.drafter.prefilled(prompt_states, prompt_features)
         while active:
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
@@ -192,7 +196,7 @@ class TreeDecoder:
                 parents, tokens = pack_tries(tries, kept, num_nodes)
             start = verify_start(kept, num_nodes) if verify_start is not None else None
             verified = self._verify_step(cache, parents, tokens, active, emitted, start)
-            accept_len, accept_nodes, bonus, topk, topk_probs, hidden = verified
+            accept_len, accept_nodes, bonus, topk, topk_probs, hidden, features = verified
             if with_drafts:
                 with profile.phase("learning"):
                     self._learn_acceptance(tries, kept, accept_nodes)
@@ -215,7 +219,7 @@ class TreeDecoder:
                 streamed = len(generated[0])
             with profile.phase("learning"):
                 self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active),
-                                                 topk_probs, emitted=chunks, hidden=hidden))
+                                                 topk_probs, emitted=chunks, hidden=hidden, features=features))
             finished_rows = []
             for row, (seq, chunk) in enumerate(zip(active, chunks)):
                 if seq in settled:
@@ -263,10 +267,11 @@ class TreeDecoder:
         return proposal
 
     def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor,
-                 max_new_tokens: int) -> tuple[TreeCache, torch.Tensor | None]:
+                 max_new_tokens: int) -> tuple[TreeCache, torch.Tensor | None, torch.Tensor | None]:
         """Cache every prompt token but the last (the first step's root) as one causal chain; the
-        cache, and the last hidden state over each prompt [B, H] (None for one-token prompts),
-        whose LM-head output is the first root."""
+        cache, the normed last hidden state at those positions [B, L - 1, H] (its last column's
+        LM-head output is the first root) and the drafter's features there [B, L - 1, F], each
+        None for one-token prompts (features also without feature layers)."""
         batch, length = input_ids.shape
         adapter = self.adapter
         tree_rows = max(self.max_nodes, 1) + 1
@@ -277,10 +282,22 @@ class TreeDecoder:
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
             positions = prompt_positions(prefill_len, padding)
             cache.begin_step(prefill_len)
-            hidden = adapter.forward(input_ids[:, :prefill_len], positions, cache, step)
+            with adapter.captured(self.drafter.feature_layers) as captured:
+                hidden = adapter.forward(input_ids[:, :prefill_len], positions, cache, step)
             cache.advance(prefill_len)
-            return cache, hidden[:, -1].contiguous()  # it predicted each prompt's last token, the first root
-        return cache, None
+            return cache, hidden, self._features(captured)
+        return cache, None, None
+
+    def _features(self, captured: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The drafter's feature layers' outputs, concatenated in its order [B, T, F] (None: none)."""
+        layers = self.drafter.feature_layers
+        if not layers:
+            return None
+        missing = [i for i in layers if i not in captured]
+        if missing:
+            raise RuntimeError(f"decoder layers {missing} did not run in this forward; drafter "
+                               f"{self.drafter.name!r} reads their outputs")
+        return torch.cat([captured[i] for i in layers], dim=-1)
 
     def _verify_step(self, cache: TreeCache, parents: torch.Tensor, tokens: torch.Tensor,
                      sequences: list[int], emitted: list[int], start=None):
@@ -290,7 +307,7 @@ class TreeDecoder:
         from the drafter: the nodes' first layers already ran, the forward starts at `layer`.
         Returns accept_len, accept_nodes, bonus (on the CPU), and what the drafter observes: the
         top-k ids after each node, when sampling their probabilities (None when greedy), and the
-        last hidden state after each node [B, T, H]."""
+        last hidden state after each node [B, T, H], and the drafter's features there (or None)."""
         profile = self.profile
         with profile.phase("tree_build"):
             depth, tree_mask = ops.build_tree(parents)
@@ -300,11 +317,12 @@ class TreeDecoder:
         rows = tokens.numel()
         trial = self._routing_trials and self.routing.start(rows)
         forward_started = time.perf_counter()
-        with profile.phase("forward_other"):  # attention inside it is its own phase
-            if start is None:
+        with profile.phase("forward_other"), self.adapter.captured(self.drafter.feature_layers) as captured:
+            if start is None:  # attention inside the forward is its own phase
                 hidden = self.adapter.forward(tokens.clamp(min=0), positions, cache, step)
             else:
                 hidden = self.adapter.forward_from(start[1], positions, cache, step, start[0])
+        features = self._features(captured)
         if trial:  # CPU tensors (the only routed ones): the clock needs no synchronisation
             self.routing.finish(rows, self.adapter.agreed_seconds(time.perf_counter() - forward_started))
         if self.sampler is None:
@@ -312,7 +330,7 @@ class TreeDecoder:
                 topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))
             with profile.phase("verify"):
                 accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, topk[:, :, 0].contiguous())
-            return accept_len, accept_nodes, bonus, topk, None, hidden
+            return accept_len, accept_nodes, bonus, topk, None, hidden, features
         with profile.phase("sampling"):  # the LM head inside it is timed as lm_head
             uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
             dists, (topk, topk_probs) = self._node_distributions(hidden)
@@ -324,7 +342,7 @@ class TreeDecoder:
             else:  # opt-in and lossy: drafts the model finds plausible enough are kept too
                 accept_len, accept_nodes, bonus = typical_verify(parents, tokens, target, dists,
                                                                  self.sampler.typical)
-        return accept_len, accept_nodes, bonus, topk, topk_probs, hidden
+        return accept_len, accept_nodes, bonus, topk, topk_probs, hidden, features
 
     def _node_distributions(self, hidden: torch.Tensor):
         """Each node's sampling distribution (NodeDistributions), and the drafter's view: the

@@ -87,6 +87,31 @@ class ModelAdapter:
         """Each layer's device, where its KV rows live (a device_map may split the layers)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def captured(self, layer_indices: tuple[int, ...]):
+        """Within the block, every forward keeps the residual stream after each decoder layer in
+        `layer_indices`: yields a dict that each such layer's output [B, T, H] fills, by index (a
+        feature drafter, EAGLE-3, reads the target's low, middle and high layers there)."""
+        outputs: dict[int, torch.Tensor] = {}
+        if not layer_indices:
+            yield outputs
+            return
+        layers = self.decoder_layers
+        if any(not 0 <= i < len(layers) for i in layer_indices):
+            raise ValueError(f"layers {tuple(layer_indices)} are not all among the model's {len(layers)} decoder layers")
+
+        def keeper(index):
+            def keep(module, args, output):
+                outputs[index] = output[0] if isinstance(output, tuple) else output
+            return keep
+
+        handles = [layers[i].register_forward_hook(keeper(i)) for i in layer_indices]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def agreed_seconds(self, seconds: float) -> float:
         """A measured time that decides anything (a tree's size, a search's budget), as every rank
         sharing the model records it: the slowest rank's under tensor parallelism."""

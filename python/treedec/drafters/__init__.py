@@ -3,8 +3,9 @@ declares itself once, name and options, with a `DrafterSpec`, and this registry 
 
 from __future__ import annotations
 
-from . import auto, heads, layerskip, lookup, none, recycling
+from . import auto, eagle, heads, layerskip, lookup, none, recycling
 from .auto import AutoDrafter
+from .eagle import EagleDrafter
 from .base import (Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal, RowDrafter,
                    StepOutcome)
 from .heads import HeadsDrafter
@@ -15,7 +16,7 @@ from .recycling import RecyclingDrafter, RecyclingTable
 
 REGISTRY: dict[str | None, DrafterSpec] = {
     spec.name: spec for spec in (auto.SPEC, lookup.SPEC, recycling.SPEC, layerskip.SPEC, heads.MEDUSA, heads.HYDRA,
-                                 none.SPEC)
+                                 eagle.SPEC, none.SPEC)
 }
 DRAFTERS = tuple(REGISTRY)
 
@@ -51,6 +52,7 @@ __all__ = [
     "Drafter",
     "DrafterEnv",
     "DrafterSpec",
+    "EagleDrafter",
     "HeadsDrafter",
     "LayerSkipDrafter",
     "LookupDrafter",

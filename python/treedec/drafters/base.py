@@ -119,6 +119,9 @@ class StepOutcome:
     topk_probs: torch.Tensor | None = None
     emitted: list[list[int]] = field(default_factory=list)
     hidden: torch.Tensor | None = None
+    # [B, T, F]: the residual streams after the drafter's `feature_layers` at each node,
+    # concatenated in that order (None when it names none)
+    features: torch.Tensor | None = None
 
     def last_accepted(self) -> torch.Tensor:
         """int64 [B]: each row's deepest accepted node (its hidden state made the next root)."""
@@ -130,11 +133,20 @@ class Drafter:
 
     name = "base"
     topk = 1  # how many of the model's best tokens after each verified node StepOutcome carries
+    # decoder layers whose outputs the drafter reads (StepOutcome.features, `prefilled`): EAGLE-3's
+    # low, middle and high layers; none by default, and then nothing is captured
+    feature_layers: tuple[int, ...] = ()
 
     def start(self, prompts: list[list[int]], hidden: torch.Tensor | None = None) -> None:
         """A generate call begins: prompts[s] is sequence s's prompt (no padding); hidden [B, H] (or
         None for one-token prompts) the model's last hidden state over each prompt, whose LM-head
         output is the first root."""
+
+    def prefilled(self, hidden: torch.Tensor, features: torch.Tensor | None) -> None:
+        """After `start`, the prefill's states at every prompt position but the last (left padded
+        as the call's input_ids, one column fewer): hidden [B, L - 1, H] the normed last hidden
+        state, features [B, L - 1, F] as StepOutcome.features (None without feature_layers).
+        Called only for prompts of two or more tokens."""
 
     def propose(self, request: DraftRequest) -> Proposal | list[DraftTrie]:
         """Candidates below each row's root (any size; the loop prunes): one trie per row."""

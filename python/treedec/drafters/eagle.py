@@ -47,14 +47,15 @@ class EagleDrafter(Drafter):
 
     def __init__(self, draft: EagleDraft, num_layers: int | None, width: int = DEFAULT_WIDTH,
                  depth: int = DEFAULT_DEPTH, max_candidates: int = DEFAULT_CANDIDATES):
-        for option, value, least in (("width", width, 1), ("depth", depth, 1), ("max_candidates", max_candidates, 1)):
+        for option, value, least in (("tree_width", width, 1), ("tree_depth", depth, 1),
+                                     ("max_candidates", max_candidates, 1)):
             if not is_int(value) or value < least:
                 raise ValueError(f"{option} = {value!r} must be an int >= {least}")
         self.draft = draft
         self.kind = draft.config.kind
         self.width, self.depth, self.max_candidates = int(width), int(depth), int(max_candidates)
         if self.width > draft.config.draft_vocab_size:
-            raise ValueError(f"width = {width} exceeds the drafter's {draft.config.draft_vocab_size}-token vocabulary")
+            raise ValueError(f"tree_width = {width} exceeds the drafter's {draft.config.draft_vocab_size}-token vocabulary")
         if self.kind == "eagle3":
             layers = draft.config.aux_layers
             if layers is None:
@@ -228,7 +229,7 @@ class EagleDrafter(Drafter):
             grown[:, run:, run:] = torch.eye(width, dtype=torch.bool, device=device)
             ancestors = grown
             tokens = draft.target_ids(torch.gather(torch.cat(pool_ids, 1), 1, frontier))
-            positions = committed.view(-1, 1) + level  # depth `level` sits `level` after the root entry
+            positions = committed.view(-1, 1) + level - 1  # the root entry sits at committed - 1
             step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), pack_bits(ancestors).cpu())
             out, earlier = self._layer(self._embed(adapter, tokens), frontier_hidden,
                                        positions.expand(-1, width), step, earlier)
@@ -279,7 +280,7 @@ class EagleDrafter(Drafter):
                 place(column)
 
 
-OPTIONS = ("drafter_path", "width", "depth", "max_candidates")
+OPTIONS = ("drafter_path", "tree_width", "tree_depth", "max_candidates")
 
 
 def build(options: dict, env: DrafterEnv) -> EagleDrafter:
@@ -290,8 +291,8 @@ def build(options: dict, env: DrafterEnv) -> EagleDrafter:
     key = ("eagle", str(path))
     if key not in env.tables:
         env.tables[key] = load(path)
-    return EagleDrafter(env.tables[key], env.num_layers, options.get("width", DEFAULT_WIDTH),
-                        options.get("depth", DEFAULT_DEPTH), options.get("max_candidates", DEFAULT_CANDIDATES))
+    return EagleDrafter(env.tables[key], env.num_layers, options.get("tree_width", DEFAULT_WIDTH),
+                        options.get("tree_depth", DEFAULT_DEPTH), options.get("max_candidates", DEFAULT_CANDIDATES))
 
 
 SPEC = DrafterSpec("eagle", OPTIONS, build)

@@ -1,4 +1,4 @@
-"""`treedec demo | info | audit | train-heads | bench e2e | bench skipdecode`.
+"""`treedec demo | info | audit | train-heads | train-drafter | bench e2e | bench skipdecode`.
 
 Every argument is checked before anything loads: a user error prints one line, `treedec: error:
 ...`, and exits with status 2 (argparse's own errors exit 2 too), with no traceback.
@@ -37,7 +37,8 @@ INT_BOUNDS = (("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads"
               ("--heads", "heads", 1), ("--tokens", "tokens", 1), ("--samples", "samples", 0),
               ("--collect-batch", "collect_batch", 1), ("--collect-batch-tokens", "collect_batch_tokens", 1),
               ("--blocks", "blocks", 1), ("--epochs", "epochs", 1), ("--batch-size", "batch_size", 1),
-              ("--positions", "positions", 1), ("--draws", "draws", 2))
+              ("--positions", "positions", 1), ("--draws", "draws", 2), ("--ttt-steps", "ttt_steps", 1),
+              ("--batch-tokens", "batch_tokens", 16))
 # (flag, attribute, low, high, low excluded) for the floats
 FLOAT_BOUNDS = (("--temperature", "temperature", 0.0, float("inf"), True), ("--top-p", "top_p", 0.0, 1.0, True),
                 ("--lr", "lr", 0.0, float("inf"), True), ("--collect-minutes", "collect_minutes", 0.0, float("inf"), True))
@@ -421,10 +422,45 @@ def cmd_bench_skipdecode(args) -> int:
     return 0
 
 
-def cmd_train_heads(args) -> int:
+def _training_setup(args):
+    """The model to train a drafter for and the training prompts, encoded as `bench e2e` encodes
+    them (train-heads, train-drafter): the Spec-Bench questions of --questions without the ones
+    `bench e2e` measures (unless --include-bench-prompts) and the built-in instructions,
+    round-robin over categories so that a collection that stops early still covers them all."""
     from .benchmark import encode_prompt
-    from .heads_training import RANKS, resume_conflict, train_heads
     from .prompts import BUILTIN_PROMPTS
+
+    questions = _questions(args.questions, None)
+    torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: drafters train the same, faster
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        name = str(args.model)
+    else:
+        model, tokenizer = _load("fp32", args.threads, args.device)
+        name = "SmolLM2-135M-Instruct (embedded)"
+    if not args.include_bench_prompts:
+        # `bench e2e` measures the first question of each category: a drafter that trained on its
+        # continuations would be measured on text it memorised
+        measured = set(_questions(args.questions, 1))
+        questions = [q for q in questions if q not in measured]
+        print(f"left out the {len(measured)} prompts `treedec bench e2e` measures on (--include-bench-prompts keeps them)")
+    by_category: dict[str, list] = {}
+    for prompt in questions + list(BUILTIN_PROMPTS):
+        by_category.setdefault(prompt.category, []).append(prompt)
+    queues = list(by_category.values())
+    prompts = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    prompt_ids = [encode_prompt(tokenizer, prompt)["input_ids"][0].tolist() if chat
+                  else list(tokenizer(prompt.text)["input_ids"]) for prompt in prompts]
+    return model, tokenizer, name, prompt_ids
+
+
+def cmd_train_heads(args) -> int:
+    from .heads_training import RANKS, resume_conflict, train_heads
 
     _check_common(args)
     draft_vocab = args.draft_vocab
@@ -438,35 +474,7 @@ def cmd_train_heads(args) -> int:
     if conflict is not None:
         raise UsageError(f"--out: {conflict}")
     _check_model_dir(args.model)
-    questions = _questions(args.questions, None)
-    torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the heads train the same, faster
-    if args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(args.device)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        name = str(args.model)
-    else:
-        model, tokenizer = _load("fp32", args.threads, args.device)
-        name = "SmolLM2-135M-Instruct (embedded)"
-    if not args.include_bench_prompts:
-        # `bench e2e` measures the first question of each category: heads that trained on its
-        # continuations would be measured on text they memorised
-        measured = set(_questions(args.questions, 1))
-        questions = [q for q in questions if q not in measured]
-        print(f"left out the {len(measured)} prompts `treedec bench e2e` measures on (--include-bench-prompts keeps them)")
-    prompts = questions + list(BUILTIN_PROMPTS)
-    # round-robin over categories, so that a collection that stops early still covers them all
-    by_category: dict[str, list] = {}
-    for prompt in prompts:
-        by_category.setdefault(prompt.category, []).append(prompt)
-    queues = list(by_category.values())
-    prompts = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
-    # encoded as `bench e2e` encodes them, so the heads train on the prompts decoding will see
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    prompt_ids = [encode_prompt(tokenizer, prompt)["input_ids"][0].tolist() if chat
-                  else list(tokenizer(prompt.text)["input_ids"]) for prompt in prompts]
+    model, tokenizer, name, prompt_ids = _training_setup(args)
     print(f"training {args.heads} {args.kind} heads on {name} ({args.device}): {args.tokens} self-distilled tokens "
           f"from {len(prompt_ids)} prompts (greedy + {args.samples} sampled each), {args.epochs} epochs "
           f"-> {args.out}")
@@ -483,6 +491,31 @@ def cmd_train_heads(args) -> int:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
               + ", ".join(f"{a:.1%}" for a in last.top1))
+    return 0
+
+
+def cmd_train_drafter(args) -> int:
+    from .eagle_training import train_eagle
+
+    _check_common(args)
+    if args.draft_vocab < 8:  # (train-heads' --draft-vocab also takes "all": not among INT_BOUNDS)
+        raise UsageError(f"--draft-vocab must be at least 8 (got {args.draft_vocab})")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    _check_model_dir(args.model)
+    model, _, name, prompt_ids = _training_setup(args)
+    print(f"training an {args.kind} drafter for {name} ({args.device}): {args.tokens} self-distilled tokens from "
+          f"{len(prompt_ids)} prompts (greedy + {args.samples} sampled each), {args.epochs} epochs, "
+          f"{args.ttt_steps} training-time-test steps -> {args.out}")
+    _, reports = train_eagle(model, prompt_ids, args.out, args.tokens, args.epochs, args.lr, args.batch_tokens,
+                             args.ttt_steps, args.draft_vocab, args.max_new_tokens, args.samples, args.temperature,
+                             args.collect_batch,
+                             None if args.collect_minutes is None else 60 * args.collect_minutes, base_model=name,
+                             command=" ".join(["treedec", *args.argv]),
+                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype])
+    if reports:
+        print(f"saved to {args.out}: loss {reports[-1]['loss']:.3f}, top-1 per step "
+              + ", ".join(f"{a:.1%}" for a in reports[-1]["step_accuracy"]))
     return 0
 
 
@@ -564,6 +597,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
     train.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     train.set_defaults(func=cmd_train_heads)
+
+    drafter = sub.add_parser("train-drafter", help="train an EAGLE-3 drafter by self-distillation")
+    drafter.add_argument("--kind", choices=("eagle3",), required=True)
+    drafter.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
+    drafter.add_argument("--out", required=True, help="directory for the drafter (SpecForge's EAGLE-3 format), the "
+                                                      "collected text and checkpoints; a rerun resumes there")
+    drafter.add_argument("--tokens", type=int, default=50000, help="self-distilled tokens to collect (default 50000)")
+    drafter.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                         help="JSONL of prompts (Spec-Bench format), used with the built-in instructions (default: "
+                              "the Spec-Bench dev half shipped with treedec)")
+    drafter.add_argument("--include-bench-prompts", action="store_true",
+                         help="also train on the prompts `bench e2e` measures (left out by default)")
+    drafter.add_argument("--samples", type=int, default=0,
+                         help="sampled continuations per prompt, after the greedy one (default 0)")
+    drafter.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
+    drafter.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
+    drafter.add_argument("--collect-minutes", type=float, default=None,
+                         help="start no new generate batch after this long (default: no limit)")
+    drafter.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
+    drafter.add_argument("--draft-vocab", type=int, default=8192,
+                         help="draft vocabulary: the N tokens most often the model's choice in the text (default 8192)")
+    drafter.add_argument("--ttt-steps", type=int, default=5,
+                         help="training-time-test steps: the draft depths trained on the drafter's own outputs "
+                              "(default 5)")
+    drafter.add_argument("--epochs", type=int, default=3)
+    drafter.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
+    drafter.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+    drafter.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
+    drafter.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
+    drafter.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    drafter.set_defaults(func=cmd_train_drafter)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,0 +1,319 @@
+"""drafter="eagle": the published checkpoint formats, the vocabulary maps, lossless decoding,
+and training (the training-time test unrolls what decoding drafts)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import treedec
+from test_decoding import left_padded, repetitive_prompt
+from test_sampling import sample_token_by_token
+from treedec.adapters import adapter_for
+from treedec.drafters.base import DraftRequest
+from treedec.drafters.eagle import EagleDrafter
+from treedec.eagle import EagleConfig, EagleDraft, load, save, vocabulary_maps
+from treedec.tools.eagle_training import train_eagle, unrolled
+from treedec.tools.models import tiny_llama
+
+HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 64, 4, 2, 96, 96
+LAYERS = 4
+
+
+def target(seed: int = 0):
+    return tiny_llama(seed=seed, num_layers=LAYERS, vocab_size=VOCAB)
+
+
+def write_eagle3(directory, draft_ids: list[int], dtype=torch.bfloat16, seed: int = 0, aux=(0, 1, 3), prefix="",
+                 **changes):
+    """An EAGLE-3 checkpoint written by hand as SpecForge writes one (names, shapes, dtypes, d2t's
+    offsets), not through treedec's own `save`."""
+    g = torch.Generator().manual_seed(seed)
+    head_dim = HIDDEN // HEADS
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(dtype)
+
+    d2t = torch.tensor(draft_ids) - torch.arange(len(draft_ids))  # target id = draft id + d2t[draft id]
+    t2d = torch.zeros(VOCAB, dtype=torch.bool)
+    t2d[draft_ids] = True
+    weights = {
+        "fc.weight": rand(HIDDEN, 3 * HIDDEN),
+        "midlayer.self_attn.q_proj.weight": rand(HEADS * head_dim, 2 * HIDDEN),
+        "midlayer.self_attn.k_proj.weight": rand(KV_HEADS * head_dim, 2 * HIDDEN),
+        "midlayer.self_attn.v_proj.weight": rand(KV_HEADS * head_dim, 2 * HIDDEN),
+        "midlayer.self_attn.o_proj.weight": rand(HIDDEN, HEADS * head_dim),
+        "midlayer.input_layernorm.weight": torch.ones(HIDDEN, dtype=dtype),
+        "midlayer.hidden_norm.weight": torch.ones(HIDDEN, dtype=dtype),
+        "midlayer.post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=dtype),
+        "midlayer.mlp.gate_proj.weight": rand(INTERMEDIATE, HIDDEN),
+        "midlayer.mlp.up_proj.weight": rand(INTERMEDIATE, HIDDEN),
+        "midlayer.mlp.down_proj.weight": rand(HIDDEN, INTERMEDIATE),
+        "norm.weight": torch.ones(HIDDEN, dtype=dtype),
+        "lm_head.weight": rand(len(draft_ids), HIDDEN),
+        "d2t": d2t,
+        "t2d": t2d,
+    }
+    weights.update(changes.pop("weights", {}))
+    for name in changes.pop("drop", ()):
+        del weights[name]
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": INTERMEDIATE, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+              "num_hidden_layers": 1, "vocab_size": VOCAB, "draft_vocab_size": len(draft_ids),
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+              "torch_dtype": "bfloat16", "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux)}, **changes}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def write_eagle1(directory, seed: int = 0, with_embedding: bool = False):
+    """An EAGLE-1/2 checkpoint as SafeAILab's cnets.py saves one: fc over [embedding, feature] with
+    a bias, `layers.0.*` without input_layernorm, pytorch_model.bin, a Llama config."""
+    g = torch.Generator().manual_seed(seed)
+    head_dim = HIDDEN // HEADS
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    weights = {
+        "fc.weight": rand(HIDDEN, 2 * HIDDEN), "fc.bias": rand(HIDDEN),
+        "layers.0.self_attn.q_proj.weight": rand(HEADS * head_dim, HIDDEN),
+        "layers.0.self_attn.k_proj.weight": rand(KV_HEADS * head_dim, HIDDEN),
+        "layers.0.self_attn.v_proj.weight": rand(KV_HEADS * head_dim, HIDDEN),
+        "layers.0.self_attn.o_proj.weight": rand(HIDDEN, HEADS * head_dim),
+        "layers.0.post_attention_layernorm.weight": torch.ones(HIDDEN),
+        "layers.0.mlp.gate_proj.weight": rand(INTERMEDIATE, HIDDEN),
+        "layers.0.mlp.up_proj.weight": rand(INTERMEDIATE, HIDDEN),
+        "layers.0.mlp.down_proj.weight": rand(HIDDEN, INTERMEDIATE),
+    }
+    if with_embedding:
+        weights["embed_tokens.weight"] = rand(VOCAB, HIDDEN)
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512, "bias": True}
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+DRAFT_IDS = sorted(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3))[:40].tolist())
+
+
+def test_eagle3_checkpoint_loads_with_its_vocabulary_maps(tmp_path):
+    draft = load(write_eagle3(tmp_path / "e3", DRAFT_IDS))
+    assert draft.config.kind == "eagle3" and draft.config.aux_layers == (0, 1, 3)
+    assert draft.config.draft_vocab_size == 40 and draft.fc.weight.dtype == torch.bfloat16
+    assert draft.target_ids(torch.arange(40)).tolist() == DRAFT_IDS
+    positions = draft.draft_positions()
+    assert positions[DRAFT_IDS].tolist() == list(range(40))
+    assert int((positions >= 0).sum()) == 40
+    # a leading "model." on every name (some exports) reads the same
+    again = load(write_eagle3(tmp_path / "prefixed", DRAFT_IDS, prefix="model."))
+    for (name, a), (_, b) in zip(draft.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_eagle1_checkpoint_loads(tmp_path):
+    draft = load(write_eagle1(tmp_path / "e1"))
+    assert draft.config.kind == "eagle1" and draft.config.fc_bias and draft.embed_tokens is None
+    assert not hasattr(draft.layer, "input_layernorm")
+    assert load(write_eagle1(tmp_path / "emb", with_embedding=True)).embed_tokens is not None
+
+
+def test_save_round_trip_keeps_the_format(tmp_path):
+    draft = load(write_eagle3(tmp_path / "e3", DRAFT_IDS, dtype=torch.float32))
+    save(draft, tmp_path / "copy", extra={"command": "test"})
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 40
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 3]
+    copy = load(tmp_path / "copy")
+    assert copy.config == draft.config
+    for (name, a), (_, b) in zip(draft.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(drop=["midlayer.hidden_norm.weight"]), "lacks .*midlayer.hidden_norm.weight"),
+    (dict(weights={"extra.weight": torch.zeros(2)}), "does not expect .*extra.weight"),
+    (dict(weights={"fc.weight": torch.zeros(HIDDEN, 2 * HIDDEN, dtype=torch.bfloat16)}), "fc.weight has shape"),
+    (dict(weights={"d2t": torch.full((40,), VOCAB)}), "outside the vocabulary"),
+    (dict(weights={"d2t": -torch.arange(40)}), "same target id"),
+    (dict(weights={"t2d": torch.ones(VOCAB, dtype=torch.bool)}), "t2d does not mark"),
+])
+def test_malformed_checkpoints_raise(tmp_path, case, match):
+    with pytest.raises(ValueError, match=match):
+        load(write_eagle3(tmp_path / "bad", DRAFT_IDS, **case))
+
+
+def test_bad_paths_and_options_raise(tmp_path):
+    model = target()
+    with pytest.raises(ValueError, match="drafter_path"):
+        treedec.patch(model, drafter="eagle")
+    with pytest.raises(ValueError, match="not a drafter directory"):
+        treedec.patch(model, drafter="eagle", drafter_path=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no drafter weights"):
+        load(tmp_path / "empty")
+    path = write_eagle3(tmp_path / "e3", DRAFT_IDS)
+    with pytest.raises(ValueError, match="tree_width"):
+        treedec.patch(model, drafter="eagle", drafter_path=path, tree_width=0)
+    with pytest.raises(ValueError, match="reads layers"):
+        treedec.patch(model, drafter="eagle", drafter_path=write_eagle3(tmp_path / "deep", DRAFT_IDS, aux=(0, 1, 9)))
+    wide = tiny_llama(num_layers=LAYERS, vocab_size=VOCAB, hidden_size=32, num_attention_heads=2,
+                      num_key_value_heads=1)
+    treedec.patch(wide, drafter="eagle", drafter_path=path)
+    with pytest.raises(ValueError, match="trained for hidden size 64"):
+        wide.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny target and an EAGLE-3 drafter trained on its own text (seconds): drafts get accepted."""
+    model = target(seed=2)
+    prompts = [repetitive_prompt(seed, 10 + seed % 7) for seed in range(40)]
+    out = tmp_path_factory.mktemp("eagle") / "drafter"
+    train_eagle(model, prompts, out, tokens=2500, epochs=3, lr=3e-3, batch_tokens=512, ttt_steps=3, draft_vocab=64,
+                max_new_tokens=40, progress=False)
+    return model, out
+
+
+def test_training_records_and_resumes(trained):
+    _, out = trained
+    config = json.loads((out / "config.json").read_text())
+    record = config["treedec"]
+    assert record["epochs"] == 3 and len(record["step_accuracy"]) == 3 and record["trained_on_tokens"] > 0
+    assert (out / "distill_data.pt").exists() and (out / "eagle_checkpoint.pt").exists()
+    log = json.loads((out / "train_log.json").read_text())
+    assert log[-1]["step_accuracy"][0] > 0.3  # it learned the tiny model's text (random: ~1/64)
+
+
+def test_a_rerun_resumes_without_training_again(trained, capsys):
+    model, out = trained
+    before = load(out).state_dict()
+    train_eagle(model, [[5, 6, 7]], out, tokens=2500, epochs=3, lr=3e-3, batch_tokens=512, ttt_steps=3,
+                draft_vocab=64, max_new_tokens=40, progress=True)
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "resuming after epoch 3" in printed
+    for name, tensor in load(out).state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_trained_drafter_is_lossless_and_accepted(trained, batch, flat_step_costs):
+    model, out = trained
+    rows = [repetitive_prompt(50 + b, 9 + 3 * b) for b in range(batch)]
+    ids, mask = left_padded(rows)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=out)
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+        stats = model.treedec.last_stats
+    finally:
+        treedec.unpatch(model)
+    assert torch.equal(got, expected)
+    # a drafter of random weights gets tau 1.06-1.07 on these prompts, this one 1.25 (B=1) and 1.64 (B=3)
+    assert stats["tau"] > 1.15 and stats["draft_acceptance"] > 0
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_eos_inside_an_accepted_path_and_length_limits(trained, max_new_tokens):
+    """The tiny model's text repeats, so accepted paths are long: an EOS id that the drafts and the
+    model agree on ends the sequence inside a path, exactly where HF ends it."""
+    model, out = trained
+    ids = torch.tensor([repetitive_prompt(51, 12)])
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False)[0, 12:].tolist()
+    eos = plain[5]  # a token the model emits mid-generation
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    treedec.patch(model, drafter="eagle", drafter_path=out)
+    try:
+        assert torch.equal(model.generate(ids, **kwargs), expected)
+        assert torch.equal(model.generate(ids, **{**kwargs, "max_new_tokens": 20}),
+                           treedec.unpatch(model).generate(ids, **{**kwargs, "max_new_tokens": 20}))
+    finally:
+        if hasattr(model, "treedec"):
+            treedec.unpatch(model)
+
+
+def test_sampling_equals_token_by_token_sampling(trained, flat_step_costs):
+    model, out = trained
+    rows = [repetitive_prompt(60 + b, 8 + 2 * b) for b in range(3)]
+    ids, mask = left_padded(rows)
+    torch.manual_seed(5)
+    expected = sample_token_by_token(model, rows, 16, eos=2, pad=0, temperature=0.8)
+    treedec.patch(model, drafter="eagle", drafter_path=out)
+    try:
+        torch.manual_seed(5)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=0.8)
+    finally:
+        treedec.unpatch(model)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("layout", ["eagle3", "eagle1", "eagle1-own-embedding"])
+def test_published_layouts_decode_losslessly(tmp_path, layout):
+    """Random drafters of each layout: their drafts are mostly rejected, the output never changes."""
+    model = target(seed=1)
+    if layout == "eagle3":
+        path = write_eagle3(tmp_path / layout, DRAFT_IDS)
+    else:
+        path = write_eagle1(tmp_path / layout, with_embedding=layout.endswith("embedding"))
+    rows = [repetitive_prompt(70 + b, 7 + 4 * b) for b in range(3)]
+    ids, mask = left_padded(rows)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    one = model.generate(ids[:1, -7:], max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=path, tree_width=3, tree_depth=3)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False), expected)
+    assert model.treedec.last_stats["drafted"] > 0
+    assert torch.equal(model.generate(ids[:1, -7:], max_new_tokens=20, do_sample=False), one)
+    # a one-token prompt has no feature before its root: its first step drafts nothing
+    single = treedec.unpatch(model).generate(torch.tensor([[9]]), max_new_tokens=8, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=path)
+    assert torch.equal(model.generate(torch.tensor([[9]]), max_new_tokens=8, do_sample=False), single)
+
+
+def test_training_time_test_unrolls_what_decoding_drafts(trained, monkeypatch):
+    """A chain drafted with tree_width=1 is the drafter's own greedy guesses; the training-time test,
+    teacher-forced with those tokens, must compute the same hidden state at each step as the
+    drafter did at each depth: same entries attended, same positions (the training is of the
+    drafter that decodes)."""
+    model, out = trained
+    draft = load(out).float()
+    drafter = EagleDrafter(draft, LAYERS, width=1, depth=4, max_candidates=4)
+    layer_outputs = []  # each draft-layer call's new outputs [B, N, H]: the committed chain, then depths 1..3
+    original = drafter._layer
+    monkeypatch.setattr(drafter, "_layer", lambda *a, **k: (lambda r: (layer_outputs.append(r[0]), r)[1])(original(*a, **k)))
+    adapter = adapter_for(model)
+    prompt = repetitive_prompt(80, 11)
+    with adapter.captured(drafter.feature_layers) as captured, torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([prompt[:-1]])).last_hidden_state
+    features = torch.cat([captured[i] for i in drafter.feature_layers], dim=-1)
+    drafter.start([prompt])
+    drafter.prefilled(hidden, features)
+    trie = drafter.propose(DraftRequest(adapter, None, [0], [prompt[-1]]))[0]
+    chain = trie.tokens[1:]
+    assert trie.parents == [-1, 0, 1, 2, 3] and len(chain) == 4 and len(layer_outputs) == 4
+    # the training-time test over prompt + chain, read at position i = len(prompt) - 2 (the root's entry)
+    tokens = torch.tensor([prompt + chain])
+    length = tokens.shape[1]
+    padded = torch.zeros(1, length, features.shape[-1])
+    padded[:, : features.shape[1]] = features
+    embed = model.get_input_embeddings()
+    embeddings = []
+    for step in range(4):
+        shifted = torch.zeros_like(tokens)
+        shifted[:, : length - step - 1] = tokens[:, step + 1 :]
+        embeddings.append(embed(shifted).detach())
+    with torch.no_grad():
+        outputs = unrolled(draft, embeddings, padded)
+    i = len(prompt) - 2
+    torch.testing.assert_close(outputs[0][0, : i + 1], layer_outputs[0][0], rtol=1e-4, atol=1e-5)
+    for step in range(1, 4):
+        torch.testing.assert_close(outputs[step][0, i], layer_outputs[step][0, 0], rtol=1e-4, atol=1e-5)
+    predicted = [int(draft.target_ids(draft.draft_logits(out[0, i]).argmax())) for out in outputs]
+    assert predicted == chain

@@ -13,7 +13,7 @@ from test_sampling import sample_token_by_token
 from treedec.adapters import adapter_for
 from treedec.drafters.base import DraftRequest
 from treedec.drafters.eagle import EagleDrafter
-from treedec.eagle import EagleConfig, EagleDraft, load, save, vocabulary_maps
+from treedec.eagle import load, save
 from treedec.tools.eagle_training import train_eagle, unrolled
 from treedec.tools.models import tiny_llama
 

@@ -136,6 +136,7 @@ setup(
     package_dir={"": "python", "treedec_triton": "triton_kernels"},
     package_data={"treedec": ["heads/weights/*/heads.json", "heads/weights/*/heads.safetensors",
                               "heads/weights/*/token_frequencies.safetensors",
+                              "eagle/weights/*/config.json", "eagle/weights/*/model.safetensors",
                               "tools/data/spec_bench/dev.jsonl", "tools/data/spec_bench/LICENSE",
                               "tools/data/spec_bench/README.md"]},
     ext_modules=ext_modules,

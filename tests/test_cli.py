@@ -186,3 +186,25 @@ def test_info_prints_every_ops_decision_on_this_machine(monkeypatch, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "TREEDEC_BACKEND=reference" in out and all(f"  {name:<17} reference\n" in out for name in ops.OPS)
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--tokens", "0"], "--tokens = 0 must be an int >= 1"),
+    (["--ttt-steps", "0"], "--ttt-steps = 0 must be an int >= 1"),
+    (["--draft-vocab", "4"], "--draft-vocab must be at least 8"),
+    (["--batch-tokens", "8"], "--batch-tokens = 8 must be an int >= 16"),
+    (["--model", "/tmp"], "--model /tmp is not a model directory (no config.json in it)"),
+    (["--questions", "/no/such.jsonl"], "does not exist"),
+])
+def test_train_drafter_refuses_bad_arguments_before_loading(no_model, tmp_path, capsys, arguments, expected):
+    assert cli.main(["train-drafter", "--kind", "eagle3", "--out", str(tmp_path / "out"), *arguments]) == 2
+    one_error_line(capsys, expected)
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--eagle-drafter", "/missing", "--methods", "eagle"], "--eagle-drafter /missing is not a drafter directory"),
+    (["--eagle-options", '{"tree_width": 2}'], "--eagle-options applies to eagle"),
+])
+def test_bench_e2e_refuses_bad_eagle_arguments_before_loading(no_model, questions, capsys, arguments, expected):
+    assert cli.main(["bench", "e2e", "--questions", questions, *arguments]) == 2
+    one_error_line(capsys, expected)

@@ -21,6 +21,9 @@ from .drafters import DRAFTERS, Drafter, check_drafter_name, drafter_options, ma
 from .generation import GenerateCall
 from .heads import HEAD_KINDS
 from .heads.modules import CONFIG_NAME
+from .eagle.checkpoint import CONFIG_NAME as EAGLE_CONFIG_NAME
+from .eagle.shipped import SHIPPED_DIR as SHIPPED_EAGLE
+from .eagle.shipped import shipped_drafter
 from .heads.shipped import SHIPPED_DIR, shipped_heads
 from .options import bool_option, int_option, number_option
 
@@ -130,6 +133,10 @@ def check_options_before_loading(drafter, options: dict) -> dict:
         if not (SHIPPED_DIR / drafter / CONFIG_NAME).exists():
             return options
         built_with = {**options, "heads": SHIPPED_DIR / drafter}
+    if drafter == "eagle" and options.get("drafter_path") is None:  # likewise the shipped drafter
+        if not (SHIPPED_EAGLE / EAGLE_CONFIG_NAME).exists():
+            return options
+        built_with = {**options, "drafter_path": SHIPPED_EAGLE}
     make_drafter(drafter, built_with, 1, {})
     return options
 
@@ -145,6 +152,8 @@ def patch(model, drafter: str | None = "auto", **options):
     options = check_options(drafter, options)
     if drafter in HEAD_KINDS and options.get("heads") is None:  # the shipped heads, where they fit
         options["heads"] = shipped_heads(drafter, model)
+    if drafter == "eagle" and options.get("drafter_path") is None:  # the shipped drafter, where it fits
+        options["drafter_path"] = shipped_drafter(model)
     learned = _LEARNED.get(model) or LearnedState()
     # Building the drafter once here surfaces bad option values before anything changes.
     _drafter_for(drafter, options, model.config, learned)

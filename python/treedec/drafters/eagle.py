@@ -23,18 +23,34 @@ host. The drafts never change the output: the target verifies every token (greed
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..attention import TreeStep
 from ..cache import TreeCache
 from ..eagle import EagleDraft, default_aux_layers, load
-from ..options import is_int
+from ..options import bool_option, is_int
 from ..reference.tree import pack_bits
-from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, StepOutcome
+from . import auto  # the context drafter
+from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal, StepOutcome
 from .heads import CONFIDENCE_EDGES
 
 DEFAULT_WIDTH, DEFAULT_DEPTH, DEFAULT_CANDIDATES = 8, 6, 64
+LEVEL_SLACK = 1
 CACHE_ROWS = 1 << 24  # the draft cache grows as the target's does; this only bounds it
+
+
+def deepest(parents: torch.Tensor, tokens: torch.Tensor) -> float:
+    """The depth of the deepest real node (token >= 0) of the verified trees [B, T] (host tensors)."""
+    depth = [0] * parents.shape[1]
+    best = 0
+    for row_parents, row_tokens in zip(parents.tolist(), tokens.tolist()):
+        for node in range(1, len(row_parents)):
+            if row_tokens[node] >= 0:
+                depth[node] = depth[row_parents[node]] + 1
+                best = max(best, depth[node])
+    return float(best)
 
 
 def chain_mask(batch: int, length: int, device) -> torch.Tensor:
@@ -46,13 +62,16 @@ class EagleDrafter(Drafter):
     name = "eagle"
 
     def __init__(self, draft: EagleDraft, num_layers: int | None, width: int = DEFAULT_WIDTH,
-                 depth: int = DEFAULT_DEPTH, max_candidates: int = DEFAULT_CANDIDATES):
+                 depth: int = DEFAULT_DEPTH, max_candidates: int = DEFAULT_CANDIDATES, context: Drafter | None = None):
         for option, value, least in (("tree_width", width, 1), ("tree_depth", depth, 1),
                                      ("max_candidates", max_candidates, 1)):
             if not is_int(value) or value < least:
                 raise ValueError(f"{option} = {value!r} must be an int >= {least}")
         self.draft = draft
         self.kind = draft.config.kind
+        self.context = context  # drafter="auto"'s candidates, merged in (as the heads drafters do)
+        if context is not None:
+            self.topk = context.topk
         self.width, self.depth, self.max_candidates = int(width), int(depth), int(max_candidates)
         if self.width > draft.config.draft_vocab_size:
             raise ValueError(f"tree_width = {width} exceeds the drafter's {draft.config.draft_vocab_size}-token vocabulary")
@@ -68,6 +87,10 @@ class EagleDrafter(Drafter):
             self.feature_layers = tuple(layers)
         self._checked = None  # (device, dtype) the draft was moved to
         self.drafted = self.accepted = 0
+        # moving average of the deepest node the sizer kept: expanding far below it is drafting
+        # nothing the loop verifies (each level is one draft-layer call), so the expansion stops
+        # LEVEL_SLACK levels below it (at least 2 levels, at most tree_depth)
+        self.kept_depth = float(self.depth)
 
     # -- the protocol ----------------------------------------------------------------------------
     def start(self, prompts, hidden=None) -> None:
@@ -77,6 +100,8 @@ class EagleDrafter(Drafter):
         # per sequence: entries not yet in the draft cache, as (features [m, F], tokens [m]) chunks
         self.pending: dict[int, list[tuple[torch.Tensor, list[int]]]] = {s: [] for s in range(len(prompts))}
         self.drafted = self.accepted = 0
+        if self.context is not None:
+            self.context.start(prompts, hidden)
 
     def prefilled(self, hidden: torch.Tensor, features: torch.Tensor | None) -> None:
         states = features if self.kind == "eagle3" else hidden
@@ -87,6 +112,7 @@ class EagleDrafter(Drafter):
                 self.pending[seq].append((states[seq, columns - entries :], prompt[1:]))
 
     def observe(self, outcome: StepOutcome) -> None:
+        self.kept_depth = 0.8 * self.kept_depth + 0.2 * deepest(outcome.parents, outcome.tokens)
         verified = (outcome.tokens[:, 1:] >= 0).sum(1)
         self.drafted += int(verified.sum())
         self.accepted += int(outcome.accept_len.sum())
@@ -98,6 +124,8 @@ class EagleDrafter(Drafter):
             count = min(len(emitted), int(outcome.accept_len[row]) + 1)
             if count:
                 self.pending[seq].append((path_states[row, :count], list(emitted[:count])))
+        if self.context is not None:
+            self.context.observe(outcome)
 
     def report(self) -> dict:
         return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None}
@@ -111,7 +139,13 @@ class EagleDrafter(Drafter):
         last, ready = self._commit(adapter, request.rows)
         if ready.any():
             self._expand(adapter, last, ready, tries)
-        return tries
+        if self.context is None:
+            return tries
+        proposal = self.context.propose(request)
+        merged = proposal.tries if isinstance(proposal, Proposal) else proposal
+        for trie, own in zip(merged, tries):  # a token the context proposed keeps its key
+            trie.merge(own)
+        return merged
 
     # -- the pieces ------------------------------------------------------------------------------
     def _check(self, adapter) -> None:
@@ -218,7 +252,8 @@ class EagleDrafter(Drafter):
         ancestors = torch.zeros(batch, 0, 0, dtype=torch.bool, device=device)
         parent_run = torch.full((batch, width), -1, device=device, dtype=torch.int64)
         earlier = None
-        for level in range(1, self.depth):
+        levels = min(self.depth, max(2, math.ceil(self.kept_depth) + LEVEL_SLACK))
+        for level in range(1, levels):
             run = ancestors.shape[1]
             grown = torch.zeros(batch, run + width, run + width, dtype=torch.bool, device=device)
             grown[:, :run, :run] = ancestors
@@ -230,7 +265,9 @@ class EagleDrafter(Drafter):
             ancestors = grown
             tokens = draft.target_ids(torch.gather(torch.cat(pool_ids, 1), 1, frontier))
             positions = committed.view(-1, 1) + level - 1  # the root entry sits at committed - 1
-            step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), pack_bits(ancestors).cpu())
+            # every tensor of the step on the device: the mask comes from the device's choices, and
+            # building it there needs no copy back to the host
+            step = TreeStep(cache.prefix_len.to(device), cache.kv_start.to(device), pack_bits(ancestors))
             out, earlier = self._layer(self._embed(adapter, tokens), frontier_hidden,
                                        positions.expand(-1, width), step, earlier)
             log_probs = torch.log_softmax(draft.draft_logits(out, lm_weight).float(), dim=-1)
@@ -241,7 +278,7 @@ class EagleDrafter(Drafter):
             pool_own.append(own.reshape(batch, -1))
             pool_parent.append(frontier.repeat_interleave(width, dim=1))
             pool_depth.append(torch.full((batch, width * width), level + 1, device=device, dtype=torch.int64))
-            if level + 1 == self.depth:
+            if level + 1 == levels:
                 break
             best = scores.topk(width, dim=-1).indices  # the next frontier, as children columns
             offset = sum(p.shape[1] for p in pool_ids[:-1])
@@ -280,7 +317,7 @@ class EagleDrafter(Drafter):
                 place(column)
 
 
-OPTIONS = ("drafter_path", "tree_width", "tree_depth", "max_candidates")
+OPTIONS = ("drafter_path", "tree_width", "tree_depth", "max_candidates", "context")
 
 
 def build(options: dict, env: DrafterEnv) -> EagleDrafter:
@@ -291,8 +328,10 @@ def build(options: dict, env: DrafterEnv) -> EagleDrafter:
     key = ("eagle", str(path))
     if key not in env.tables:
         env.tables[key] = load(path)
+    context = bool_option("context", options.get("context", False))
     return EagleDrafter(env.tables[key], env.num_layers, options.get("tree_width", DEFAULT_WIDTH),
-                        options.get("tree_depth", DEFAULT_DEPTH), options.get("max_candidates", DEFAULT_CANDIDATES))
+                        options.get("tree_depth", DEFAULT_DEPTH), options.get("max_candidates", DEFAULT_CANDIDATES),
+                        auto.SPEC.build({}, env) if context else None)
 
 
 SPEC = DrafterSpec("eagle", OPTIONS, build)

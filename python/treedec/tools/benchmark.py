@@ -29,12 +29,12 @@ from .prompts import Prompt
 
 HF_METHODS = {"hf": {}, "hf_pld": {"prompt_lookup_num_tokens": 10}}
 TREEDEC_METHODS = {"none": None, "lookup": "lookup", "recycling": "recycling", "auto": "auto", "layerskip": "layerskip",
-                   "medusa": "medusa", "hydra": "hydra"}
-# Left out of default method lists: they need heads (shipped ones exist for the embedded model only;
-# others pass --medusa-heads / --hydra-heads), so they run when asked for.
-OPT_IN_METHODS = ("medusa", "hydra")
+                   "medusa": "medusa", "hydra": "hydra", "eagle": "eagle"}
+# Left out of default method lists: they need trained weights (shipped ones exist for the embedded
+# model only; others pass --medusa-heads / --hydra-heads / --eagle-drafter), so they run when asked for.
+OPT_IN_METHODS = ("medusa", "hydra", "eagle")
 # Methods whose drafter runs the model (or heads) to draft: the report prints their drafting figures
-MODEL_DRAFTING_METHODS = ("layerskip", "medusa", "hydra")
+MODEL_DRAFTING_METHODS = ("layerskip", "medusa", "hydra", "eagle")
 ALL_METHODS = tuple(HF_METHODS) + tuple(TREEDEC_METHODS)
 # Warms up (compiles, starts the cost curve, runs layerskip's search) on text that no measured set holds.
 WARMUP_PROMPT = Prompt("warmup", "Name three colours of the rainbow and one thing that has each colour.")

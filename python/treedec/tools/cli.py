@@ -261,15 +261,22 @@ def cmd_bench_e2e(args) -> int:
     if args.profile_plot and not args.profile:
         raise UsageError("--profile-plot needs --profile")
     prompts = _questions(args.questions, args.limit_per_category)
-    options: dict[str, dict] = {"medusa": {}, "hydra": {}}
-    for flag, methods in (("--layerskip-options", ("layerskip",)), ("--heads-options", ("medusa", "hydra"))):
+    options: dict[str, dict] = {"medusa": {}, "hydra": {}, "eagle": {}}
+    for flag, methods in (("--layerskip-options", ("layerskip",)), ("--heads-options", ("medusa", "hydra")),
+                          ("--eagle-options", ("eagle",))):
         parsed = _json_options(flag, getattr(args, flag[2:].replace("-", "_")))
         for method in methods:
             options.setdefault(method, {}).update(parsed)
     for method, flag, path in (("medusa", "--medusa-heads", args.medusa_heads), ("hydra", "--hydra-heads", args.hydra_heads)):
         if path:
             options[method]["heads"] = _heads_dir(flag, path, method)
+    if args.eagle_drafter:
+        if not (Path(args.eagle_drafter) / "config.json").is_file():
+            raise UsageError(f"--eagle-drafter {args.eagle_drafter} is not a drafter directory (no config.json)")
+        options["eagle"]["drafter_path"] = args.eagle_drafter
     for flag, given, methods in (("--heads-options", args.heads_options, ("medusa", "hydra")),
+                                 ("--eagle-options", args.eagle_options, ("eagle",)),
+                                 ("--eagle-drafter", args.eagle_drafter, ("eagle",)),
                                  ("--layerskip-options", args.layerskip_options, ("layerskip",)),
                                  ("--medusa-heads", args.medusa_heads, ("medusa",)),
                                  ("--hydra-heads", args.hydra_heads, ("hydra",))):
@@ -647,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--hydra-heads", help="heads directory for the hydra method")
     e2e.add_argument("--heads-options", help='JSON of treedec.patch options for medusa and hydra, e.g. '
                      '\'{"context": false}\'')
+    e2e.add_argument("--eagle-drafter", help="drafter directory for the eagle method (EAGLE-3 or EAGLE-1/2; default: "
+                                             "the shipped one, embedded model only)")
+    e2e.add_argument("--eagle-options", help='JSON of treedec.patch options for eagle, e.g. \'{"tree_width": 6}\'')
     e2e.add_argument("--layerskip-options", help='JSON of treedec.patch options for layerskip, e.g. '
                      '\'{"mode": "fixed", "skip_layers": [17]}\'')
     common(e2e, 128)

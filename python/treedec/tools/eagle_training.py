@@ -4,8 +4,9 @@ training-time test.
 1. The model writes the text (heads_training.collect: greedy continuations of the prompts, then
    sampled ones), kept in the output directory so a rerun resumes from it.
 2. One plain forward per batch of sequences gives the residual streams after the drafter's three
-   layers at every position (the features it reads when decoding) and the model's argmax there
-   (the tokens greedy decoding accepts). They are recomputed on every run, not stored.
+   layers at every position (the features it reads when decoding; kept in memory in bf16 for the
+   later epochs, recomputed by every run, never written) and collection recorded the model's argmax
+   there (the tokens greedy decoding accepts).
 3. Training-time test, `ttt_steps` steps per position: step 0 pairs the features at position i
    with token i + 1 and learns the model's argmax after token i + 1; step k reads the drafter's own
    output of step k - 1 at i as its hidden state (what it drafts from when decoding), with token
@@ -14,9 +15,8 @@ training-time test.
    token i + 1 + k. Step k's loss weighs 0.8^k. Cross-entropy over the draft vocabulary: the
    `draft_vocab` tokens most often the model's argmax in the training text (positions whose
    argmax lies outside it count for nothing). Only positions in the generated part train.
-4. The target's embedding is shared (not saved: the target's is used when decoding), `fc`, the
-   layer and the norm start at random, the draft LM head starts as the model's own rows for the
-   draft vocabulary. AdamW, cosine decay, a checkpoint after each epoch (resumable), every 10th
+4. The target's embedding is shared (not saved: the target's is used when decoding); the drafter
+   starts as the logit lens of its highest feature layer (`initialise`). AdamW, cosine decay, a checkpoint after each epoch (resumable), every 10th
    prompt held out for the reported per-step accuracy.
 """
 
@@ -71,27 +71,57 @@ def draft_config(model, draft_vocab: int, aux_layers: tuple[int, ...]) -> EagleC
 
 
 @torch.no_grad()  # not inference mode: the draft's autograd reads these tensors
-def batch_of(model, examples: list[Example], layers: tuple[int, ...]) -> Batch:
-    """One right-padded forward of the base model over `examples`: the residual streams after
-    `layers` at every position (padding at the end changes no earlier position); the argmax there
-    is the one collection recorded."""
+def batch_of(model, examples: list[Example], layers: tuple[int, ...], cache: dict | None = None) -> Batch:
+    """`examples` right-padded: the residual streams after `layers` at every position (one
+    forward of the base model for the examples `cache` lacks, kept there in bf16: epochs after
+    the first read them instead of running the model again) and the argmax collection recorded."""
     device = next(model.parameters()).device
     width = max(len(e.tokens) for e in examples)
     tokens = torch.zeros(len(examples), width, dtype=torch.int64)
     argmax = torch.zeros_like(tokens)
-    mask = torch.zeros_like(tokens)
     trains = torch.zeros(len(examples), width, dtype=torch.bool)
     for row, example in enumerate(examples):
         length = len(example.tokens)
         tokens[row, :length] = example.tokens
         argmax[row, :length] = example.greedy if example.greedy is not None else \
             torch.cat((example.tokens[1:], example.tokens[-1:]))
-        mask[row, :length] = 1
         trains[row, example.generated_from - 1 : length - 1] = True
-    base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=tokens.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
-    features = torch.cat([out.hidden_states[i + 1] for i in layers], dim=-1)  # [i + 1]: layer i's output
-    return Batch(features.float(), tokens.to(device), argmax.to(device), trains.to(device))
+    cache = {} if cache is None else cache
+    missing = [e for e in examples if id(e) not in cache]
+    if missing:  # padding at the end changes no earlier position
+        longest = max(len(e.tokens) for e in missing)
+        ids = torch.zeros(len(missing), longest, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for row, example in enumerate(missing):
+            ids[row, : len(example.tokens)] = example.tokens
+            mask[row, : len(example.tokens)] = 1
+        base = getattr(model, model.base_model_prefix)
+        out = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                   use_cache=False)
+        states = torch.cat([out.hidden_states[i + 1] for i in layers], dim=-1)  # [i + 1]: layer i's output
+        for row, example in enumerate(missing):
+            cache[id(example)] = states[row, : len(example.tokens)].to(torch.bfloat16)
+    features = torch.zeros(len(examples), width, cache[id(examples[0])].shape[-1], device=device)
+    for row, example in enumerate(examples):
+        features[row, : len(example.tokens)] = cache[id(example)].float()
+    return Batch(features, tokens.to(device), argmax.to(device), trains.to(device))
+
+
+def initialise(draft: EagleDraft, model, vocab_ids: torch.Tensor) -> None:
+    """Start the drafter as the logit lens of the highest feature layer: `fc` passes that layer's
+    state through, attention's and the MLP's outputs start at zero (the layer is the identity), and
+    the norm and the LM head are the model's own (its rows for the draft vocabulary). Step 0 then
+    guesses what layer L - 4 would say, well above chance, and training starts from there."""
+    hidden = draft.config.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, -hidden:] = torch.eye(hidden)
+        draft.layer.self_attn.o_proj.weight.zero_()
+        draft.layer.mlp.down_proj.weight.zero_()
+        norm = getattr(getattr(model, model.base_model_prefix), "norm", None)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            draft.norm.weight.copy_(norm.weight.float())
+        draft.lm_head.weight.copy_(model.get_output_embeddings().weight[vocab_ids.to(draft.fc.weight.device)].float())
 
 
 def unrolled(draft: EagleDraft, embeddings: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
@@ -182,12 +212,12 @@ def draft_vocabulary(model, examples: list[Example], size: int) -> torch.Tensor:
     return counts.topk(size).indices.sort().values
 
 
-def evaluate(draft, embed, model, examples, layers, steps, draft_of, batch_tokens) -> list[float]:
+def evaluate(draft, embed, model, examples, layers, steps, draft_of, batch_tokens, cache=None) -> list[float]:
     """Per-step top-1 accuracy (teacher-forced) on `examples`."""
     hits, counts = [0] * steps, [0] * steps
     with torch.no_grad():
         for group in packed(examples, batch_tokens, None):
-            _, h, c = training_time_test(draft, embed, batch_of(model, group, layers), steps, draft_of)
+            _, h, c = training_time_test(draft, embed, batch_of(model, group, layers, cache), steps, draft_of)
             hits = [a + b for a, b in zip(hits, h)]
             counts = [a + b for a, b in zip(counts, c)]
     return [h / c if c else 0.0 for h, c in zip(hits, counts)]
@@ -233,7 +263,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
     with torch.no_grad():
         draft.d2t.copy_(d2t)
         draft.t2d.copy_(t2d)
-        draft.lm_head.weight.copy_(model.get_output_embeddings().weight[vocab_ids.to(device)].float())
+    initialise(draft, model, vocab_ids)
     draft_of = draft.draft_positions()
     embed = model.get_input_embeddings()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
@@ -250,9 +280,9 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         if progress:
             print(f"resuming after epoch {len(reports)} from {checkpoint}")
     draft_of = draft.draft_positions()
+    features: dict = {}  # each example's features, from its first batch on (batch_of)
     trained_tokens = sum(len(e.tokens) - e.generated_from for e in training)
     fingerprinted = fingerprint(model)
-    train_began = time.perf_counter()
 
     def write(reports):
         extra = {"command": command, "base_model": base_model, "trained_on_tokens": trained_tokens,
@@ -261,8 +291,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
                  "accuracy_on": "held-out prompts" if held_out else "training sequences",
                  "step_accuracy": reports[-1]["step_accuracy"] if reports else [],
                  "collect_seconds": round(collected_seconds, 1),
-                 "train_seconds": round(time.perf_counter() - train_began + sum(r["seconds"] for r in reports[:-1]), 1)
-                 if reports else 0.0,
+                 "train_seconds": round(sum(r["seconds"] for r in reports), 1),  # every epoch's, resumed runs too
                  "device": str(device), FINGERPRINT_KEY: fingerprinted}
         save(draft, out, extra, dtype=save_dtype)
         (out / "train_log.json").write_text(json.dumps(reports, indent=2) + "\n")
@@ -277,7 +306,8 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         for group in bar:
             for group_param in optimizer.param_groups:
                 group_param["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(step_index / total_steps, 1.0)))
-            losses, _, _ = training_time_test(draft, embed, batch_of(model, group, layers), ttt_steps, draft_of)
+            losses, _, _ = training_time_test(draft, embed, batch_of(model, group, layers, features), ttt_steps,
+                                              draft_of)
             weights = [STEP_DECAY ** k for k in range(ttt_steps)]
             loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
             optimizer.zero_grad(set_to_none=True)
@@ -289,7 +319,8 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
             running = value if running is None else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.3f}")
         draft.eval()
-        accuracy = evaluate(draft, embed, model, held_out or training, layers, ttt_steps, draft_of, batch_tokens)
+        accuracy = evaluate(draft, embed, model, held_out or training, layers, ttt_steps, draft_of, batch_tokens,
+                            features)
         reports.append({"epoch": epoch + 1, "loss": running, "step_accuracy": accuracy,
                         "seconds": round(time.perf_counter() - started, 1)})
         if progress:

@@ -173,6 +173,7 @@ class TreeDecoder:
         self.drafter.start(prompts, prompt_hidden)
         if prompt_states is not None:
             self.drafter.prefilled(prompt_states, prompt_features)
+        del prompt_states, prompt_features  # [B, L - 1, H]: a drafter that wants them keeps its own reference
         while active:
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]

@@ -543,6 +543,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None, help="with --sample")
         p.add_argument("--top-k", type=int, default=None, help="with --sample (default: the model's)")
 
+    def distillation_arguments(p):
+        """What train-heads and train-drafter share: the model, the prompts, the collection of its
+        text (heads_training.collect), where it runs and how the result is saved."""
+        p.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
+        p.add_argument("--questions", default=str(SPEC_BENCH_DEV),
+                       help="JSONL of prompts (Spec-Bench format), used with the built-in instructions (default: "
+                            "the Spec-Bench dev half shipped with treedec)")
+        p.add_argument("--include-bench-prompts", action="store_true",
+                       help="also train on the prompts `bench e2e` measures (left out by default)")
+        p.add_argument("--samples", type=int, default=0,
+                       help="sampled continuations per prompt, after the greedy one (default 0)")
+        p.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
+        p.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
+        p.add_argument("--collect-minutes", type=float, default=None,
+                       help="start no new generate batch after this long (default: no limit)")
+        p.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
+        p.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
+        p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+
     demo = sub.add_parser("demo", help="built-in prompts on the embedded model: HF vs treedec drafters")
     common(demo, 96)
     demo.set_defaults(func=cmd_demo)
@@ -566,25 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-heads", help="train Medusa/Hydra draft heads by self-distillation")
     train.add_argument("--kind", choices=("medusa", "hydra"), required=True)
-    train.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
     train.add_argument("--heads", type=int, default=4, help="number of heads K (default 4)")
     train.add_argument("--tokens", type=int, default=20000, help="self-distilled tokens to collect (default 20000)")
     train.add_argument("--out", required=True, help="directory for the heads, the collected data and checkpoints")
-    train.add_argument("--questions", default=str(SPEC_BENCH_DEV),
-                       help="JSONL of prompts (Spec-Bench format), used with the built-in instructions (default: "
-                            "the Spec-Bench dev half shipped with treedec)")
-    train.add_argument("--include-bench-prompts", action="store_true",
-                       help="also train on the prompts `bench e2e` measures (left out by default)")
-    train.add_argument("--samples", type=int, default=0,
-                       help="sampled continuations per prompt, after the greedy one (default 0)")
-    train.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
-    train.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
     train.add_argument("--collect-batch-tokens", type=int, default=None,
                        help="a generate call also stops growing before rows x (longest prompt + "
                             "--max-new-tokens) passes this (default: no limit): large GPU batches of "
                             "short prompts without running out of memory on long ones")
-    train.add_argument("--collect-minutes", type=float, default=None,
-                       help="start no new generate batch after this long (default: no limit)")
     train.add_argument("--blocks", type=int, default=1, help="residual blocks per head (default 1)")
     train.add_argument("--own-lm-head", action="store_true",
                        help="each head gets its own LM head, initialised from the model's and trained "
@@ -599,30 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
-    train.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
-    train.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
-    train.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    distillation_arguments(train)
     train.set_defaults(func=cmd_train_heads)
 
     drafter = sub.add_parser("train-drafter", help="train an EAGLE-3 drafter by self-distillation")
     drafter.add_argument("--kind", choices=("eagle3",), required=True)
-    drafter.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M)")
     drafter.add_argument("--out", required=True, help="directory for the drafter (SpecForge's EAGLE-3 format), the "
                                                       "collected text and checkpoints; a rerun resumes there")
     drafter.add_argument("--tokens", type=int, default=50000, help="self-distilled tokens to collect (default 50000)")
-    drafter.add_argument("--questions", default=str(SPEC_BENCH_DEV),
-                         help="JSONL of prompts (Spec-Bench format), used with the built-in instructions (default: "
-                              "the Spec-Bench dev half shipped with treedec)")
-    drafter.add_argument("--include-bench-prompts", action="store_true",
-                         help="also train on the prompts `bench e2e` measures (left out by default)")
-    drafter.add_argument("--samples", type=int, default=0,
-                         help="sampled continuations per prompt, after the greedy one (default 0)")
-    drafter.add_argument("--temperature", type=float, default=0.8, help="for the sampled continuations (default 0.8)")
-    drafter.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
-    drafter.add_argument("--collect-minutes", type=float, default=None,
-                         help="start no new generate batch after this long (default: no limit)")
-    drafter.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
     drafter.add_argument("--draft-vocab", type=int, default=8192,
                          help="draft vocabulary: the N tokens most often the model's choice in the text (default 8192)")
     drafter.add_argument("--ttt-steps", type=int, default=5,
@@ -631,9 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     drafter.add_argument("--epochs", type=int, default=3)
     drafter.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     drafter.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
-    drafter.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
-    drafter.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
-    drafter.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    distillation_arguments(drafter)
     drafter.set_defaults(func=cmd_train_drafter)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -20,7 +20,7 @@ from .attention import TreeStep
 from .adapters import ModelAdapter
 from .cache import GROWTH_ROWS, TreeCache
 from .drafters.base import Drafter, DraftRequest, DraftTrie, Proposal, StepOutcome
-from .reference.tree import pack_bits
+from .reference.tree import chain_tree_mask  # noqa: F401 (also imported from here: skipdecode, tests)
 from .sampling import Sampler, in_sampling_order, typical_verify
 from .stopping import BatchStopping
 
@@ -82,12 +82,6 @@ def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
 def prompt_positions(length: int, padding: torch.Tensor) -> torch.Tensor:
     """Position ids of the first `length` columns of left-padded prompts (0 on padding): [B, length]."""
     return (torch.arange(length).view(1, -1) - padding.view(-1, 1)).clamp(min=0)
-
-
-def chain_tree_mask(batch: int, num_nodes: int) -> torch.Tensor:
-    """Packed ancestor mask of a chain (a causal block) without walking the tree: int32 [B, T, W]."""
-    index = torch.arange(num_nodes)
-    return pack_bits(index.view(1, -1) <= index.view(-1, 1)).expand(batch, -1, -1).contiguous()
 
 
 def pack_tries(tries: list[DraftTrie], kept: list[list[int]], num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:

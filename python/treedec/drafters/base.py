@@ -160,6 +160,16 @@ class Drafter:
         return {}
 
 
+def merged_with_context(context: Drafter, request: DraftRequest, own: list[DraftTrie]) -> list[DraftTrie]:
+    """The context drafter's tries for `request` with `own` (one per row) merged in: a token the
+    context proposed keeps its key (the heads and eagle drafters' `context=True`)."""
+    proposal = context.propose(request)
+    tries = proposal.tries if isinstance(proposal, Proposal) else proposal
+    for trie, mine in zip(tries, own):
+        trie.merge(mine)
+    return tries
+
+
 class RowDrafter(Drafter):
     """A drafter that drafts for each sequence on its own, from the text it has seen: it keeps
     each sequence's history (prompt and emitted tokens) and proposes row by row."""

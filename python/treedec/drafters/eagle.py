@@ -27,13 +27,14 @@ import math
 
 import torch
 
+from .. import ops
 from ..attention import TreeStep
 from ..cache import TreeCache
 from ..eagle import EagleDraft, default_aux_layers, load
 from ..options import bool_option, is_int
-from ..reference.tree import pack_bits
+from ..reference.tree import chain_tree_mask, pack_bits
 from . import auto  # the context drafter
-from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal, StepOutcome
+from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, StepOutcome, merged_with_context
 from .heads import CONFIDENCE_EDGES
 
 DEFAULT_WIDTH, DEFAULT_DEPTH, DEFAULT_CANDIDATES = 8, 6, 64
@@ -42,20 +43,9 @@ CACHE_ROWS = 1 << 24  # the draft cache grows as the target's does; this only bo
 
 
 def deepest(parents: torch.Tensor, tokens: torch.Tensor) -> float:
-    """The depth of the deepest real node (token >= 0) of the verified trees [B, T] (host tensors)."""
-    depth = [0] * parents.shape[1]
-    best = 0
-    for row_parents, row_tokens in zip(parents.tolist(), tokens.tolist()):
-        for node in range(1, len(row_parents)):
-            if row_tokens[node] >= 0:
-                depth[node] = depth[row_parents[node]] + 1
-                best = max(best, depth[node])
-    return float(best)
-
-
-def chain_mask(batch: int, length: int, device) -> torch.Tensor:
-    index = torch.arange(length, device=device)
-    return pack_bits(index.view(1, -1) <= index.view(-1, 1)).expand(batch, -1, -1).contiguous()
+    """The depth of the deepest real node (token >= 0) of the verified trees [B, T]."""
+    depth, _ = ops.build_tree(parents)
+    return float(depth.masked_fill(tokens < 0, 0).max())
 
 
 class EagleDrafter(Drafter):
@@ -139,13 +129,7 @@ class EagleDrafter(Drafter):
         last, ready = self._commit(adapter, request.rows)
         if ready.any():
             self._expand(adapter, last, ready, tries)
-        if self.context is None:
-            return tries
-        proposal = self.context.propose(request)
-        merged = proposal.tries if isinstance(proposal, Proposal) else proposal
-        for trie, own in zip(merged, tries):  # a token the context proposed keeps its key
-            trie.merge(own)
-        return merged
+        return tries if self.context is None else merged_with_context(self.context, request, tries)
 
     # -- the pieces ------------------------------------------------------------------------------
     def _check(self, adapter) -> None:
@@ -212,7 +196,8 @@ class EagleDrafter(Drafter):
         chunks = [self.pending[seq] for seq in rows]
         counts = [sum(len(tokens) for _, tokens in chunk) for chunk in chunks]
         batch, longest = len(rows), max(counts)
-        ready = torch.tensor(counts) > 0
+        entries = torch.tensor(counts)
+        ready = entries > 0
         if longest == 0:
             return torch.zeros(batch, self.draft.config.hidden_size, device=device, dtype=dtype), ready
         features = torch.zeros(batch, longest, self.draft.config.feature_size, device=device, dtype=dtype)
@@ -225,10 +210,10 @@ class EagleDrafter(Drafter):
         cache = self.cache
         committed = (cache.prefix_len - cache.kv_start).long()
         positions = (committed.view(-1, 1) + torch.arange(longest)).to(device)
-        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_mask(batch, longest, "cpu"))
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, longest))
         out, _ = self._layer(self._embed(adapter, tokens), self.draft.project_features(features), positions, step)
-        cache.advance(torch.tensor(counts))
-        last = torch.tensor(counts).clamp(min=1).to(device) - 1
+        cache.advance(entries)
+        last = entries.clamp(min=1).to(device) - 1
         return out[torch.arange(batch, device=device), last], ready
 
     def _expand(self, adapter, last: torch.Tensor, ready: torch.Tensor, tries: list[DraftTrie]) -> None:

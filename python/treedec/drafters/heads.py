@@ -38,7 +38,7 @@ from ..heads.tree import best_tree
 from ..heads.vocab import DRAFT_MASS, check_frequencies, default_size, draft_vocabulary
 from ..options import bool_option, is_int
 from . import auto  # the context drafter
-from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, Proposal
+from .base import Drafter, DrafterEnv, DrafterSpec, DraftRequest, DraftTrie, merged_with_context
 
 DEFAULT_WIDTHS = (4, 2, 2, 1, 1, 1, 1, 1)
 STATIC_TREE_NODES = 48  # the loop's sizer then keeps the T worth their measured cost
@@ -139,13 +139,7 @@ class HeadsDrafter(Drafter):
         if self.root_hidden is not None:  # none yet after a one-token prompt: nothing to read
             rows = torch.tensor(request.rows, device=self.root_hidden.device)
             self._draft(request.adapter, self.root_hidden[rows], request.rows, dict(zip(request.rows, drafted)))
-        if self.context is None:
-            return drafted
-        proposal = self.context.propose(request)
-        tries = proposal.tries if isinstance(proposal, Proposal) else proposal
-        for trie, heads_trie in zip(tries, drafted):  # a token the context proposed keeps its key
-            trie.merge(heads_trie)
-        return tries
+        return drafted if self.context is None else merged_with_context(self.context, request, drafted)
 
     def observe(self, outcome) -> None:
         # drafted = the candidates the sizer kept and the model verified (the proposals it pruned

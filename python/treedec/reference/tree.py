@@ -16,6 +16,12 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
+def chain_tree_mask(batch: int, num_nodes: int) -> torch.Tensor:
+    """Packed ancestor mask of a chain (a causal block) without walking the tree: int32 [B, T, W]."""
+    index = torch.arange(num_nodes)
+    return pack_bits(index.view(1, -1) <= index.view(-1, 1)).expand(batch, -1, -1).contiguous()
+
+
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """int32 [..., W] -> bool [..., n]; the inverse of `pack_bits`."""
     shifts = torch.arange(32, device=packed.device, dtype=torch.int64)

@@ -264,7 +264,6 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         draft.d2t.copy_(d2t)
         draft.t2d.copy_(t2d)
     initialise(draft, model, vocab_ids)
-    draft_of = draft.draft_positions()
     embed = model.get_input_embeddings()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

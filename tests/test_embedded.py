@@ -202,3 +202,41 @@ def test_an_audit_of_the_embedded_model_finds_no_defect(embedded):
     report = treedec.audit(model, [encoded[i] for i in (0, 4)], drafter="auto", max_new_tokens=24,
                            sampling={"temperature": 0.7}, samples=48, positions=2)
     assert report.ok and all(g.verdict == "identical" for g in report.greedy), report.table()
+
+
+@pytest.fixture(scope="module")
+def eagle_drafter(embedded, tmp_path_factory):
+    """An EAGLE-3 drafter shaped for the embedded model, untrained: its logit-lens start
+    (eagle_training.initialise) over the 2048 most frequent ids of the prompts' references."""
+    from treedec.eagle import EagleDraft, default_aux_layers, save, vocabulary_maps
+    from treedec.tools.eagle_training import draft_config, initialise
+
+    model, _, _, _, references = embedded
+    counts = torch.bincount(torch.cat([r[0] for r in references]), minlength=model.config.vocab_size).float()
+    vocab_ids = (counts + torch.linspace(1e-3, 0, counts.numel())).topk(2048).indices.sort().values
+    draft = EagleDraft(draft_config(model, 2048, default_aux_layers(model.config.num_hidden_layers)))
+    d2t, t2d = vocabulary_maps(vocab_ids, model.config.vocab_size)
+    with torch.no_grad():
+        draft.d2t.copy_(d2t)
+        draft.t2d.copy_(t2d)
+    initialise(draft, model, vocab_ids)
+    path = tmp_path_factory.mktemp("eagle") / "drafter"
+    save(draft, path)
+    return path
+
+
+def test_eagle_greedy_equals_hf(embedded, eagle_drafter):
+    """The real model's middle layers feed the drafter (feature capture), and the output is HF's."""
+    model, tokenizer, prompts, encoded, references = embedded
+    treedec.patch(model, drafter="eagle", drafter_path=eagle_drafter)
+    try:
+        for i in (0, 4, 11):  # writing, coding, math_reasoning
+            got = model.generate(**encoded[i], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            assert torch.equal(got, references[i]), prompts[i].category
+            assert model.treedec.last_stats["drafted"] > 0
+        chosen = [2, 4, 8]
+        batch = left_padded_batch(tokenizer, encoded, chosen)
+        out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    finally:
+        treedec.unpatch(model)
+    assert_rows_are_references(out, batch, encoded, references, chosen)

@@ -97,8 +97,9 @@ def test_sampling_from_the_right_distribution_is_consistent():
 def test_a_wrong_sampler_differs(monkeypatch):
     """Always taking the most probable token: HF's samples spread, treedec's would not."""
     model = tiny_llama(seed=8)
-    monkeypatch.setattr(ops, "sample_tokens", lambda probs, uniforms: torch.zeros(probs.shape[0], dtype=torch.int64))
-    monkeypatch.setattr(decoding.ops, "sample_tokens", ops.sample_tokens)
+    monkeypatch.setattr(ops, "sample_tokens_deferred",
+                        lambda probs, uniforms: (torch.zeros(probs.shape[0], dtype=torch.int64), None))
+    monkeypatch.setattr(decoding.ops, "sample_tokens_deferred", ops.sample_tokens_deferred)
     report = treedec.audit(model, PROMPTS[:1], drafter="auto", sampling={"temperature": 1.0}, samples=300,
                            positions=2, greedy=False)
     assert not report.ok and report.sampling[0].verdict == "differs"

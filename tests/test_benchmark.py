@@ -281,8 +281,26 @@ def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("sys.argv", ["tau_fixed_cost.py", "--questions", str(questions), "--methods", "auto",
                                      "lookup", "--max-new-tokens", "16"])
     first, second = script.main(), script.main()
-    assert first == second and set(first) == {"auto", "lookup"} and all(tau >= 1.0 for tau in first.values())
-    assert "auto       tau" in capsys.readouterr().out
+    assert first == second and set(first) == {"auto", "lookup"} and all(r["tau"] >= 1.0 for r in first.values())
+    assert all(set(r["per_category"]) == {"writing", "coding"} for r in first.values())
+    assert "auto       tau " in capsys.readouterr().out
+    # sizing off: every step verifies the drafter's whole tree, up to --fixed-nodes
+    trees = []  # (T chosen, nodes of the largest trie)
+    choose = script.sizing.choose
+
+    def spy(tries, *args):
+        chosen = choose(tries, *args)
+        trees.append((chosen[0], max(map(len, tries))))
+        return chosen
+
+    monkeypatch.setattr(script.sizing, "choose", spy)
+    out = tmp_path / "fixed.json"
+    monkeypatch.setattr("sys.argv", ["tau_fixed_cost.py", "--questions", str(questions), "--methods", "recycling",
+                                     "--max-new-tokens", "16", "--fixed-nodes", "16", "--json", str(out)])
+    fixed = script.main()
+    assert json.loads(out.read_text())["results"] == fixed and fixed["recycling"]["tau"] >= 1.0
+    assert trees and max(t for t, _ in trees) == 16 and fixed["recycling"]["mean_tree_nodes"] > 1
+    assert all(t == max(size for size in script.sizing.TREE_SIZES if size <= min(16, n)) for t, n in trees)
     assert not hasattr(model, "treedec") and learned_state(model) is None
     assert script.FixedCost().cost(1, 6) == pytest.approx(0.078)
     # past the curve (work 2 x 64): CostCurve's extrapolation, the last segment's slope (51 ms / 16)

@@ -204,3 +204,70 @@ def test_verify_step_captures_and_replays_in_a_cuda_graph():
         assert (static_out[1] >= 1).all()
         for got, want in zip(verify.cache_rows(), eager_cache):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- at most one device-to-host wait per decode step (test_host_transfers.py plays this on the CPU)
+
+def cuda_host_reads(monkeypatch):
+    """A TorchFunctionMode that records every blocking read of CUDA memory on the host (.cpu(),
+    .tolist(), .item(), int/float/bool of a CUDA tensor, a blocking .to(cpu), a copy into a host
+    tensor) outside host.to_host, each to_host call as one wait, and the decode steps' boundaries."""
+    from torch.overrides import TorchFunctionMode
+
+    from treedec import host, profiling
+
+    tensor = torch.Tensor
+    reads_of = {tensor.cpu, tensor.tolist, tensor.item, tensor.numpy, tensor.__int__, tensor.__float__,
+                tensor.__bool__, tensor.__index__, tensor.__array__}
+    events, boundaries, inside = [], [], [False]
+
+    def to_cpu(args, kwargs) -> bool:
+        targets = [a for a in args[1:] if isinstance(a, (str, torch.device))] + [kwargs.get("device")]
+        return any(t is not None and torch.device(t).type == "cpu" for t in targets) and not kwargs.get("non_blocking")
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            first = args[0] if args and isinstance(args[0], tensor) else None
+            if not inside[0] and first is not None:
+                if first.is_cuda and (func in reads_of or (func is tensor.to and to_cpu(args, kwargs))):
+                    events.append(getattr(func, "__name__", str(func)))
+                elif (func in (tensor.copy_, tensor.__setitem__) and not first.is_cuda
+                      and any(isinstance(a, tensor) and a.is_cuda for a in args[1:])):
+                    events.append("copy to a host tensor")
+            return func(*args, **kwargs)
+
+    to_host = host.to_host
+
+    def counted(*tensors):
+        events.append("to_host")
+        inside[0] = True
+        try:
+            return to_host(*tensors)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(host, "to_host", counted)
+    monkeypatch.setattr(profiling.NoProfile, "step_done", lambda self, seconds: boundaries.append(len(events)))
+    return Reads(), events, boundaries
+
+
+@pytest.mark.parametrize("call", [dict(do_sample=False), dict(do_sample=True, temperature=0.8),
+                                  dict(do_sample=True, top_k=0, top_p=0.9)])
+@pytest.mark.parametrize("drafter", [None, "auto"])
+def test_one_host_wait_per_step_on_gpu(drafter, call, monkeypatch):
+    native_backends_or_skip()
+    model = treedec.patch(tiny_llama(seed=1).cuda(), drafter=drafter)
+    ids, mask = left_padded([repetitive_prompt(1, 13), repetitive_prompt(2, 6), [7]])
+    ids, mask = ids.cuda(), mask.cuda()
+    model.generate(ids, attention_mask=mask, max_new_tokens=8, **call)  # warm up (Triton compiles)
+    mode, events, boundaries = cuda_host_reads(monkeypatch)
+    with mode:
+        model.generate(ids, attention_mask=mask, max_new_tokens=24, **call)
+    assert len(boundaries) == model.treedec.last_stats["steps"] > 0
+    starts = [0] + boundaries[:-1]
+    for number, (a, b) in enumerate(zip(starts, boundaries)):
+        step = events[a:b]
+        if number == 0:  # the prefill's reads land before the first step's
+            step = step[step.index("to_host"):] if "to_host" in step else step
+        assert step == ["to_host"], f"step {number}: {events[a:b]}"

@@ -35,8 +35,13 @@ class TreeStep:
     cache_rows: torch.Tensor | None = None
     # times attention when the loop profiles (the verify forward's steps; drafters' forwards do not)
     profile: object = field(default_factory=NoProfile, repr=False)
+    # the step as the loop built it, on the host, when this is its copy on a device: facts about
+    # the rows (`longest`, `unmasked`) are read there, since reading them from a GPU's copy would
+    # make the host wait for the device at every layer
+    host: TreeStep | None = field(default=None, repr=False)
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
     _dense: dict = field(default_factory=dict, repr=False)  # window (None: none) -> the dense mask
+    _facts: dict = field(default_factory=dict, repr=False)  # longest, unmasked: read once a step
 
     @property
     def num_nodes(self) -> int:
@@ -49,9 +54,29 @@ class TreeStep:
         if device not in self._per_device:
             self._per_device[device] = TreeStep(
                 self.prefix_len.to(device), self.kv_start.to(device), self.tree_mask.to(device),
-                None if self.cache_rows is None else self.cache_rows.to(device), self.profile,
+                None if self.cache_rows is None else self.cache_rows.to(device), self.profile, self,
             )
         return self._per_device[device]
+
+    def longest(self) -> int:
+        """max(prefix_len): the longest committed prefix of the step's rows."""
+        if self.host is not None:
+            return self.host.longest()
+        if "longest" not in self._facts:
+            self._facts["longest"] = int(self.prefix_len.max())
+        return self._facts["longest"]
+
+    def unmasked(self, window: int | None) -> bool:
+        """Whether the dense mask is all true: one node (a plain decode step), every row at the
+        same length with no left padding, and the window (if any) wider than every row."""
+        if self.host is not None:
+            return self.host.unmasked(window)
+        key = ("unmasked", window)
+        if key not in self._facts:
+            longest = self.longest()
+            self._facts[key] = (self.num_nodes == 1 and int(self.kv_start.abs().max()) == 0
+                                and int(self.prefix_len.min()) == longest and (window is None or longest < window))
+        return self._facts[key]
 
     def subset(self, rows: torch.Tensor) -> TreeStep:
         """This step for the batch rows `rows` (int64 [A], ascending) only."""
@@ -62,7 +87,7 @@ class TreeStep:
         """bool [B, 1, T, max(prefix_len) + T] for the reference path (`window`: a sliding-window
         layer's); built once per step, device and window."""
         if window not in self._dense:
-            kv_len = int(self.prefix_len.max()) + self.num_nodes
+            kv_len = self.longest() + self.num_nodes
             self._dense[window] = reference.dense_tree_mask(
                 self.prefix_len, self.tree_mask, self.kv_start, self.num_nodes, kv_len, window
             )
@@ -80,7 +105,7 @@ class TreeStep:
             # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
             return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale,
                                       check_values=False, dense_mask=lambda: step.dense_mask(window),
-                                      window=window, softcap=softcap)
+                                      window=window, softcap=softcap, unmasked=lambda: step.unmasked(window))
 
 
 def layer_window(module, kwargs: dict) -> int | None:

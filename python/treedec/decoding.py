@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers, ops, profiling, sizing
+from . import host, layers, ops, profiling, sizing
 from .attention import TreeStep
 from .adapters import ModelAdapter
 from .cache import GROWTH_ROWS, TreeCache
@@ -328,9 +328,9 @@ class TreeDecoder:
             return accept_len, accept_nodes, bonus, topk, None, hidden, features
         with profile.phase("sampling"):  # the LM head inside it is timed as lm_head
             uniforms = self.sampler.node_uniforms(sequences, emitted, depth)
-            dists, (topk, topk_probs) = self._node_distributions(hidden)
-            choice = ops.sample_tokens(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
-            target = dists.token_ids(choice).view(tokens.shape).cpu()
+            dists, sampled = self._sample_nodes(hidden, uniforms)
+            target, topk, topk_probs = sampled
+            target = target.view(tokens.shape)
         with profile.phase("verify"):
             if self.sampler.typical is None:
                 accept_len, accept_nodes, bonus = ops.verify_greedy(parents, tokens, target)
@@ -339,42 +339,66 @@ class TreeDecoder:
                                                                  self.sampler.typical)
         return accept_len, accept_nodes, bonus, topk, topk_probs, hidden, features
 
-    def _node_distributions(self, hidden: torch.Tensor):
-        """Each node's sampling distribution (NodeDistributions), and the drafter's view: the
-        top-k ids int64 [B, T, k] and their sampling probabilities float32 [B, T, k], on the CPU.
+    def _sample_nodes(self, hidden: torch.Tensor, uniforms: torch.Tensor):
+        """Each node's sampling distribution (NodeDistributions, on the device) and, on the CPU,
+        its target token (drawn with its uniform, int64 [B * T]) and the drafter's view (top-k
+        ids int64 [B, T, k] and their sampling probabilities float32 [B, T, k]). The targets, the
+        view, the sampling checks' verdict and the fused path's tie flag reach the host in one
+        transfer (host.to_host): a GPU step waits once. A tie at the k-th logit (rare) discards
+        the fused path's result and samples again from the full logits, a second wait."""
+        dists, view, tie = self._node_distributions(hidden, full=False)
+        sampled = self._sampled(dists, view, uniforms, tie)
+        if sampled is None:
+            dists, view, _ = self._node_distributions(hidden, full=True)
+            sampled = self._sampled(dists, view, uniforms, None)
+        return dists, sampled
 
-        With HF's top_k set (its default is 50) they come from the fused LM-head top-k alone: the
-        same distributions without [B, T, V] logits, warpers or softmax over the vocabulary. Else
-        (no top_k, a tie at the k-th logit, a kernel limit) from the full logits."""
+    def _sampled(self, dists, view, uniforms: torch.Tensor, tie: torch.Tensor | None):
+        """(target, view ids, view probs) on the CPU, or None when `tie` (a device flag) is set."""
+        choice, found = ops.sample_tokens_deferred(dists.probs, uniforms.reshape(-1).to(dists.probs.device))
+        flags = [f for f in (found, None if tie is None else tie.view(1).to(torch.int64)) if f is not None]
+        batch, num_nodes = uniforms.shape
+        ids, probs = view
+        read = host.to_host(dists.token_ids(choice), ids.reshape(batch, num_nodes, -1),
+                            probs.reshape(batch, num_nodes, -1).float(), *([torch.cat(flags)] if flags else []))
+        target, view_ids, view_probs = read[:3]
+        flags = read[3].tolist() if flags else []
+        if tie is not None and flags[-1]:
+            return None
+        if found is not None:
+            ops.raise_faults(flags[:4])
+        return target, view_ids, view_probs
+
+    def _node_distributions(self, hidden: torch.Tensor, full: bool):
+        """Each node's sampling distribution (NodeDistributions), the drafter's view (top-k ids
+        [B * T, k] and their sampling probabilities [B * T, k]) and, from the fused path, a device
+        bool: whether a row's k-th and (k+1)-th logits tie (then HF keeps both and the full path
+        must decide; None from the full path). All on the device.
+
+        With HF's top_k set (its default is 50) and not `full`, they come from the fused LM-head
+        top-k alone: the same distributions without [B, T, V] logits, warpers or softmax over the
+        vocabulary. Else (`full`, no top_k, a kernel limit) from the full logits."""
         batch, num_nodes, _ = hidden.shape
         draft_k = max(self.drafter.topk, 1)
         top_k = self.sampler.top_k
         wanted = max((top_k or 0) + 1, draft_k)
         fused = self.adapter.fused_lm_head and top_k is not None and top_k + 1 <= self.adapter.vocab_size
-        if fused:
+        if fused and not full:
             with self.profile.phase("lm_head"):
-                values, ids = self.adapter.topk_values(hidden, wanted)
+                values, ids, rounded = self.adapter.fused_topk(hidden, wanted)
             ids = ids.reshape(batch * num_nodes, -1)
-            subset = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],
-                                               ids[:, : top_k + 1])
-            if subset is not None:
-                probs, kept_ids = subset
-                # Ids past the top_k (the drafter may want more) have probability 0.
-                view_probs = torch.nn.functional.pad(probs, (0, max(draft_k - top_k, 0)))[:, :draft_k]
-                view = (ids[:, :draft_k], view_probs)
-                return in_sampling_order(probs, kept_ids), self._drafter_view(view, batch, num_nodes)
+            probs, kept_ids, tie = self.sampler.subset_probs(values.reshape(batch * num_nodes, -1)[:, : top_k + 1],
+                                                             ids[:, : top_k + 1])
+            tie = tie if rounded is None else tie | rounded  # either makes the full logits decide
+            # Ids past the top_k (the drafter may want more) have probability 0.
+            view_probs = torch.nn.functional.pad(probs, (0, max(draft_k - top_k, 0)))[:, :draft_k]
+            return in_sampling_order(probs, kept_ids), (ids[:, :draft_k], view_probs), tie
         with self.profile.phase("lm_head"):
             logits = self.adapter.logits(hidden)
         probs = self.sampler.probs(logits).reshape(batch * num_nodes, -1)
         # Ranked by logit: past top-p's nucleus every probability is 0, the logits still rank.
         view_ids = logits.reshape(batch * num_nodes, -1).topk(draft_k, dim=-1).indices
-        view = (view_ids, probs.gather(1, view_ids))
-        return in_sampling_order(probs), self._drafter_view(view, batch, num_nodes)
-
-    @staticmethod
-    def _drafter_view(view, batch: int, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, probs = view
-        return ids.reshape(batch, num_nodes, -1).cpu(), probs.reshape(batch, num_nodes, -1).float().cpu()
+        return in_sampling_order(probs), (view_ids, probs.gather(1, view_ids)), None
 
     def _learn_acceptance(self, tries: list[DraftTrie], kept: list[list[int]], accept_nodes: torch.Tensor) -> None:
         """Each kept node whose parent was accepted is one trial of its key."""

@@ -141,14 +141,14 @@ class Sampler:
         Every token outside the top k has probability 0 under HF's top-k, and the warpers after
         it (top-p, min-p, typical, epsilon, eta) and the temperature before it give the same
         result on the k kept scores as on the full row. Returns (probs [N, k], ids [N, k]) in the
-        order of `values`; or None when a row's k-th and (k+1)-th logits tie, since HF then keeps
-        both (the caller takes the full path).
+        order of `values`, and a bool tensor on their device: whether a row's k-th and (k+1)-th
+        logits tie, since HF then keeps both and the result must be discarded for the full path's
+        (a flag, not a branch here: reading it would make a GPU's host wait for the device).
         """
         k = values.shape[1] - 1
-        if bool((values[:, k] == values[:, k - 1]).any()):
-            return None
+        tie = (values[:, k] == values[:, k - 1]).any()
         scores = self._warp(values[:, :k], [w for w in self.warpers if not isinstance(w, _top_k_class())])
-        return torch.softmax(scores, dim=-1), ids[:, :k]
+        return torch.softmax(scores, dim=-1), ids[:, :k], tie
 
     def node_uniforms(self, sequences: list[int], generated: list[int], depth: torch.Tensor) -> torch.Tensor:
         """float32 [B, T]: node i of row b gets the uniform of output position generated[b] + depth[b, i]

@@ -191,6 +191,41 @@ def test_malformed_input_raises(edit, message):
         ops.verify_sample(*args)
 
 
+SAMPLE_FAULTS = [
+    (lambda p, u: p.__setitem__((1, 3), float("nan")), "NaN or inf"),
+    (lambda p, u: p.__setitem__((0, 0), float("inf")), "NaN or inf"),
+    (lambda p, u: p.__setitem__((2, 5), -0.5), "negative"),
+    (lambda p, u: p[3].zero_(), "probs row 3 has no mass"),
+    (lambda p, u: u.__setitem__(1, 1.0), r"uniforms must lie in \[0, 1\)"),
+    (lambda p, u: u.__setitem__(0, float("nan")), r"uniforms must lie in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", SAMPLE_FAULTS)
+def test_sample_tokens_faults_raise_the_same_now_or_deferred(edit, message):
+    """sample_tokens checks at once; sample_tokens_deferred returns the same verdict on the
+    device, which raise_faults turns into the same error once the caller has read it; the
+    tokens it gives beside a fault are still indices in [0, V) (nothing out of range to gather)."""
+    generator = torch.Generator().manual_seed(11)
+    probs, uniforms = torch.rand(5, 13, generator=generator), torch.rand(5, generator=generator)
+    edit(probs, uniforms)
+    with pytest.raises(ValueError, match=message):
+        ops.sample_tokens(probs, uniforms)
+    tokens, found = ops.sample_tokens_deferred(probs, uniforms)
+    assert ((tokens >= 0) & (tokens < 13)).all()
+    with pytest.raises(ValueError, match=message):
+        ops.raise_faults(found.tolist())
+
+
+def test_sample_tokens_deferred_on_valid_input():
+    generator = torch.Generator().manual_seed(12)
+    probs, uniforms = torch.rand(7, 31, generator=generator), torch.rand(7, generator=generator)
+    tokens, found = ops.sample_tokens_deferred(probs, uniforms)
+    assert found.tolist() == [0, 0, -1, 0]
+    ops.raise_faults(found.tolist())
+    assert torch.equal(tokens, reference.sample_tokens(probs, uniforms))
+
+
 # -- statistics ---------------------------------------------------------------------------------
 
 # A fixed tree over V = 4 (node: parent, token): 1: 0 -> 0, 2: 0 -> 1, 3: 1 -> 2, 4: 1 -> 0,

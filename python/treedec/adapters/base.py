@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .. import ops, parallel, reference
+from .. import host, ops, parallel, reference
 from ..attention import TreeStep
 from ..cache import TreeCache
 
@@ -200,26 +200,40 @@ class ModelAdapter:
         return execution_device(self.lm_head)
 
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's argmax)."""
-        return self.topk_values(hidden, k)[1].cpu()
+        """hidden [B, T, H] -> the LM head's top-k ids int64 [B, T, k] on the CPU (k=1: greedy's
+        argmax), read with one wait for the device (host.to_host), the tie flag with them."""
+        values, ids, tie = self.fused_topk(hidden, k)
+        if tie is None:
+            return host.to_host(ids)[0]
+        ids, tie = host.to_host(ids, tie)
+        if not bool(tie):
+            return ids
+        return host.to_host(reference.topk_of_logits(self.logits(hidden).float(), k)[1])[0]
 
     def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
+        values, ids, tie = self.fused_topk(hidden, k)
+        if tie is not None and bool(tie):
+            return reference.topk_of_logits(self.logits(hidden).float(), k)
+        return values, ids
+
+    def fused_topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`topk_values` without reading the device: values and ids, and a device bool that is
+        set when the logits transform (a soft-cap) rounded two ranked logits to one value; HF's
+        argmax then takes the lower id, so the caller must take the full logits instead (None:
+        the model does not transform its logits, no tie can come of it)."""
         batch, num_nodes, width = hidden.shape
         if not self.fused_lm_head:
-            return reference.topk_of_logits(self.logits(hidden).float(), k)
+            return (*reference.topk_of_logits(self.logits(hidden).float(), k), None)
         weight = self.lm_head.weight
         wanted = min(k + 1, self.vocab_size) if self.transforms_logits else k
         values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, wanted)
         values, ids = values.view(batch, num_nodes, wanted), ids.view(batch, num_nodes, wanted)
         if not self.transforms_logits:
-            return values, ids
-        # In the model's dtype, as its forward computes them. A soft-cap can round logits the kernel
-        # ranked apart to one value, and HF's argmax then takes the lower id: ties take full logits.
+            return values, ids, None
+        # In the model's dtype, as its forward computes them.
         values = self.scale_logits(values.to(weight.dtype)).float()
-        if bool((values[..., 1:] == values[..., :-1]).any()):
-            return reference.topk_of_logits(self.logits(hidden).float(), k)
-        return values[..., :k], ids[..., :k]
+        return values[..., :k], ids[..., :k], (values[..., 1:] == values[..., :-1]).any()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H] -> full logits [B, T, V] in the model's dtype, from the LM head module

@@ -18,7 +18,7 @@ from .linear import linear_rows, loop_linear_rows
 from .lm_head import lm_head_topk
 from .registry import OPS, available_backends, fallbacks, requested_backend, reset_fallbacks
 from .rows import gather_rows, scatter_rows
-from .sample import sample_tokens
+from .sample import raise_faults, sample_tokens, sample_tokens_deferred
 from .tree import build_tree
 from .verify import verify_greedy, verify_sample
 
@@ -44,7 +44,9 @@ __all__ = [
     "registry",
     "requested_backend",
     "reset_fallbacks",
+    "raise_faults",
     "sample_tokens",
+    "sample_tokens_deferred",
     "scatter_rows",
     "tree_attention",
     "verify_greedy",

@@ -30,6 +30,7 @@ def tree_attention(
     dense_mask: Callable[[], torch.Tensor] | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    unmasked: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their own ancestors.
 
@@ -63,6 +64,9 @@ def tree_attention(
         (`reference.dense_tree_mask`).
     softcap : float, optional
         Gemma 2's attention-logit soft-cap: scores become softcap * tanh(scores / softcap).
+    unmasked : callable, optional
+        With `dense_mask`, for the reference: whether that mask is all true (TreeStep.unmasked,
+        known on the host), so the reference need not read it back to pick SDPA's unmasked kernel.
 
     No kernel implements `window` or `softcap` yet: a call with either runs the reference.
 
@@ -78,10 +82,12 @@ def tree_attention(
         if softcap is not None and not softcap > 0:
             raise ValueError(f"softcap = {softcap!r} must be positive")
         mask = dense_mask() if dense_mask is not None else None
-        return reference.tree_attention(*args, dense_mask=mask, window=window, softcap=softcap)
+        return reference.tree_attention(*args, dense_mask=mask, window=window, softcap=softcap,
+                                        unmasked=unmasked() if mask is not None and unmasked is not None else None)
     backend = TREE_ATTENTION.backend(q.device, *args)
     if backend == "reference" and dense_mask is not None and not torch.compiler.is_compiling():
-        return reference.tree_attention(*args, dense_mask=dense_mask())
+        return reference.tree_attention(*args, dense_mask=dense_mask(),
+                                        unmasked=unmasked() if unmasked is not None else None)
     return TREE_ATTENTION.run(backend, *args)
 
 

@@ -26,28 +26,48 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     (the last index with positive weight if rounding runs past the end). Given its uniform, a
     row's token is a fixed function of the row: this is what makes tree sampling reproducible.
     """
+    tokens, found = sample_tokens_deferred(probs, uniforms)
+    if found is not None:
+        raise_faults(found.tolist())
+    return tokens
+
+
+def sample_tokens_deferred(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_tokens` without reading device memory back: the tokens, and the value checks'
+    verdict as a device tensor (`faults`; None while a CUDA graph captures) that the caller reads
+    with the step's other results, in one host transfer, and hands to `raise_faults` before it
+    uses the tokens. The decode loop samples this way so that a GPU step waits for the device
+    once, not once per check."""
     check_tensor("probs", probs, (torch.float32,), 2)
     check_tensor("uniforms", uniforms, (torch.float32,), 1)
     if probs.shape[1] == 0:
         raise ValueError("probs has an empty vocabulary")
     check_shape("uniforms", uniforms, (probs.shape[0],))
     check_same_device(probs=probs, uniforms=uniforms)
-    if not capturing():
-        check_distributions(probs)
-        if not bool(((uniforms >= 0) & (uniforms < 1)).all()):
-            raise ValueError("uniforms must lie in [0, 1)")
-    return SAMPLE_TOKENS(probs, uniforms)
+    return SAMPLE_TOKENS(probs, uniforms), None if capturing() else faults(probs, uniforms)
 
 
-def check_distributions(probs: torch.Tensor) -> None:
-    """Value checks (they read device memory back): bad numbers fail loudly, never hang or
-    silently pick a token."""
-    # Two passes over probs, not four: NaN or inf anywhere makes its row's sum non-finite.
-    if float(probs.amin()) < 0:
-        raise ValueError("probs holds negative values")
+def faults(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """int64 [4] on probs' device: whether probs holds a negative value, whether a row's sum is
+    NaN or inf (NaN or inf anywhere in the row makes it so), the first row without mass (-1:
+    none), whether a uniform lies outside [0, 1). Computed on the device, read by the caller."""
     sums = probs.sum(-1)
-    if not bool(torch.isfinite(sums).all()):
+    empty = sums <= 0
+    first_empty = torch.where(empty.any(), empty.to(torch.int64).argmax(), -1)
+    outside = ~((uniforms >= 0) & (uniforms < 1)).all()
+    verdicts = [probs.amin() < 0, ~torch.isfinite(sums).all(), first_empty, outside]
+    return torch.stack([v.to(torch.int64) for v in verdicts])
+
+
+def raise_faults(found: list[int]) -> None:
+    """The ValueError for the first fault `faults` found (read to the host), in check order:
+    bad numbers fail loudly, never hang or silently pick a token."""
+    negative, not_finite, empty_row, outside = found
+    if negative:
+        raise ValueError("probs holds negative values")
+    if not_finite:
         raise ValueError("probs holds NaN or inf (check the logits and the logits processors)")
-    if not bool((sums > 0).all()):
-        row = int((sums <= 0).nonzero()[0, 0])
-        raise ValueError(f"probs row {row} has no mass: every token was filtered out")
+    if empty_row >= 0:
+        raise ValueError(f"probs row {empty_row} has no mass: every token was filtered out")
+    if outside:
+        raise ValueError("uniforms must lie in [0, 1)")

@@ -58,24 +58,28 @@ def tree_attention(
     dense_mask: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    unmasked: bool | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]. GQA when Hq is a multiple of Hkv.
 
     `dense_mask` (from `dense_tree_mask`) may be passed in so a caller running many layers
     builds it once per step; it must match the other arguments, `window` included (see
-    `dense_tree_mask`). `softcap` (Gemma 2): scores become softcap * tanh(scores / softcap)
-    before the mask, as transformers' eager attention does.
+    `dense_tree_mask`); its width is then the rows read (max(prefix_len) + T), and `unmasked`
+    may say whether it is all true. Both spare a read of device memory per call. `softcap`
+    (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask, as transformers'
+    eager attention does.
     """
     num_nodes = q.shape[2]
-    kv_len = int(prefix_len.max()) + num_nodes
+    kv_len = dense_mask.shape[-1] if dense_mask is not None else int(prefix_len.max()) + num_nodes
     k, v = k[:, :, :kv_len], v[:, :, :kv_len]
     if dense_mask is None:
         dense_mask = dense_tree_mask(prefix_len, tree_mask, kv_start, num_nodes, kv_len, window)
-    dense_mask = dense_mask[..., :kv_len]
     if softcap is not None:
         return softcapped_attention(q, k, v, dense_mask, scale, softcap)
     # Nothing masked (one node, no padding: a plain decode step): SDPA's unmasked kernel is faster.
-    attn_mask = None if bool(dense_mask.all()) else dense_mask
+    if unmasked is None:
+        unmasked = bool(dense_mask.all())
+    attn_mask = None if unmasked else dense_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 

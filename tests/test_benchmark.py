@@ -302,6 +302,11 @@ def test_fixed_cost_tau_script_is_deterministic(monkeypatch, tmp_path, capsys):
     assert trees and max(t for t, _ in trees) == 16 and fixed["recycling"]["mean_tree_nodes"] > 1
     assert all(t == max(size for size in script.sizing.TREE_SIZES if size <= min(16, n)) for t, n in trees)
     assert not hasattr(model, "treedec") and learned_state(model) is None
+    from treedec.tools.prompts import Prompt
+
+    asked = [Prompt(c, t, str(i)) for i, (c, t) in enumerate(zip("aabab", "12345"))]
+    measured, warmup = script.split_per_category(asked, 1)  # the first of each category is measured
+    assert [p.text for p in measured] == ["1", "3"] and [p.text for p in warmup] == ["2", "4", "5"]
     assert script.FixedCost().cost(1, 6) == pytest.approx(0.078)
     # past the curve (work 2 x 64): CostCurve's extrapolation, the last segment's slope (51 ms / 16)
     assert script.FixedCost().cost(2, 64) == pytest.approx(0.255 + 0.051 / 16 * 64)

@@ -64,6 +64,30 @@ def test_recycling_learns_successors_and_expands_them():
     assert trie.keys[top[6]] == ("recycling", 1, 1, None)
 
 
+def test_recycling_expands_a_pool_bounded_by_the_tree_the_step_may_verify():
+    """DraftRequest.max_nodes bounds the candidates (POOL_PER_NODE per node, the template's best
+    paths first); None expands the whole template; auto passes the bound on to its recycling."""
+    from treedec.drafters import recycling
+    from treedec.drafters.base import DraftRequest
+
+    table = RecyclingTable(vocab_size=50, width=4)
+    table.successors[:] = (np.arange(50)[:, None] * 7 + np.arange(4)[None, :] + 1) % 50  # every row known
+    drafter = RecyclingDrafter(table, template_nodes=60, max_depth=4)
+
+    def sizes(request_max, d=drafter):
+        return [len(t) - 1 for t in d.propose(DraftRequest(None, None, [0, 1], [3, 9], None, request_max))]
+
+    assert sizes(None) == [60, 60]
+    assert sizes(4) == [4 * recycling.POOL_PER_NODE] * 2
+    assert sizes(1000) == [60, 60]
+    small = drafter.propose(DraftRequest(None, None, [0], [3], None, 2))[0]
+    full = drafter.propose(DraftRequest(None, None, [0], [3], None, None))[0]
+    assert small.tokens == full.tokens[: len(small)]  # the template's first paths, in order
+    auto = AutoDrafter(LookupDrafter(), drafter)
+    auto.start([[1, 2, 3]])
+    assert len(auto.propose(DraftRequest(None, None, [0], [3], None, 3))[0]) - 1 == 3 * recycling.POOL_PER_NODE
+
+
 def test_recycling_couples_drafts_to_the_uniforms_when_sampling():
     """Successor probabilities remembered from a sampling step put the successor a position's
     uniform would pick (sampling order: most probable first) in slot 0; a uniform past their

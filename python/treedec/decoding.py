@@ -171,10 +171,12 @@ class TreeDecoder:
         while active:
             step_started = time.perf_counter()
             emitted = [len(generated[s]) for s in active]
+            # trees up to what the cost curve has measured, or twice that
+            max_nodes = min(self.max_nodes, self.cost.explored_nodes(len(active)))
             with profile.phase("drafting"):
                 drafts = self.max_nodes > 1 and self.gate.opens(len(active))
                 if drafts:
-                    proposal = self._propose(cache, active, [roots[s] for s in active], emitted)
+                    proposal = self._propose(cache, active, [roots[s] for s in active], emitted, max_nodes)
                 else:
                     stats.plain_steps += self.max_nodes > 1
                     proposal = Proposal([DraftTrie(roots[s]) for s in active])
@@ -182,8 +184,7 @@ class TreeDecoder:
             tries, verify_start = proposal.tries, proposal.verify_start
             with_drafts = any(len(trie) > 1 for trie in tries)
             with profile.phase("tree_build"):
-                if with_drafts:  # trees up to what the cost curve has measured, or twice that
-                    max_nodes = min(self.max_nodes, self.cost.explored_nodes(len(active)))
+                if with_drafts:
                     num_nodes, kept, _ = sizing.choose(tries, self.acceptance, self.cost, max_nodes)
                 else:
                     num_nodes, kept = 1, [[0]] * len(active)
@@ -248,13 +249,15 @@ class TreeDecoder:
         return generated, stats
 
     # -- pieces --------------------------------------------------------------------------------
-    def _propose(self, cache: TreeCache, active: list[int], roots: list[int], emitted: list[int]) -> Proposal:
-        """The drafter's candidates for the batch; a sampling call hands it the uniforms of the
-        positions ahead (the tree never changes the output, so drafts may depend on them)."""
+    def _propose(self, cache: TreeCache, active: list[int], roots: list[int], emitted: list[int],
+                 max_nodes: int) -> Proposal:
+        """The drafter's candidates for the batch, for a tree of at most `max_nodes`; a sampling
+        call hands it the uniforms of the positions ahead (the tree never changes the output, so
+        drafts may depend on them)."""
         uniforms = None
         if self.sampler is not None:
             uniforms = [self.sampler.ahead(seq, n, MAX_UNIFORMS_AHEAD) for seq, n in zip(active, emitted)]
-        proposal = self.drafter.propose(DraftRequest(self.adapter, cache, list(active), roots, uniforms))
+        proposal = self.drafter.propose(DraftRequest(self.adapter, cache, list(active), roots, uniforms, max_nodes))
         proposal = proposal if isinstance(proposal, Proposal) else Proposal(list(proposal))
         if len(proposal.tries) != len(active):
             raise ValueError(f"drafter {self.drafter.name!r} proposed {len(proposal.tries)} tries for a batch of "

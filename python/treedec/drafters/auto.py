@@ -21,6 +21,10 @@ class AutoDrafter(RowDrafter):
         self.lookup.start(prompts)
         self.recycling.start(prompts)
 
+    def propose(self, request):
+        self.recycling.bound(request.max_nodes)
+        return super().propose(request)
+
     def propose_row(self, seq: int, root_token: int, uniforms: list[float] | None = None) -> DraftTrie:
         trie = self.lookup.propose_row(seq, root_token)
         self.recycling.label_coupling(trie, uniforms)

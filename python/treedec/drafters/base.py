@@ -74,7 +74,10 @@ class DraftRequest:
     the batch rows (finished sequences leave the batch); roots: each row's root token, the last one
     emitted; uniforms: when the call samples, each row's uniforms of the positions ahead
     (uniforms[b][d] picks the sampled token at depth d + 1; a tree never changes a sample, so
-    drafts may follow them, see sampling.in_sampling_order), None when greedy.
+    drafts may follow them, see sampling.in_sampling_order), None when greedy; max_nodes: the
+    largest tree the loop may verify this step (its max_tree_nodes, and what the cost curve has
+    explored for this batch size), None where unknown: a drafter need not propose many more
+    candidates than that.
     """
 
     adapter: object
@@ -82,6 +85,7 @@ class DraftRequest:
     rows: list[int]
     roots: list[int]
     uniforms: list[list[float]] | None = None
+    max_nodes: int | None = None
 
 
 @dataclass

@@ -59,20 +59,21 @@ def caller() -> str:
     return "?"
 
 
-def plain(value):
-    if isinstance(value, OnDevice):
-        return value.as_subclass(Tensor)
+def retyped(value, cls):
+    """Tensors in `value` (one, or a list/tuple of them) as `cls`, sharing their storage."""
+    if isinstance(value, Tensor):
+        return value.as_subclass(cls)
     if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value)
+        return type(value)(retyped(v, cls) for v in value)
     return value
+
+
+def plain(value):
+    return retyped(value, Tensor)
 
 
 def on_device(value):
-    if isinstance(value, Tensor):
-        return value.as_subclass(OnDevice)
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_device(v) for v in value)
-    return value
+    return retyped(value, OnDevice)
 
 
 def adapter_classes(cls=ModelAdapter):

@@ -206,16 +206,16 @@ class ModelAdapter:
         if tie is None:
             return host.to_host(ids)[0]
         ids, tie = host.to_host(ids, tie)
-        if not bool(tie):
-            return ids
-        return host.to_host(reference.topk_of_logits(self.logits(hidden).float(), k)[1])[0]
+        return host.to_host(self._full_topk(hidden, k)[1])[0] if bool(tie) else ids
 
     def topk_values(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H] -> fp32 logits [B, T, k] (descending) and their ids int64 [B, T, k]."""
         values, ids, tie = self.fused_topk(hidden, k)
-        if tie is not None and bool(tie):
-            return reference.topk_of_logits(self.logits(hidden).float(), k)
-        return values, ids
+        return self._full_topk(hidden, k) if tie is not None and bool(tie) else (values, ids)
+
+    def _full_topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k from the LM head module's full logits (no fused kernel, or a tie it made)."""
+        return reference.topk_of_logits(self.logits(hidden).float(), k)
 
     def fused_topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`topk_values` without reading the device: values and ids, and a device bool that is
@@ -224,7 +224,7 @@ class ModelAdapter:
         the model does not transform its logits, no tie can come of it)."""
         batch, num_nodes, width = hidden.shape
         if not self.fused_lm_head:
-            return (*reference.topk_of_logits(self.logits(hidden).float(), k), None)
+            return (*self._full_topk(hidden, k), None)
         weight = self.lm_head.weight
         wanted = min(k + 1, self.vocab_size) if self.transforms_logits else k
         values, ids = ops.lm_head_topk(hidden.reshape(batch * num_nodes, width).to(weight.device), weight, wanted)

@@ -21,7 +21,7 @@ OPTIONS = ("recycling_width", "template_nodes", "max_depth")
 EDGE_MARGIN = 0.05  # a uniform this close to its slice's edge makes a "coupled-edge" guess
 # Candidates expanded per node the step may verify: the sizer keeps the best by measured path
 # probability, so a pool larger than the tree lets it pick the shape (at a fixed 64-node tree,
-# 160 candidates gave tau 1.96 where 40 gave 1.74: bench/results/recycling_tau), while a batch
+# 160 candidates gave tau 1.95 where 40 gave 1.74: bench/results/recycling_tau), while a batch
 # whose trees are small does not pay Python for candidates no tree could hold.
 POOL_PER_NODE = 3
 

@@ -193,6 +193,8 @@ def test_info_prints_every_ops_decision_on_this_machine(monkeypatch, capsys):
     (["--ttt-steps", "0"], "--ttt-steps = 0 must be an int >= 1"),
     (["--draft-vocab", "4"], "--draft-vocab must be at least 8"),
     (["--batch-tokens", "8"], "--batch-tokens = 8 must be an int >= 16"),
+    (["--prompt-context", "-1"], "--prompt-context = -1 must be an int >= 0"),
+    (["--collect-batch-tokens", "0"], "--collect-batch-tokens = 0 must be an int >= 1"),
     (["--model", "/tmp"], "--model /tmp is not a model directory (no config.json in it)"),
     (["--questions", "/no/such.jsonl"], "does not exist"),
 ])

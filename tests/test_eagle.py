@@ -284,6 +284,7 @@ def test_training_time_test_unrolls_what_decoding_drafts(trained, monkeypatch):
     drafter that decodes)."""
     model, out = trained
     draft = load(out).float()
+    monkeypatch.setattr("treedec.drafters.eagle.DRAFT_DTYPES", {})  # draft in fp32, as the training test runs
     drafter = EagleDrafter(draft, LAYERS, width=1, depth=4, max_candidates=4)
     layer_outputs = []  # each draft-layer call's new outputs [B, N, H]: the committed chain, then depths 1..3
     original = drafter._layer
@@ -317,3 +318,80 @@ def test_training_time_test_unrolls_what_decoding_drafts(trained, monkeypatch):
         torch.testing.assert_close(outputs[step][0, i], layer_outputs[step][0, 0], rtol=1e-4, atol=1e-5)
     predicted = [int(draft.target_ids(draft.draft_logits(out[0, i]).argmax())) for out in outputs]
     assert predicted == chain
+
+
+def test_training_windows_keep_the_generated_text_and_some_prompt():
+    """batch_of with a short prompt_context: the same features, tokens, targets and trained
+    positions as the whole sequence's, from prompt_context positions before the generated text."""
+    from treedec.eagle import default_aux_layers
+    from treedec.tools.eagle_training import batch_of, packed, window
+    from treedec.tools.heads_training import collect
+
+    model = target(seed=2)
+    layers = default_aux_layers(LAYERS)
+    examples = collect(model, [repetitive_prompt(s, 12 + 5 * s) for s in range(3)], tokens=10**6, max_new_tokens=8,
+                       batch_size=3, progress=False)
+    whole = batch_of(model, examples, layers, prompt_context=10**6)
+    cut = batch_of(model, examples, layers, prompt_context=4)
+    for row, example in enumerate(examples):
+        kept = window(example, 4)
+        assert kept.start == example.generated_from - 5 and kept.stop == len(example.tokens)
+        length = kept.stop - kept.start
+        torch.testing.assert_close(cut.features[row, :length], whole.features[row, kept])
+        for name in ("tokens", "argmax", "trains"):
+            assert torch.equal(getattr(cut, name)[row, :length], getattr(whole, name)[row, kept]), name
+        assert not cut.trains[row, length:].any() and cut.trains[row].sum() == whole.trains[row].sum() > 0
+    assert window(examples[0], 10**6).start == 0
+    # batches are packed by the windows' lengths: three windows of 13 fit one 40-token batch
+    assert [len(b) for b in packed(examples, 40, None, prompt_context=4)] == [3]
+
+
+def test_bf16_training_learns_and_a_bad_dtype_is_refused(tmp_path):
+    model = target(seed=2)
+    prompts = [repetitive_prompt(seed, 10 + seed % 7) for seed in range(40)]
+    with pytest.raises(ValueError, match="train_dtype"):
+        train_eagle(model, prompts, tmp_path / "bad", tokens=100, epochs=1, train_dtype=torch.float16, progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before collecting anything
+    _, reports = train_eagle(model, prompts, tmp_path / "bf16", tokens=2500, epochs=3, lr=3e-3, batch_tokens=512,
+                             ttt_steps=3, draft_vocab=64, max_new_tokens=40, progress=False,
+                             train_dtype=torch.bfloat16)
+    assert reports[-1]["step_accuracy"][0] > 0.3  # as the fp32 fixture's (random: ~1/64)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["treedec"]["train_dtype"] == "bfloat16"
+
+
+def test_an_fp32_model_drafts_in_bf16_and_stays_lossless(trained):
+    """The drafter of an fp32 model runs in bf16 (half the bytes a level); the output is still HF's."""
+    model, out = trained
+    ids = torch.tensor([repetitive_prompt(52, 10)])
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=out)
+    try:
+        got = model.generate(ids, max_new_tokens=20, do_sample=False)
+    finally:
+        treedec.unpatch(model)
+    assert torch.equal(got, expected)
+    built = EagleDrafter(load(out).float(), LAYERS)
+    built._check(adapter_for(model))
+    assert built._checked[1] == torch.bfloat16 and next(built.draft.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("context", [None, False])
+def test_context_drafts_merge_by_default(trained, monkeypatch, context):
+    """By default the tree also holds drafter="auto"'s candidates (lookup, recycling keys);
+    context=False drafts the EAGLE tree alone. Both stay lossless."""
+    from helpers import spy_proposals
+
+    model, out = trained
+    found = spy_proposals(monkeypatch, EagleDrafter)
+    ids = torch.tensor([repetitive_prompt(53, 14)])
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
+    options = {} if context is None else {"context": context}
+    treedec.patch(model, drafter="eagle", drafter_path=out, **options)
+    try:
+        got = model.generate(ids, max_new_tokens=24, do_sample=False)
+    finally:
+        treedec.unpatch(model)
+    assert torch.equal(got, expected)
+    kinds = {key[0] for _, trie in found for key in trie.keys[1:]}
+    assert "eagle" in kinds
+    assert (kinds - {"eagle"}) if context is None else kinds == {"eagle"}

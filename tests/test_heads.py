@@ -805,3 +805,22 @@ def test_heads_on_an_offloaded_lm_head_fall_back_naming_why(tmp_path):
     treedec.patch(model, drafter="medusa", heads=tmp_path / "medusa")
     with pytest.warns(UserWarning, match="LM head's .V, H. weight.*offloaded"):
         assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+
+
+def test_a_writer_writes_the_text_and_the_model_gives_the_targets():
+    """collect(writer=...): the text is the writer's (here a different model, so the two surely
+    differ), the hidden states and argmax targets are the model's own at every position."""
+    from treedec.tools.heads_training import collect, greedy_tokens, hidden_states
+
+    model, writer = peaked(seed=4), peaked(seed=5)
+    prompts = [repetitive_prompt(s, 5 + s) for s in range(3)]
+    written = collect(model, prompts, tokens=10**6, max_new_tokens=12, batch_size=3, progress=False, writer=writer)
+    own = collect(writer, prompts, tokens=10**6, max_new_tokens=12, batch_size=3, progress=False)
+    assert [e.tokens.tolist() for e in written] == [e.tokens.tolist() for e in own]
+    for example in written:
+        hidden = hidden_states(model, [example.tokens])[0]
+        torch.testing.assert_close(example.hidden, hidden, rtol=1e-4, atol=1e-4)
+        assert torch.equal(example.greedy, greedy_tokens(model, hidden))
+    # the model would have written other text: its argmax disagrees with the writer's text somewhere
+    assert any(not torch.equal(e.greedy[e.generated_from - 1 : -1], e.tokens[e.generated_from:]) for e in written)
+    assert not hasattr(writer, "treedec") and not hasattr(model, "treedec")  # patched for the collection only

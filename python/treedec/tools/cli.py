@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 class UsageError(Exception):
     """A bad argument: printed as one line, exit status 2."""
@@ -24,7 +26,7 @@ def _load(dtype_name: str, threads: int, device: str = "cpu"):
     from .models import load_default_model
 
     torch.set_num_threads(threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = DTYPES[dtype_name]
     print(f"loading the embedded SmolLM2-135M-Instruct ({dtype_name}, {device}, {threads} threads) ...", flush=True)
     model, tokenizer = load_default_model(dtype=dtype)
     return model.to(device), tokenizer
@@ -38,7 +40,8 @@ INT_BOUNDS = (("--max-new-tokens", "max_new_tokens", 1), ("--threads", "threads"
               ("--collect-batch", "collect_batch", 1), ("--collect-batch-tokens", "collect_batch_tokens", 1),
               ("--blocks", "blocks", 1), ("--epochs", "epochs", 1), ("--batch-size", "batch_size", 1),
               ("--positions", "positions", 1), ("--draws", "draws", 2), ("--ttt-steps", "ttt_steps", 1),
-              ("--batch-tokens", "batch_tokens", 16))
+              ("--batch-tokens", "batch_tokens", 16), ("--prompt-context", "prompt_context", 0),
+              ("--max-prompt-tokens", "max_prompt_tokens", 1))
 # (flag, attribute, low, high, low excluded) for the floats
 FLOAT_BOUNDS = (("--temperature", "temperature", 0.0, float("inf"), True), ("--top-p", "top_p", 0.0, 1.0, True),
                 ("--lr", "lr", 0.0, float("inf"), True), ("--collect-minutes", "collect_minutes", 0.0, float("inf"), True))
@@ -335,7 +338,7 @@ def cmd_audit(args) -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(args.threads)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        dtype = DTYPES[args.dtype]
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval().to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
@@ -429,6 +432,20 @@ def cmd_bench_skipdecode(args) -> int:
     return 0
 
 
+def _writer(model, args):
+    """The model that writes the training text (heads_training.collect): `model` itself, or a copy
+    in --writer-dtype; None when that is the model's own dtype, or when the text is already
+    collected in --out (a rerun resumes from it: no copy is made)."""
+    from .heads_training import DATA_NAME
+
+    dtype = DTYPES[args.writer_dtype]
+    if dtype == next(model.parameters()).dtype or (Path(args.out) / DATA_NAME).exists():
+        return None
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
 def _training_setup(args):
     """The model to train a drafter for and the training prompts, encoded as `bench e2e` encodes
     them (train-heads, train-drafter): the Spec-Bench questions of --questions without the ones
@@ -463,6 +480,15 @@ def _training_setup(args):
     chat = getattr(tokenizer, "chat_template", None) is not None
     prompt_ids = [encode_prompt(tokenizer, prompt)["input_ids"][0].tolist() if chat
                   else list(tokenizer(prompt.text)["input_ids"]) for prompt in prompts]
+    if args.max_prompt_tokens is not None:
+        # a long prompt costs the collection a forward over all of it per continuation (summaries
+        # and RAG run to 1.5k tokens, about 80% of a CPU collection's time for a third of the prompts)
+        kept = [ids for ids in prompt_ids if len(ids) <= args.max_prompt_tokens]
+        print(f"left out {len(prompt_ids) - len(kept)} of {len(prompt_ids)} prompts longer than "
+              f"{args.max_prompt_tokens} tokens (--max-prompt-tokens)")
+        prompt_ids = kept
+    if not prompt_ids:
+        raise UsageError("no training prompts are left (a larger --max-prompt-tokens, or more --questions)")
     return model, tokenizer, name, prompt_ids
 
 
@@ -490,10 +516,11 @@ def cmd_train_heads(args) -> int:
                              temperature=args.temperature, collect_batch=args.collect_batch,
                              num_blocks=args.blocks,
                              collect_seconds=None if args.collect_minutes is None else 60 * args.collect_minutes,
-                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype],
+                             save_dtype=DTYPES[args.save_dtype],
                              command=" ".join(["treedec", *args.argv]), own_lm_head=args.own_lm_head,
                              soft_targets=args.soft_targets, collect_batch_tokens=args.collect_batch_tokens,
-                             draft_vocab=model.config.vocab_size if draft_vocab == "all" else draft_vocab)
+                             draft_vocab=model.config.vocab_size if draft_vocab == "all" else draft_vocab,
+                             writer=_writer(model, args))
     if reports:
         last = reports[-1]
         print(f"saved to {args.out}: loss {last.loss:.3f}, top-1 per head "
@@ -519,7 +546,9 @@ def cmd_train_drafter(args) -> int:
                              args.collect_batch,
                              None if args.collect_minutes is None else 60 * args.collect_minutes, base_model=name,
                              command=" ".join(["treedec", *args.argv]),
-                             save_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype])
+                             save_dtype=DTYPES[args.save_dtype], collect_batch_tokens=args.collect_batch_tokens,
+                             writer=_writer(model, args), train_dtype=DTYPES[args.train_dtype],
+                             prompt_context=args.prompt_context)
     if reports:
         print(f"saved to {args.out}: loss {reports[-1]['loss']:.3f}, top-1 per step "
               + ", ".join(f"{a:.1%}" for a in reports[-1]["step_accuracy"]))
@@ -558,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--collect-batch", type=int, default=32, help="prompts per generate call (default 32)")
         p.add_argument("--collect-minutes", type=float, default=None,
                        help="start no new generate batch after this long (default: no limit)")
+        p.add_argument("--collect-batch-tokens", type=int, default=None,
+                       help="a generate call also stops growing before rows x (longest prompt + "
+                            "--max-new-tokens) passes this (default: no limit): large batches of "
+                            "short prompts without running out of memory on long ones")
+        p.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="leave out training prompts longer than this (default: none left out); long prompts "
+                            "cost the collection most of its time on a CPU")
+        p.add_argument("--writer-dtype", choices=("fp32", "bf16"), default="fp32",
+                       help="the text is written by a copy of the model in this dtype (bf16: faster on CPUs and GPUs "
+                            "with bf16 matmuls); the targets are always the fp32 model's own argmax (default fp32)")
         p.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
         p.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
@@ -589,10 +628,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--heads", type=int, default=4, help="number of heads K (default 4)")
     train.add_argument("--tokens", type=int, default=20000, help="self-distilled tokens to collect (default 20000)")
     train.add_argument("--out", required=True, help="directory for the heads, the collected data and checkpoints")
-    train.add_argument("--collect-batch-tokens", type=int, default=None,
-                       help="a generate call also stops growing before rows x (longest prompt + "
-                            "--max-new-tokens) passes this (default: no limit): large GPU batches of "
-                            "short prompts without running out of memory on long ones")
     train.add_argument("--blocks", type=int, default=1, help="residual blocks per head (default 1)")
     train.add_argument("--own-lm-head", action="store_true",
                        help="each head gets its own LM head, initialised from the model's and trained "
@@ -623,6 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     drafter.add_argument("--epochs", type=int, default=3)
     drafter.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay; default 1e-3)")
     drafter.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+    drafter.add_argument("--prompt-context", type=int, default=64,
+                         help="prompt positions a training sequence keeps before its generated text (default 64)")
+    drafter.add_argument("--train-dtype", choices=("fp32", "bf16"), default="bf16",
+                         help="the drafter's forward and backward: bf16 autocast (fp32 weights and optimizer; "
+                              "default) or fp32")
     distillation_arguments(drafter)
     drafter.set_defaults(func=cmd_train_drafter)
 

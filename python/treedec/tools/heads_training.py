@@ -72,33 +72,36 @@ class EpochReport:
 @torch.inference_mode()
 def collect(model, prompt_ids: list[list[int]], tokens: int, max_new_tokens: int = 128, samples: int = 0,
             temperature: float = 0.8, batch_size: int = 32, seed: int = 0, progress: bool = True,
-            max_seconds: float | None = None, batch_tokens: int | None = None) -> list[Example]:
+            max_seconds: float | None = None, batch_tokens: int | None = None, writer=None) -> list[Example]:
     """Continuations of the prompts until `tokens` new ones: every prompt greedily first, then
     `samples` rounds of sampled ones (plain multinomial at `temperature`), at most `batch_size`
     prompts per `generate` call. A continuation ends at the model's EOS (kept) or at
     `max_new_tokens`. With `max_seconds`, no new batch starts once that much time has gone. With
     `batch_tokens`, a batch also stops growing before rows x (its longest prompt + max_new_tokens)
     passes it: the KV cache and the attention of a batch of long prompts stay within memory, and
-    short prompts still get full batches."""
+    short prompts still get full batches. With `writer` (a copy of the model in another dtype, a
+    bf16 one on a CPU with bf16 matmuls) the writer writes the text, and `model` still gives every
+    position's hidden state and argmax: the targets are the model's own, whatever wrote the text."""
     if samples < 0 or temperature <= 0 or batch_size < 1 or max_new_tokens < 2:
         raise ValueError(f"collect needs samples >= 0 (got {samples}), temperature > 0 (got {temperature}), "
                          f"batch_size >= 1 (got {batch_size}) and max_new_tokens >= 2 (got {max_new_tokens})")
     if batch_tokens is not None and batch_tokens < 1:
         raise ValueError(f"collect needs batch_tokens >= 1 or None (got {batch_tokens})")
-    device = next(model.parameters()).device
+    writer = model if writer is None else writer
+    device = next(writer.parameters()).device
     # On a CPU treedec's own loop writes the same text faster than HF's generate (README, Results),
     # so an unpatched model is patched for the collection; on a GPU, large HF batches are used as is
-    patched_here = device.type == "cpu" and not hasattr(model, "treedec")
+    patched_here = device.type == "cpu" and not hasattr(writer, "treedec")
     if patched_here:
         import treedec
 
-        treedec.patch(model, drafter="auto")
+        treedec.patch(writer, drafter="auto")
     try:
-        return _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
-                        max_seconds, batch_tokens)
+        return _collect(model, writer, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed,
+                        progress, max_seconds, batch_tokens)
     finally:
         if patched_here:
-            treedec.unpatch(model)
+            treedec.unpatch(writer)
 
 
 def collection_jobs(prompt_lengths: list[int], samples: int, batch_size: int) -> list[tuple[int, bool]]:
@@ -129,9 +132,9 @@ def next_batch(jobs: list[tuple[int, bool]], start: int, prompt_lengths: list[in
     return end
 
 
-def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
+def _collect(model, writer, prompt_ids, tokens, max_new_tokens, samples, temperature, batch_size, seed, progress,
              max_seconds, batch_tokens) -> list[Example]:
-    device = next(model.parameters()).device
+    device = next(writer.parameters()).device
     eos = eos_ids(model.generation_config)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else min(eos) if eos else 0
@@ -156,7 +159,7 @@ def _collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, ba
         sampled = batch[0][1]
         settings = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampled else \
             dict(do_sample=False)
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        out = writer.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              pad_token_id=pad, **settings).cpu()
         sequences = []
         for row, ((p, _), prompt) in enumerate(zip(batch, prompts)):
@@ -489,8 +492,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
                 collect_batch: int = 32, num_blocks: int = 1, collect_seconds: float | None = None,
                 save_dtype: torch.dtype = torch.float32, command: str = "",
                 own_lm_head: bool = False, soft_targets: bool = False,
-                collect_batch_tokens: int | None = None,
-                draft_vocab: int | None = None) -> tuple[DraftHeads, list[EpochReport]]:
+                collect_batch_tokens: int | None = None, draft_vocab: int | None = None,
+                writer=None) -> tuple[DraftHeads, list[EpochReport]]:
     """The whole recipe: collect (or reuse collected data in `out`), train, save heads + config
     (weights in `save_dtype`; `command`, the command line that trained them, goes in the config).
     The heads train over their draft vocabulary (`train`): the `draft_vocab` most frequent tokens
@@ -515,7 +518,8 @@ def train_heads(model, prompt_ids: list[list[int]], kind: str, num_heads: int, t
             print(f"reusing {len(examples)} collected sequences from {data_path}")
     else:
         examples = collect(model, prompt_ids, tokens, max_new_tokens, samples, temperature, collect_batch,
-                           progress=progress, max_seconds=collect_seconds, batch_tokens=collect_batch_tokens)
+                           progress=progress, max_seconds=collect_seconds, batch_tokens=collect_batch_tokens,
+                           writer=writer)
         torch.save([e.__dict__ for e in examples], data_path)
     collected_seconds = time.perf_counter() - began
     config = HeadsConfig(kind, num_heads, model.config.hidden_size, model.config.vocab_size, num_blocks=num_blocks,

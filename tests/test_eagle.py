@@ -395,3 +395,57 @@ def test_context_drafts_merge_by_default(trained, monkeypatch, context):
     kinds = {key[0] for _, trie in found for key in trie.keys[1:]}
     assert "eagle" in kinds
     assert (kinds - {"eagle"}) if context is None else kinds == {"eagle"}
+
+
+def test_layer_gate_runs_the_cheaper_kind_and_backs_off():
+    """The kind in use runs; after `backoff` steps the other runs `evidence` steps, and the seconds
+    per token of the two windows decide: a winner takes over, a loser doubles the backoff."""
+    from treedec.drafters.eagle import LayerGate
+
+    gate = LayerGate(evidence=2, first_backoff=3, max_backoff=6)
+    cost = {True: 0.10, False: 0.06}  # seconds per step; each step emits 2 tokens: context-only is cheaper
+    kinds = []
+    for _ in range(40):
+        layer = gate.runs_layer()
+        kinds.append(layer)
+        gate.record(layer, cost[layer], 2)
+    # 2 layer steps, a 2-step context trial that wins, then mostly context with layer re-trials
+    assert kinds[:4] == [True, True, False, False] and gate.current is False and gate.switches == 1
+    later = kinds[4:]
+    assert later.count(True) < later.count(False) / 2 and True in later
+    assert gate.backoff == 6  # the layer kept losing: 3 -> 6 (the maximum)
+    cost[True] = 0.01  # now the layer pays: its next trial wins it back
+    for _ in range(20):
+        layer = gate.runs_layer()
+        gate.record(layer, cost[layer], 2)
+    assert gate.current is True and gate.switches == 2
+
+
+def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, monkeypatch):
+    """A gate that skips the layer every other step: the entries of the skipped steps commit on
+    the next step that runs it, the drafts still get accepted, and the output is HF's."""
+    from treedec.drafters.eagle import LayerGate
+
+    model, out = trained
+
+    class Alternate(LayerGate):
+        calls = 0
+
+        def runs_layer(self):
+            Alternate.calls += 1
+            return Alternate.calls % 2 == 1
+
+    monkeypatch.setattr("treedec.drafters.eagle.LayerGate", Alternate)
+    treedec.patching.set_learned_state(model, None)  # no gate kept from an earlier test's calls
+    ids, mask = left_padded([repetitive_prompt(54 + b, 9 + 3 * b) for b in range(2)])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=out)
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+        stats = model.treedec.last_stats
+    finally:
+        treedec.unpatch(model)
+    assert torch.equal(got, expected)
+    assert stats["draft_layer_steps"] > 2 and stats["context_only_steps"] > 2
+    assert abs(stats["draft_layer_steps"] - stats["context_only_steps"]) <= 1  # the stub's alternation
+    assert stats["draft_acceptance"] > 0

@@ -24,6 +24,7 @@ host. The drafts never change the output: the target verifies every token (greed
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -42,6 +43,59 @@ LEVEL_SLACK = 1
 CACHE_ROWS = 1 << 24  # the draft cache grows as the target's does; this only bounds it
 
 
+class LayerGate:
+    """Whether a step runs the draft layer or drafts from the context drafter alone, from the
+    measured seconds per emitted token of whole steps of each kind (draft, verify and the rest).
+
+    The draft layer costs time every step (one call per level: 18.7 ms a step on the 2-core Xeon
+    at B = 1 against a 68 ms `auto` step, bench/results/eagle/), so where its nodes do not pay for
+    that, the context's drafts alone emit more per second. The kind in use runs; every `backoff`
+    steps the other kind runs for `evidence` steps, and the two windows' seconds per token (sums,
+    not per-step means, so long steps weigh what they cost) decide which runs next. A challenger
+    that loses doubles the backoff (up to `max_backoff`); one that wins by `margin` takes over and
+    resets it. Kept per drafter checkpoint across calls (env.tables), as what was learned holds."""
+
+    def __init__(self, evidence: int = 4, first_backoff: int = 8, max_backoff: int = 128, margin: float = 0.03):
+        self.evidence, self.first_backoff, self.max_backoff, self.margin = evidence, first_backoff, max_backoff, margin
+        self.current, self.challenger = True, False  # True: the layer runs
+        self.backoff = first_backoff
+        self.until_trial = evidence  # steps of the current kind before the challenger's trial
+        self.trial_left = 0
+        self.totals: dict[bool, list[float]] = {}  # kind -> [seconds, tokens] of its current window
+        self.switches = 0
+
+    def runs_layer(self) -> bool:
+        return self.challenger if self.trial_left > 0 else self.current
+
+    def record(self, layer: bool, seconds: float, tokens: int) -> None:
+        """A step of that kind took `seconds` and emitted `tokens` over the batch."""
+        totals = self.totals.setdefault(layer, [0.0, 0])
+        totals[0] += seconds
+        totals[1] += tokens
+        if self.trial_left > 0:
+            if layer == self.challenger:
+                self.trial_left -= 1
+                if self.trial_left == 0:
+                    self._decide()
+            return
+        self.until_trial -= 1
+        if self.until_trial <= 0:
+            self.trial_left = self.evidence
+            self.totals.pop(self.challenger, None)  # the challenger's evidence is fresh
+
+    def _decide(self) -> None:
+        current, challenger = (self.totals.get(kind, [0.0, 0]) for kind in (self.current, self.challenger))
+        per_token = [seconds / tokens if tokens else math.inf for seconds, tokens in (current, challenger)]
+        if per_token[1] * (1 + self.margin) < per_token[0]:
+            self.current, self.challenger = self.challenger, self.current
+            self.backoff = self.first_backoff
+            self.switches += 1
+        else:
+            self.backoff = min(2 * self.backoff, self.max_backoff)
+        self.totals = {}
+        self.until_trial = self.backoff
+
+
 def deepest(parents: torch.Tensor, tokens: torch.Tensor) -> float:
     """The depth of the deepest real node (token >= 0) of the verified trees [B, T]."""
     depth, _ = ops.build_tree(parents)
@@ -52,7 +106,8 @@ class EagleDrafter(Drafter):
     name = "eagle"
 
     def __init__(self, draft: EagleDraft, num_layers: int | None, width: int = DEFAULT_WIDTH,
-                 depth: int = DEFAULT_DEPTH, max_candidates: int = DEFAULT_CANDIDATES, context: Drafter | None = None):
+                 depth: int = DEFAULT_DEPTH, max_candidates: int = DEFAULT_CANDIDATES, context: Drafter | None = None,
+                 gate: LayerGate | None = None):
         for option, value, least in (("tree_width", width, 1), ("tree_depth", depth, 1),
                                      ("max_candidates", max_candidates, 1)):
             if not is_int(value) or value < least:
@@ -62,6 +117,9 @@ class EagleDrafter(Drafter):
         self.context = context  # drafter="auto"'s candidates, merged in (as the heads drafters do)
         if context is not None:
             self.topk = context.topk
+        # with a context drafter, whether each step runs the draft layer (without one it always does)
+        self.gate = (gate or LayerGate()) if context is not None else None
+        self._step = None  # the step in flight: (runs the layer, start time, tokens it emitted)
         self.width, self.depth, self.max_candidates = int(width), int(depth), int(max_candidates)
         if self.width > draft.config.draft_vocab_size:
             raise ValueError(f"tree_width = {width} exceeds the drafter's {draft.config.draft_vocab_size}-token vocabulary")
@@ -90,6 +148,8 @@ class EagleDrafter(Drafter):
         # per sequence: entries not yet in the draft cache, as (features [m, F], tokens [m]) chunks
         self.pending: dict[int, list[tuple[torch.Tensor, list[int]]]] = {s: [] for s in range(len(prompts))}
         self.drafted = self.accepted = 0
+        self.layer_steps = self.context_steps = 0
+        self._step = None  # the time since the last call's last step is no step's
         if self.context is not None:
             self.context.start(prompts, hidden)
 
@@ -109,6 +169,8 @@ class EagleDrafter(Drafter):
         states = outcome.features if self.kind == "eagle3" else outcome.hidden
         nodes = outcome.accept_nodes.clamp(min=0).long().to(states.device)
         path_states = states.gather(1, nodes.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+        if self._step is not None:
+            self._step[2] = sum(len(emitted) for emitted in outcome.emitted)
         for row, (seq, emitted) in enumerate(zip(outcome.rows, outcome.emitted)):
             # node j of the accepted path (root first) made the token emitted j-th
             count = min(len(emitted), int(outcome.accept_len[row]) + 1)
@@ -118,17 +180,27 @@ class EagleDrafter(Drafter):
             self.context.observe(outcome)
 
     def report(self) -> dict:
-        return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None}
+        return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None,
+                "draft_layer_steps": self.layer_steps, "context_only_steps": self.context_steps}
 
     @torch.inference_mode()
     def propose(self, request: DraftRequest) -> list[DraftTrie]:
+        now = time.perf_counter()
+        if self._step is not None and self._step[2]:  # the previous step, start to start, and what it emitted
+            self.gate.record(self._step[0], now - self._step[1], self._step[2])
         tries = [DraftTrie(root) for root in request.roots]
         adapter = request.adapter
         self._check(adapter)
         self._follow(request.rows)
-        last, ready = self._commit(adapter, request.rows)
-        if ready.any():
-            self._expand(adapter, last, ready, tries)
+        layer = self.gate is None or self.gate.runs_layer()
+        if layer:  # else the entries stay pending: the next step that runs the layer commits them all
+            last, ready = self._commit(adapter, request.rows)
+            if ready.any():
+                self._expand(adapter, last, ready, tries)
+        self.layer_steps += layer
+        self.context_steps += not layer
+        if self.gate is not None:
+            self._step = [layer, now, 0]
         return tries if self.context is None else merged_with_context(self.context, request, tries)
 
     # -- the pieces ------------------------------------------------------------------------------
@@ -319,12 +391,13 @@ def build(options: dict, env: DrafterEnv) -> EagleDrafter:
     key = ("eagle", str(path))
     if key not in env.tables:
         env.tables[key] = load(path)
+    gate = env.tables.setdefault(("eagle-gate", str(path)), LayerGate())
     # default True, as for the heads: with the context drafts merged, tau rose 1.36 -> 1.80 and speed
     # 0.94x -> 1.11x HF on 13 Spec-Bench prompts (bench/results/eagle/)
     context = bool_option("context", options.get("context", True))
     return EagleDrafter(env.tables[key], env.num_layers, options.get("tree_width", DEFAULT_WIDTH),
                         options.get("tree_depth", DEFAULT_DEPTH), options.get("max_candidates", DEFAULT_CANDIDATES),
-                        auto.SPEC.build({}, env) if context else None)
+                        auto.SPEC.build({}, env) if context else None, gate)
 
 
 SPEC = DrafterSpec("eagle", OPTIONS, build)

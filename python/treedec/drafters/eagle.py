@@ -17,6 +17,10 @@ own one-layer TreeCache. Each step:
    (eagle, depth, confidence bin of the draft's own probability for the node): the sizer learns
    each key's acceptance and keeps the nodes worth their cost, as for every drafter.
 
+With the context drafter (`context=True`, the default: drafter="auto"'s candidates merged into
+the tree), `LayerGate` decides per step whether steps 1-3 run at all: a step without them drafts
+the context's tree alone, and its entries wait for the next step that runs the layer.
+
 All of a step's draft work stays on the model's device until one copy of the candidates to the
 host. The drafts never change the output: the target verifies every token (greedy or sampled).
 """

@@ -433,9 +433,9 @@ def cmd_bench_skipdecode(args) -> int:
 
 
 def _writer(model, args):
-    """The model that writes the training text (heads_training.collect): `model` itself, or a copy
-    in --writer-dtype; None when that is the model's own dtype, or when the text is already
-    collected in --out (a rerun resumes from it: no copy is made)."""
+    """A copy of `model` in --writer-dtype to write the training text (heads_training.collect's
+    `writer`), or None, and the model writes it: when that is the model's own dtype, or when the
+    text is already collected in --out (a rerun resumes from it, so no copy is made)."""
     from .heads_training import DATA_NAME
 
     dtype = DTYPES[args.writer_dtype]

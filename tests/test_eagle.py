@@ -11,7 +11,7 @@ import treedec
 from test_decoding import left_padded, repetitive_prompt
 from test_sampling import sample_token_by_token
 from treedec.adapters import adapter_for
-from treedec.drafters.base import DraftRequest
+from treedec.drafters.base import DraftRequest, DrafterEnv
 from treedec.drafters.eagle import EagleDrafter
 from treedec.eagle import load, save
 from treedec.tools.eagle_training import train_eagle, unrolled
@@ -383,6 +383,7 @@ def test_context_drafts_merge_by_default(trained, monkeypatch, context):
 
     model, out = trained
     found = spy_proposals(monkeypatch, EagleDrafter)
+    treedec.patching.set_learned_state(model, None)  # a fresh layer gate: its first steps run the layer
     ids = torch.tensor([repetitive_prompt(53, 14)])
     expected = model.generate(ids, max_new_tokens=24, do_sample=False)
     options = {} if context is None else {"context": context}
@@ -421,7 +422,7 @@ def test_layer_gate_runs_the_cheaper_kind_and_backs_off():
     assert gate.current is True and gate.switches == 2
 
 
-def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, monkeypatch):
+def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, monkeypatch, flat_step_costs):
     """A gate that skips the layer every other step: the entries of the skipped steps commit on
     the next step that runs it, the drafts still get accepted, and the output is HF's."""
     from treedec.drafters.eagle import LayerGate
@@ -449,3 +450,27 @@ def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, m
     assert stats["draft_layer_steps"] > 2 and stats["context_only_steps"] > 2
     assert abs(stats["draft_layer_steps"] - stats["context_only_steps"]) <= 1  # the stub's alternation
     assert stats["draft_acceptance"] > 0
+
+
+def test_the_gate_times_only_steps_the_drafter_proposed(trained):
+    """A step the loop kept plain (its own draft gate, B >= 17) gets an outcome but no proposal:
+    the interval from the last proposal then spans several steps and is not recorded."""
+    from treedec.drafters import auto
+    from treedec.drafters.eagle import LayerGate
+
+    recorded = []
+
+    class Spy(LayerGate):
+        def record(self, layer, seconds, tokens):
+            recorded.append((layer, tokens))
+
+    model, out = trained
+    drafter = EagleDrafter(load(out), LAYERS, context=auto.SPEC.build({}, DrafterEnv(VOCAB, {})),
+                           gate=Spy())
+    drafter._step = [True, 0.0, None]
+    drafter._count_step(3)
+    assert drafter._step[2] == 3  # one proposal, one outcome: a step
+    drafter._count_step(1)
+    assert drafter._step is None  # a second outcome: dropped
+    drafter._count_step(2)
+    assert drafter._step is None and recorded == []

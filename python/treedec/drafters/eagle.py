@@ -123,7 +123,7 @@ class EagleDrafter(Drafter):
             self.topk = context.topk
         # with a context drafter, whether each step runs the draft layer (without one it always does)
         self.gate = (gate or LayerGate()) if context is not None else None
-        self._step = None  # the step in flight: (runs the layer, start time, tokens it emitted)
+        self._step = None  # the step in flight: [runs the layer, start time, tokens it emitted or None]
         self.width, self.depth, self.max_candidates = int(width), int(depth), int(max_candidates)
         if self.width > draft.config.draft_vocab_size:
             raise ValueError(f"tree_width = {width} exceeds the drafter's {draft.config.draft_vocab_size}-token vocabulary")
@@ -173,8 +173,7 @@ class EagleDrafter(Drafter):
         states = outcome.features if self.kind == "eagle3" else outcome.hidden
         nodes = outcome.accept_nodes.clamp(min=0).long().to(states.device)
         path_states = states.gather(1, nodes.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
-        if self._step is not None:
-            self._step[2] = sum(len(emitted) for emitted in outcome.emitted)
+        self._count_step(sum(len(emitted) for emitted in outcome.emitted))
         for row, (seq, emitted) in enumerate(zip(outcome.rows, outcome.emitted)):
             # node j of the accepted path (root first) made the token emitted j-th
             count = min(len(emitted), int(outcome.accept_len[row]) + 1)
@@ -182,6 +181,17 @@ class EagleDrafter(Drafter):
                 self.pending[seq].append((path_states[row, :count], list(emitted[:count])))
         if self.context is not None:
             self.context.observe(outcome)
+
+    def _count_step(self, tokens: int) -> None:
+        """The tokens the step this drafter proposed for emitted. A second outcome without a
+        proposal between (a step the loop's draft gate kept plain) makes the interval no single
+        step's: it is dropped, not timed."""
+        if self._step is None:
+            return
+        if self._step[2] is None:
+            self._step[2] = tokens
+        else:
+            self._step = None
 
     def report(self) -> dict:
         return {"drafted": self.drafted, "draft_acceptance": self.accepted / self.drafted if self.drafted else None,
@@ -204,7 +214,7 @@ class EagleDrafter(Drafter):
         self.layer_steps += layer
         self.context_steps += not layer
         if self.gate is not None:
-            self._step = [layer, now, 0]
+            self._step = [layer, now, None]
         return tries if self.context is None else merged_with_context(self.context, request, tries)
 
     # -- the pieces ------------------------------------------------------------------------------

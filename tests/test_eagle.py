@@ -422,9 +422,11 @@ def test_layer_gate_runs_the_cheaper_kind_and_backs_off():
     assert gate.current is True and gate.switches == 2
 
 
-def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, monkeypatch, flat_step_costs):
+@pytest.mark.parametrize("first", [True, False])
+def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, monkeypatch, flat_step_costs, first):
     """A gate that skips the layer every other step: the entries of the skipped steps commit on
-    the next step that runs it, the drafts still get accepted, and the output is HF's."""
+    the next step that runs it, the drafts still get accepted, and the output is HF's. A gate kept
+    from earlier calls may skip the first step too: the prompt's entries then wait with the rest."""
     from treedec.drafters.eagle import LayerGate
 
     model, out = trained
@@ -434,7 +436,7 @@ def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, m
 
         def runs_layer(self):
             Alternate.calls += 1
-            return Alternate.calls % 2 == 1
+            return (Alternate.calls % 2 == 1) == first
 
     monkeypatch.setattr("treedec.drafters.eagle.LayerGate", Alternate)
     treedec.patching.set_learned_state(model, None)  # no gate kept from an earlier test's calls

@@ -171,6 +171,18 @@ def test_bad_paths_and_options_raise(tmp_path):
         wide.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
 
 
+def hf_and_eagle(model, drafter_path, ids, mask=None, max_new_tokens=30, **options):
+    """The unpatched model's greedy output, then drafter="eagle"'s (the model is unpatched again
+    after), and that call's last_stats."""
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+    treedec.patch(model, drafter="eagle", drafter_path=drafter_path, **options)
+    try:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        return expected, got, model.treedec.last_stats
+    finally:
+        treedec.unpatch(model)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny target and an EAGLE-3 drafter trained on its own text (seconds): drafts get accepted."""
@@ -208,13 +220,7 @@ def test_trained_drafter_is_lossless_and_accepted(trained, batch, flat_step_cost
     model, out = trained
     rows = [repetitive_prompt(50 + b, 9 + 3 * b) for b in range(batch)]
     ids, mask = left_padded(rows)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    treedec.patch(model, drafter="eagle", drafter_path=out)
-    try:
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-        stats = model.treedec.last_stats
-    finally:
-        treedec.unpatch(model)
+    expected, got, stats = hf_and_eagle(model, out, ids, mask)
     assert torch.equal(got, expected)
     # a drafter of random weights gets tau 1.06-1.07 on these prompts, this one 1.25 (B=1) and 1.64 (B=3)
     assert stats["tau"] > 1.15 and stats["draft_acceptance"] > 0
@@ -362,13 +368,7 @@ def test_bf16_training_learns_and_a_bad_dtype_is_refused(tmp_path):
 def test_an_fp32_model_drafts_in_bf16_and_stays_lossless(trained):
     """The drafter of an fp32 model runs in bf16 (half the bytes a level); the output is still HF's."""
     model, out = trained
-    ids = torch.tensor([repetitive_prompt(52, 10)])
-    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
-    treedec.patch(model, drafter="eagle", drafter_path=out)
-    try:
-        got = model.generate(ids, max_new_tokens=20, do_sample=False)
-    finally:
-        treedec.unpatch(model)
+    expected, got, _ = hf_and_eagle(model, out, torch.tensor([repetitive_prompt(52, 10)]), max_new_tokens=20)
     assert torch.equal(got, expected)
     built = EagleDrafter(load(out).float(), LAYERS)
     built._check(adapter_for(model))
@@ -384,14 +384,9 @@ def test_context_drafts_merge_by_default(trained, monkeypatch, context):
     model, out = trained
     found = spy_proposals(monkeypatch, EagleDrafter)
     treedec.patching.set_learned_state(model, None)  # a fresh layer gate: its first steps run the layer
-    ids = torch.tensor([repetitive_prompt(53, 14)])
-    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
     options = {} if context is None else {"context": context}
-    treedec.patch(model, drafter="eagle", drafter_path=out, **options)
-    try:
-        got = model.generate(ids, max_new_tokens=24, do_sample=False)
-    finally:
-        treedec.unpatch(model)
+    expected, got, _ = hf_and_eagle(model, out, torch.tensor([repetitive_prompt(53, 14)]), max_new_tokens=24,
+                                    **options)
     assert torch.equal(got, expected)
     kinds = {key[0] for _, trie in found for key in trie.keys[1:]}
     assert "eagle" in kinds
@@ -441,13 +436,7 @@ def test_steps_without_the_draft_layer_commit_later_and_stay_lossless(trained, m
     monkeypatch.setattr("treedec.drafters.eagle.LayerGate", Alternate)
     treedec.patching.set_learned_state(model, None)  # no gate kept from an earlier test's calls
     ids, mask = left_padded([repetitive_prompt(54 + b, 9 + 3 * b) for b in range(2)])
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    treedec.patch(model, drafter="eagle", drafter_path=out)
-    try:
-        got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-        stats = model.treedec.last_stats
-    finally:
-        treedec.unpatch(model)
+    expected, got, stats = hf_and_eagle(model, out, ids, mask)
     assert torch.equal(got, expected)
     assert stats["draft_layer_steps"] > 2 and stats["context_only_steps"] > 2
     assert abs(stats["draft_layer_steps"] - stats["context_only_steps"]) <= 1  # the stub's alternation

@@ -131,7 +131,7 @@ def packed(examples: list[Example], batch_tokens: int, generator: torch.Generato
            prompt_context: int = PROMPT_CONTEXT) -> list[list[Example]]:
     """Examples in batches of about `batch_tokens` padded tokens of their training windows, similar
     lengths together; shuffled batch order when a generator is given."""
-    sizes = [window(e, prompt_context).stop - window(e, prompt_context).start for e in examples]
+    sizes = [kept.stop - kept.start for kept in (window(e, prompt_context) for e in examples)]
     order = sorted(range(len(examples)), key=lambda i: sizes[i])
     batches, current, longest = [], [], 0
     for i in order:

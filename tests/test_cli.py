@@ -210,3 +210,29 @@ def test_train_drafter_refuses_bad_arguments_before_loading(no_model, tmp_path, 
 def test_bench_e2e_refuses_bad_eagle_arguments_before_loading(no_model, questions, capsys, arguments, expected):
     assert cli.main(["bench", "e2e", "--questions", questions, *arguments]) == 2
     one_error_line(capsys, expected)
+
+
+def test_train_drafters_writer_and_reader_share_one_copy_of_a_dtype(tmp_path):
+    """--writer-dtype and --feature-dtype: a copy per dtype other than the model's, one copy when
+    both name the same dtype, none for the model's own (and no writer when the text is collected)."""
+    from types import SimpleNamespace
+
+    from treedec.tools.cli import _reader, _writer
+    from treedec.tools.heads_training import DATA_NAME
+    from treedec.tools.models import tiny_llama
+
+    model = tiny_llama()
+
+    def copies(writer_dtype, feature_dtype):
+        args = SimpleNamespace(writer_dtype=writer_dtype, feature_dtype=feature_dtype, out=str(tmp_path))
+        reader = _reader(model, args)
+        return _writer(model, args, reader), reader
+
+    assert copies("fp32", "fp32") == (None, None)
+    writer, reader = copies("bf16", "bf16")
+    assert writer is reader and next(reader.parameters()).dtype == torch.bfloat16
+    writer, reader = copies("fp32", "bf16")
+    assert writer is None and next(reader.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # copies, the model is left as it was
+    (tmp_path / DATA_NAME).write_bytes(b"")
+    assert copies("bf16", "bf16")[0] is None  # the text is collected already: no writer

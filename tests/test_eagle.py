@@ -465,3 +465,34 @@ def test_the_gate_times_only_steps_the_drafter_proposed(trained):
     assert drafter._step is None  # a second outcome: dropped
     drafter._count_step(2)
     assert drafter._step is None and recorded == []
+
+
+def test_a_reader_gives_the_features_and_targets_and_the_model_writes(tmp_path, monkeypatch):
+    """train_eagle(reader=...): the text is still the model's own greedy continuation, while the
+    argmax targets and the features (in collection and in every training batch) are the reader's.
+    Here the reader is a different model, so each source is told apart."""
+    from treedec.tools import eagle_training
+    from treedec.tools.heads_training import DATA_NAME
+
+    model, reader = target(seed=2), target(seed=3)
+    prompts = [repetitive_prompt(seed, 10 + seed % 7) for seed in range(20)]
+    featured_by = set()
+    batch_of = eagle_training.batch_of
+    monkeypatch.setattr(eagle_training, "batch_of", lambda m, *a, **k: featured_by.add(id(m)) or batch_of(m, *a, **k))
+    train_eagle(model, prompts, tmp_path, tokens=300, epochs=1, batch_tokens=512, ttt_steps=2, draft_vocab=32,
+                max_new_tokens=12, progress=False, reader=reader.to(torch.bfloat16))
+    assert featured_by == {id(reader)}
+    examples = torch.load(tmp_path / DATA_NAME, weights_only=False)
+    assert examples and len(examples) >= len(prompts)  # every prompt's greedy continuation first
+    for example in examples[: len(prompts)]:
+        sequence, start = example["tokens"], example["generated_from"]
+        prompt = sequence[:start].view(1, -1)
+        own = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(sequence) - start,
+                             do_sample=False, min_new_tokens=len(sequence) - start)[0]
+        assert torch.equal(own, sequence)  # the model wrote it
+        with torch.no_grad():
+            readers, models = (m(sequence.view(1, -1)).logits[0].argmax(-1) for m in (reader, model))
+        # the reader's argmax (bf16 rounding may differ between batch shapes at a near tie), not the model's
+        assert (example["greedy"] == readers).float().mean() > 0.95
+        assert (example["greedy"] == models).float().mean() < 0.9
+    assert json.loads((tmp_path / "config.json").read_text())["treedec"]["feature_dtype"] == "bfloat16"

@@ -49,3 +49,28 @@ def test_lossless_with_triton_attention_and_lm_head(triton_backend, drafter, mon
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     assert torch.equal(got, expected)
     assert calls and len(checked) == len(calls) and not any(checked)  # shapes checked, values never
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+def test_sliding_window_and_softcap_layers_run_the_kernel_losslessly(triton_backend, model_type, monkeypatch,
+                                                                     flat_step_costs):
+    """Mistral with a 5-row window and Gemma 2 (hybrid window/global layers and the attention
+    soft-cap) decode HF's tokens past the window with every tree attention in the Triton kernel,
+    which receives the layers' windows and soft-caps."""
+    from test_model_types import SLIDING, build, greedy_pair
+
+    from treedec.ops import attention as attention_op
+
+    model = build(model_type, **SLIDING[model_type](5))
+    calls = []
+    kernel = attention_op.TREE_ATTENTION.implementation("triton")
+    monkeypatch.setitem(attention_op.TREE_ATTENTION.implementations, "triton",
+                        lambda *args: calls.append(args[-2:]) or kernel(*args))
+    expected, got = greedy_pair(model, [repetitive_prompt(21, 9), repetitive_prompt(22, 14)], drafter="lookup",
+                                max_new_tokens=20)
+    assert torch.equal(got, expected)
+    assert model.treedec.last_stats["tau"] > 1.0
+    windows, softcaps = {w for w, _ in calls}, {c for _, c in calls}
+    assert 5 in windows
+    if model_type == "gemma2":
+        assert None in windows and softcaps == {model.config.attn_logit_softcapping}

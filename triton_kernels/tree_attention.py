@@ -13,6 +13,12 @@ tiles with an online softmax (base-2 exponentials, fp32 accumulators), then the 
 reading the ancestor bits of each (query node, tree node) pair from the packed mask. No dense
 [T, S] mask is ever built.
 
+Sliding window (WINDOW): node i sits at position prefix_len[b] + depth[b, i] and sees only rows
+fewer than `window` positions behind it (a prefix row r sits at r, tree node j at prefix_len[b] +
+depth[b, j]), as reference.dense_tree_mask says; the prefix rows no node can see (below
+prefix_len - window + 1) are never read. Soft-cap (SOFTCAP, Gemma 2): each scaled score s becomes
+softcap * tanh(s / softcap) before the mask and the softmax.
+
 Split-KV: when there are too few programs to fill the GPU and the cache is long, the prefix of
 each sequence is cut into num_splits equal chunks (about one wave of programs in all) (computed in the kernel from prefix_len, so no
 host sync and graph-capturable); the last split also takes the tree block. Each split writes a
@@ -33,7 +39,7 @@ LOG2E = 1.4426950408889634
 
 # The tree size and split count change from step to step: not specialising on their values keeps
 # the number of compiled variants to the constexpr combinations.
-@triton.jit(do_not_specialize=["num_nodes", "num_splits"])
+@triton.jit(do_not_specialize=["num_nodes", "num_splits", "window"])
 def _tree_attention_kernel(
     q_ptr,  # [B, Hq, T, D]
     k_ptr,  # [B, Hkv, S, D]
@@ -44,12 +50,15 @@ def _tree_attention_kernel(
     prefix_len_ptr,  # int32 [B]
     kv_start_ptr,  # int32 [B] (read only if HAS_KV_START)
     tree_mask_ptr,  # int32 [B, T, W], little-endian bits
+    depth_ptr,  # int32 [B, T] contiguous: each node's depth (read only if WINDOW)
     num_nodes,  # T
     num_kv_heads,  # Hkv
     group,  # Hq // Hkv
     head_dim,  # D
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); the softmax scale alone with SOFTCAP (applied before the cap)
     num_splits,  # programs along axis 2, each over a share of the prefix (runtime: no recompile per value)
+    window,  # WINDOW: the sliding window
+    softcap,  # SOFTCAP: the logit soft-cap
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -57,6 +66,8 @@ def _tree_attention_kernel(
     stride_mb, stride_mt, stride_mw,
     HAS_KV_START: tl.constexpr,
     SPLIT_KV: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast tiles before tl.dot (CPU interpreter: its 16-bit dot is wrong)
     BLOCK_M: tl.constexpr,
@@ -90,16 +101,23 @@ def _tree_attention_kernel(
         start = prefix * 0
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    first = start  # the first prefix row some node of the tree may see
+    if WINDOW:
+        depth_row = depth_ptr + b * num_nodes
+        q_at = prefix + tl.load(depth_row + node, mask=row_valid, other=0)  # [BLOCK_M] positions
+        first = tl.maximum(start, prefix - window + 1)  # the root (depth 0) sees furthest back
+    if SOFTCAP:
+        cap_log2 = softcap * 1.4426950408889634  # the cap, then base-2 exponentials
 
-    # This split's share of the prefix [start, prefix).
+    # This split's share of the prefix [first, prefix).
     if not SPLIT_KV:
-        lo = start
+        lo = first
         hi = prefix
         tree_end = num_nodes
     else:
-        span = tl.maximum(prefix - start, 0)
+        span = tl.maximum(prefix - first, 0)
         chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-        lo = start + split * chunk
+        lo = first + split * chunk
         hi = tl.minimum(lo + chunk, prefix)
         tree_end = tl.where(split == num_splits - 1, num_nodes, 0)
 
@@ -119,7 +137,12 @@ def _tree_attention_kernel(
         if DOT_FP32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(col_valid[None, :], s, float("-inf"))
+        if SOFTCAP:
+            s = cap_log2 * _tanh(s / softcap)
+        visible = col_valid[None, :]
+        if WINDOW:
+            visible = visible & (q_at[:, None] - cols[None, :] < window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -148,12 +171,17 @@ def _tree_attention_kernel(
         if DOT_FP32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            s = cap_log2 * _tanh(s / softcap)
         words = tl.load(
             mask_row + (j[None, :] >> 5) * stride_mw,
             mask=row_valid[:, None] & col_valid[None, :],
             other=0,
         )  # [BLOCK_M, BLOCK_N] int32: the mask word holding bit j of row `node`
         visible = ((words >> (j[None, :] & 31)) & 1) != 0
+        if WINDOW:
+            k_at = prefix + tl.load(depth_row + j, mask=col_valid, other=0)  # [BLOCK_N]
+            visible = visible & (q_at[:, None] - k_at[None, :] < window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -182,6 +210,14 @@ def _tree_attention_kernel(
         tl.store(part_o_ptr + part_row[:, None] * BLOCK_D + d[None, :], out, mask=row_valid[:, None])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh without overflow: exp of -2|x| lies in (0, 1]."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit(do_not_specialize=["num_nodes", "num_splits"])
@@ -285,6 +321,8 @@ def _launch(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     batch, num_q_heads, num_nodes, head_dim = q.shape
     num_kv_heads, cache_len = k.shape[1], k.shape[2]
@@ -299,6 +337,7 @@ def _launch(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    depth = node_depths(tree_mask, num_nodes) if window is not None else prefix_len  # (unread without a window)
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     rows = group * num_nodes
@@ -323,11 +362,14 @@ def _launch(
     grid = (m_blocks, batch * num_kv_heads, num_splits)
     _tree_attention_kernel[grid](
         q, k, v, out, part_o, part_lse,
-        prefix_len, kv_start if kv_start is not None else prefix_len, tree_mask,
-        num_nodes, num_kv_heads, group, head_dim, scale * LOG2E, num_splits,
+        prefix_len, kv_start if kv_start is not None else prefix_len, tree_mask, depth,
+        num_nodes, num_kv_heads, group, head_dim, scale if softcap is not None else scale * LOG2E, num_splits,
+        window if window is not None else 0, float(softcap) if softcap is not None else 1.0,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tree_mask.stride(),
         HAS_KV_START=kv_start is not None,
         SPLIT_KV=num_splits > 1,
+        WINDOW=window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=precision,
         DOT_FP32=dot_fp32,
         BLOCK_M=block_m,
@@ -348,6 +390,16 @@ def _launch(
     return out
 
 
+def node_depths(tree_mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """int32 [B, T]: each node's depth, its ancestor count (the set bits of its mask row, itself
+    excluded). On the device, without a host sync."""
+    bits = torch.arange(32, device=tree_mask.device, dtype=torch.int32)
+    set_bits = (tree_mask.unsqueeze(-1) >> bits) & 1  # [B, T, W, 32]
+    columns = torch.arange(set_bits.shape[2] * 32, device=tree_mask.device).view(set_bits.shape[2], 32)
+    ancestors = (set_bits * (columns < num_nodes)).sum(dim=(-1, -2))  # bits past T are no nodes
+    return (ancestors - 1).to(torch.int32).contiguous()
+
+
 def tree_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,6 +408,8 @@ def tree_attention(
     tree_mask: torch.Tensor,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their ancestors, in one pass.
 
@@ -367,9 +421,11 @@ def tree_attention(
     tree_mask : int32 [B, T, ceil(T/32)], packed ancestor mask (little-endian bits)
     kv_start : int32 [B] or None (0): first visible cache row (left padding)
     scale : softmax scale, 1/sqrt(D) when None
+    window : a sliding-window layer's window (module docstring), or None
+    softcap : Gemma 2's logit soft-cap, or None
 
     Returns
     -------
     [B, Hq, T, D] in q's dtype; zeros for a query row that sees no row.
     """
-    return _launch(q, k, v, prefix_len, tree_mask, kv_start, scale)
+    return _launch(q, k, v, prefix_len, tree_mask, kv_start, scale, window=window, softcap=softcap)

@@ -24,7 +24,7 @@ def example_arguments() -> dict[str, tuple]:
     return {
         "tree_attention": (torch.randn(1, 2, 5, 8, generator=generator), torch.randn(1, 1, 9, 8, generator=generator),
                            torch.randn(1, 1, 9, 8, generator=generator), torch.tensor([3], dtype=torch.int32),
-                           tree_mask, None, None),
+                           tree_mask, None, None, 4, 0.5),  # a window of 4 and a soft-cap of 0.5
         "compact_kv": ([torch.randn(1, 2, 9, 8, generator=generator) for _ in range(2)],
                        torch.tensor([3], dtype=torch.int32), torch.tensor([[0, 1, 3, -1, -1]], dtype=torch.int32)),
         "lm_head_topk": (hidden, weight, 4),

@@ -81,8 +81,10 @@ def blind_rows(prefix_len, tree_mask, kv_start, num_nodes) -> torch.Tensor:
     return ~(prefix_len > start).view(batch, 1) & ~sees_tree
 
 
-def check_attention(out, q, k, v, prefix_len, tree_mask, kv_start, scale=None, atol=1e-5, rtol=1e-5):
-    expected = reference.tree_attention(q.float(), k.float(), v.float(), prefix_len, tree_mask, kv_start, scale)
+def check_attention(out, q, k, v, prefix_len, tree_mask, kv_start, scale=None, atol=1e-5, rtol=1e-5, window=None,
+                    softcap=None):
+    expected = reference.tree_attention(q.float(), k.float(), v.float(), prefix_len, tree_mask, kv_start, scale,
+                                        window=window, softcap=softcap)
     blind = blind_rows(prefix_len, tree_mask, kv_start, q.shape[2])  # [B, T]
     blind = blind.view(q.shape[0], 1, q.shape[2], 1).expand_as(out)
     assert torch.isfinite(out).all()
@@ -167,6 +169,82 @@ def test_tree_attention_ignores_garbage_outside_visible_rows():
             cache[b, :, prefix + 7:] = float("nan")
     out = attention_mod.tree_attention(q, k2, v2, prefix_len, tree_mask, kv_start)
     check_attention(out, q, k, v, prefix_len, tree_mask, kv_start)
+
+
+# Sliding windows (positions by depth: reference.dense_tree_mask) and Gemma 2's soft-cap
+
+WINDOW_CASES = [
+    (batch, num_nodes, shape, window, softcap)
+    for batch, num_nodes in ((1, 1), (3, 7), (2, 33))
+    for shape in ("chain", "star", "random")
+    for window, softcap in ((1, None), (4, None), (37, None), (10**6, None), (None, 0.7), (9, 2.0))
+]
+
+
+@pytest.mark.parametrize("batch,num_nodes,shape,window,softcap", WINDOW_CASES)
+def test_tree_attention_window_and_softcap_match_reference(batch, num_nodes, shape, window, softcap):
+    """window 1 (each node sees only itself), windows that cut the prefix or the tree, one wider
+    than everything, a soft-cap alone and with a window; left padding on every other case."""
+    seed = zlib.crc32(repr((batch, num_nodes, shape, window, softcap)).encode())
+    inputs = attention_inputs(batch, num_nodes, 4, 2, 16, shape, seed % 2 == 0, seed)
+    out = attention_mod.tree_attention(*inputs, window=window, softcap=softcap)
+    check_attention(out, *inputs, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tree_attention_window_never_reads_rows_behind_it(num_splits):
+    """Rows every node's window has passed hold NaN and must not leak (nor may the kernel read
+    them in a way that does); split-KV divides only what the window keeps."""
+    q, k, v, prefix_len, tree_mask, kv_start = attention_inputs(3, 9, 4, 2, 16, "random", False, seed=13)
+    window = 20
+    k2, v2 = k.clone(), v.clone()
+    for b in range(3):
+        for cache in (k2, v2):
+            cache[b, :, : max(0, int(prefix_len[b]) - window + 1)] = float("nan")
+    out = attention_mod._launch(q, k2, v2, prefix_len, tree_mask, kv_start, None, num_splits=num_splits,
+                                window=window)
+    check_attention(out, q, k, v, prefix_len, tree_mask, kv_start, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tree_attention_window_and_softcap_16bit_and_split(dtype):
+    inputs = attention_inputs(3, 33, 4, 2, 32, "random", True, seed=23, dtype=dtype)
+    for num_splits in (1, 2):
+        out = attention_mod._launch(*inputs, scale=0.2, num_splits=num_splits, window=12, softcap=1.5)
+        assert out.dtype == dtype
+        check_attention(out, *inputs, scale=0.2, window=12, softcap=1.5, atol=2e-2, rtol=2e-2)
+
+
+def test_node_depths_ignore_bits_past_the_tree():
+    parents = make_parents(2, 37, "random", torch.Generator().manual_seed(4))
+    depth, tree_mask = reference.build_tree(parents)
+    padded = tree_mask.clone()
+    padded[..., -1] |= torch.tensor(-(1 << 10), dtype=torch.int32)  # bits 42..63 of a 37-node tree's last word
+    for mask in (tree_mask, padded):
+        torch.testing.assert_close(attention_mod.node_depths(mask, 37), depth.to(torch.int32))
+
+
+def test_windowed_layers_run_the_kernel_when_forced_and_the_reference_under_auto_on_a_gpu(monkeypatch):
+    """ops.tree_attention passes the window and soft-cap to the kernel (forced here, as on a GPU
+    once it has run there); under auto a GPU keeps them on the reference until then."""
+    from types import SimpleNamespace
+
+    from treedec import ops
+    from treedec.ops.attention import TREE_ATTENTION, window_or_softcap_on_a_gpu
+
+    inputs = attention_inputs(3, 7, 4, 2, 16, "random", True, seed=31)
+    monkeypatch.setenv("TREEDEC_BACKEND", "triton")
+    assert TREE_ATTENTION.backend(torch.device(DEVICE), *inputs, None, 5, 0.8) == "triton"
+    calls = []
+    kernel = TREE_ATTENTION.implementation("triton")
+    monkeypatch.setitem(TREE_ATTENTION.implementations, "triton", lambda *a: calls.append(a[-2:]) or kernel(*a))
+    out = ops.tree_attention(*inputs, window=5, softcap=0.8)
+    assert calls == [(5, 0.8)]
+    check_attention(out, *inputs, window=5, softcap=0.8)
+    cuda_q = SimpleNamespace(device=torch.device("cuda"))
+    assert window_or_softcap_on_a_gpu(cuda_q, *inputs[1:], None, 5, None) is not None
+    assert window_or_softcap_on_a_gpu(cuda_q, *inputs[1:], None, None, 0.8) is not None
+    assert window_or_softcap_on_a_gpu(cuda_q, *inputs[1:], None, None, None) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +521,20 @@ def test_draft_heads_backend_choice(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # GPU only: realistic sizes, 16-bit dtypes, compiled kernels
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window,softcap", [(4096, None), (300, None), (None, 50.0), (1000, 50.0)])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_tree_attention_window_and_softcap_gpu(dtype, window, softcap, num_splits):
+    """Gemma 2's shapes (8 query heads over 4, D = 256 would be wider; 128 here) and Mistral's
+    4096-token window: the kernel against the reference on a GPU, before auto may run it there."""
+    inputs = attention_inputs(4, 64, 8, 4, 128, "random", True, seed=7, max_prefix=3000, dtype=dtype, device="cuda")
+    out = attention_mod._launch(*inputs, scale=None, num_splits=num_splits, window=window, softcap=softcap)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    check_attention(out, *inputs, atol=tol, rtol=tol, window=window, softcap=softcap)
 
 
 @pytest.mark.gpu

@@ -123,13 +123,16 @@ def tree_attention(
     tree_mask: torch.Tensor,
     kv_start: torch.Tensor | None,
     scale: float | None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton tree attention (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
     if kv_start is None:
         kv_start = torch.zeros_like(prefix_len)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return function(q, k, v, prefix_len.contiguous(), tree_mask.contiguous(), kv_start.contiguous(), scale)
+    return function(q, k, v, prefix_len.contiguous(), tree_mask.contiguous(), kv_start.contiguous(), scale,
+                    window, softcap)
 
 
 @host("lm_head_topk", "lm_head_topk")

@@ -5,15 +5,30 @@ import torch
 from .. import reference
 from . import _triton
 from ._checks import capturing, check_same_device, check_tensor
-from .registry import Op
+from .registry import Op, Rule
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _reference(q, k, v, prefix_len, tree_mask, kv_start, scale, window=None, softcap=None):
+    return reference.tree_attention(q, k, v, prefix_len, tree_mask, kv_start, scale, window=window, softcap=softcap)
+
+
+def window_or_softcap_on_a_gpu(q, k, v, prefix_len, tree_mask, kv_start, scale, window=None, softcap=None):
+    """The kernel's sliding window and soft-cap are tested against the reference under Triton's
+    CPU interpreter only: until they have run on a GPU, auto keeps such layers on the reference
+    there (TREEDEC_BACKEND=triton runs the kernel)."""
+    if q.device.type == "cuda" and (window is not None or softcap is not None):
+        return "a sliding window or soft-cap: not yet run on a GPU (TREEDEC_BACKEND=triton runs it)"
+    return None
+
 
 TREE_ATTENTION = Op(
     "tree_attention",
     "(Tensor q, Tensor k, Tensor v, Tensor prefix_len, Tensor tree_mask, Tensor? kv_start, float? scale, "
-    "str backend) -> Tensor",
-    reference.tree_attention, lambda q, k, v, prefix_len, tree_mask, kv_start, scale: torch.empty_like(q),
+    "int? window, float? softcap, str backend) -> Tensor",
+    _reference, lambda q, k, v, prefix_len, tree_mask, kv_start, scale, window, softcap: torch.empty_like(q),
+    avoids={"triton": [Rule("a sliding window or soft-cap on a GPU (not yet run on one)", window_or_softcap_on_a_gpu)]},
     triton=_triton.tree_attention,
 )
 
@@ -68,25 +83,22 @@ def tree_attention(
         With `dense_mask`, for the reference: whether that mask is all true (TreeStep.unmasked,
         known on the host), so the reference need not read it back to pick SDPA's unmasked kernel.
 
-    No kernel implements `window` or `softcap` yet: a call with either runs the reference.
+    The Triton kernel implements `window` and `softcap`; on a GPU, auto still runs the reference
+    for them until they have run on one (`window_or_softcap_on_a_gpu`).
 
     Returns
     -------
     [B, Hq, T, D] in q's dtype.
     """
     _check_arguments(q, k, v, prefix_len, tree_mask, kv_start, check_values)
-    args = (q, k, v, prefix_len, tree_mask, kv_start, scale)
-    if window is not None or softcap is not None:
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window = {window!r} must be a positive int")
-        if softcap is not None and not softcap > 0:
-            raise ValueError(f"softcap = {softcap!r} must be positive")
-        mask = dense_mask() if dense_mask is not None else None
-        return reference.tree_attention(*args, dense_mask=mask, window=window, softcap=softcap,
-                                        unmasked=unmasked() if mask is not None and unmasked is not None else None)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window = {window!r} must be a positive int")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap = {softcap!r} must be positive")
+    args = (q, k, v, prefix_len, tree_mask, kv_start, scale, window, softcap)
     backend = TREE_ATTENTION.backend(q.device, *args)
     if backend == "reference" and dense_mask is not None and not torch.compiler.is_compiling():
-        return reference.tree_attention(*args, dense_mask=dense_mask(),
+        return reference.tree_attention(*args[:7], dense_mask=dense_mask(), window=window, softcap=softcap,
                                         unmasked=unmasked() if unmasked is not None else None)
     return TREE_ATTENTION.run(backend, *args)
 

@@ -1,5 +1,5 @@
-"""Reference: tree attention as SDPA with a dense boolean mask (a sliding window and a logit
-soft-cap, which no kernel implements yet, only here)."""
+"""Reference: tree attention as SDPA with a dense boolean mask, and with a sliding window and a
+logit soft-cap (eager attention's order for the soft-cap, which SDPA lacks)."""
 
 import torch
 import torch.nn.functional as F

@@ -34,13 +34,15 @@ CASES = {
 }
 
 
-def decisions_spy(log: list):
-    """Records each verify step's (tree size, accept lengths) on this rank."""
+def decisions_spy(log: list, heads: set):
+    """Records each verify step's (tree size, accept lengths) on this rank, and the KV heads its
+    cache's layers hold."""
     original = decoding.TreeDecoder._verify_step
 
     def spy(self, cache, parents, tokens, *args, **kwargs):
         out = original(self, cache, parents, tokens, *args, **kwargs)
         log.append([int(tokens.shape[1]), [int(n) for n in out[0]]])
+        heads.update(int(keys.shape[1]) for keys in cache.keys)
         return out
 
     decoding.TreeDecoder._verify_step = spy
@@ -65,7 +67,8 @@ def main(model_dir: str, out_path: str) -> None:
     rows = [repetitive_prompt(21, 9), repetitive_prompt(22, 14), [5, 7, 9, 5, 7]]
     ids, mask = left_padded(rows)
     log: list = []
-    decisions_spy(log)
+    heads: set = set()
+    decisions_spy(log, heads)
     results = {}
     for name, (drafter, options, sampling, timed) in CASES.items():
         flat_costs(not timed)
@@ -76,6 +79,7 @@ def main(model_dir: str, out_path: str) -> None:
             expected = sample_token_by_token(model, rows, 24, eos=2, pad=0, **sampling)
         treedec.patch(model, drafter=drafter, **options)
         log.clear()
+        heads.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if sampling is None:
@@ -86,7 +90,7 @@ def main(model_dir: str, out_path: str) -> None:
         fallbacks = [str(w.message) for w in caught if "falling back" in str(w.message)]
         results[name] = {"equal": bool(torch.equal(got, expected)), "fallbacks": fallbacks, "steps": list(log),
                          "tau": model.treedec.last_stats.get("tau"),
-                         "cache_kv_heads": model.treedec.adapter.num_kv_heads}
+                         "cache_kv_heads": sorted(heads)}
         treedec.unpatch(model)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)

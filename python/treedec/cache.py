@@ -51,6 +51,7 @@ class TreeCache(Cache):
         self._num_nodes = 0
         self._uniform_prefix: int | None = None
         self._write_rows: torch.Tensor | None = None  # int64 [A]: the sequences the next writes cover
+        self._written = [False] * num_layers  # whether each layer has written rows (its head count is fixed)
 
     # -- transformers' Cache protocol -------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -59,6 +60,9 @@ class TreeCache(Cache):
         num_nodes = key_states.shape[2]
         if num_nodes != self._num_nodes:
             raise RuntimeError(f"TreeCache.begin_step was given T={self._num_nodes}; the model wrote {num_nodes}")
+        if key_states.shape[1] != keys.shape[1]:
+            keys, values = self._adopt_heads(layer_idx, key_states.shape[1])
+        self._written[layer_idx] = True
         if self._write_rows is not None:  # layer-skip batching: only these sequences run this layer
             sub = self._write_rows.to(keys.device)
             rows = self._rows_on(keys.device).index_select(0, sub)
@@ -74,6 +78,19 @@ class TreeCache(Cache):
             keys[batch, :, rows] = key_states.transpose(1, 2)  # indexed dims lead: [B, T, H, D]
             values[batch, :, rows] = value_states.transpose(1, 2)
         return keys, values
+
+    def _adopt_heads(self, layer: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer` writes `heads` KV heads, not the count its buffers were made with: under
+        tensor parallelism a model's plan may gather a layer's keys and values on every rank (OLMo
+        2's does, for its norm over all heads), where the adapter counted the rank's shard of
+        k_proj. Until the layer has written rows, its buffers take the count it writes."""
+        if self._written[layer]:
+            raise RuntimeError(f"layer {layer} wrote {heads} KV heads into a cache holding "
+                               f"{self.keys[layer].shape[1]}")
+        batch, _, capacity, head_dim = self.keys[layer].shape
+        for buffers in (self.keys, self.values):
+            buffers[layer] = buffers[layer].new_zeros(batch, heads, capacity, head_dim)
+        return self.keys[layer], self.values[layer]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.prefix_len.max()) if self.prefix_len.numel() else 0

@@ -2,8 +2,8 @@
 gloo, CPU) decodes with treedec as it decodes unpatched, for every train-free drafter, layer-skip
 and sampling, and every rank makes the same decisions (tree sizes and accept lengths per step),
 including where trees are sized from measured times (which differ between ranks). So do OLMo 2,
-whose plan gathers every KV head on every rank (its norm spans the heads), and Gemma 2 (soft-caps,
-hybrid sliding and global layers)."""
+whose plan gathers every KV head on every rank (its norm spans the heads), Gemma 2 (soft-caps,
+hybrid sliding and global layers) and Qwen3-MoE (experts sharded by its plan)."""
 
 import json
 import os
@@ -23,7 +23,7 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 
 
 # model type -> the KV heads each rank's cache holds (of 2): its shard, or all where the plan gathers them
-CACHE_KV_HEADS = {"llama": 1, "olmo2": 2, "gemma2": 1}
+CACHE_KV_HEADS = {"llama": 1, "olmo2": 2, "gemma2": 1, "qwen3_moe": 1}
 
 
 @pytest.fixture(scope="module", params=sorted(CACHE_KV_HEADS))
@@ -62,7 +62,7 @@ def test_each_rank_decodes_as_the_unpatched_model(two_rank_results, case):
         assert outcome["equal"], (rank, case)
         assert outcome["cache_kv_heads"] == [CACHE_KV_HEADS[model_type]]
     drafter, _, _, timed = CASES[case]
-    # drafts were accepted: the trees mattered (an early exit from these random OLMo 2 and Gemma 2
+    # drafts were accepted: the trees mattered (an early exit from the other families' random
     # models drafts nothing the full model accepts; the Llama's sharper head checks layer-skip)
     if drafter is not None and not timed and (drafter != "layerskip" or model_type == "llama"):
         assert two_rank_results[0][case]["tau"] > 1.0

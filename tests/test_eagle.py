@@ -496,3 +496,25 @@ def test_a_reader_gives_the_features_and_targets_and_the_model_writes(tmp_path, 
         assert (example["greedy"] == readers).float().mean() > 0.95
         assert (example["greedy"] == models).float().mean() < 0.9
     assert json.loads((tmp_path / "config.json").read_text())["treedec"]["feature_dtype"] == "bfloat16"
+
+
+def test_the_shipped_drafter_fits_in_20_mb_and_records_its_training():
+    """SpecForge's EAGLE-3 format, bf16, for SmolLM2-135M-Instruct (hidden 576, 49152 tokens),
+    with the command and data that trained it and the fingerprint that matches it to the model."""
+    from treedec.eagle.shipped import SHIPPED_DIR
+    from treedec.heads.shipped import FINGERPRINT_KEY
+
+    assert sum(f.stat().st_size for f in SHIPPED_DIR.rglob("*") if f.is_file()) <= 20 * 2**20
+    config = json.loads((SHIPPED_DIR / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    record = config["treedec"]
+    assert record["command"].startswith("treedec train-drafter --kind eagle3") and FINGERPRINT_KEY in record
+    assert record["trained_on_tokens"] > 100_000 and len(record["step_accuracy"]) == record["ttt_steps"]
+    draft = load(SHIPPED_DIR)
+    assert (draft.config.kind, draft.config.target_hidden_size, draft.config.vocab_size) == ("eagle3", 576, 49152)
+    assert draft.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_the_shipped_drafter_is_refused_for_another_model():
+    with pytest.raises(ValueError, match="needs drafter_path=DIR for this model"):
+        treedec.patch(target(), drafter="eagle")

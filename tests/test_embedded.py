@@ -240,3 +240,29 @@ def test_eagle_greedy_equals_hf(embedded, eagle_drafter):
     finally:
         treedec.unpatch(model)
     assert_rows_are_references(out, batch, encoded, references, chosen)
+
+
+def test_the_shipped_eagle_drafter_greedy_equals_hf(embedded):
+    """drafter='eagle' with no drafter_path loads the shipped drafter for the embedded model, runs
+    its draft layer, gets its drafts accepted, and stays lossless (batch 1 and a left-padded 3)."""
+    from treedec.eagle.shipped import SHIPPED_DIR
+
+    model, tokenizer, prompts, encoded, references = embedded
+    treedec.patching.set_learned_state(model, None)  # a fresh layer gate: the layer runs first
+    treedec.patch(model, drafter="eagle")
+    try:
+        assert model.treedec.options["drafter_path"] == SHIPPED_DIR
+        layer_steps = 0
+        for i in (0, 4, 11):  # writing, coding, math_reasoning
+            got = model.generate(**encoded[i], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            assert torch.equal(got, references[i]), prompts[i].category
+            stats = model.treedec.last_stats
+            assert stats["drafted"] > 0 and stats["tau"] > 1.0
+            layer_steps += stats["draft_layer_steps"]
+        assert layer_steps > 0  # the shipped layer drafted (the gate may then keep to the context)
+        chosen = [2, 4, 8]
+        batch = left_padded_batch(tokenizer, encoded, chosen)
+        out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    finally:
+        treedec.unpatch(model)
+    assert_rows_are_references(out, batch, encoded, references, chosen)

@@ -609,12 +609,14 @@ AOT_SCRIPT = textwrap.dedent(
         source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
-    for dtype, splits in (("bf16", 1), ("fp16", 4)):
+    for dtype, splits, window, softcap in (("bf16", 1, False, False), ("fp16", 4, False, False),
+                                           ("bf16", 1, True, True), ("bf16", 4, True, False)):
         types = dict(q_ptr="*" + dtype, k_ptr="*" + dtype, v_ptr="*" + dtype, out_ptr="*" + dtype,
                      part_o_ptr="*fp32", part_lse_ptr="*fp32", prefix_len_ptr="*i32", kv_start_ptr="*i32",
-                     tree_mask_ptr="*i32", qk_scale="fp32")
-        build(ta._tree_attention_kernel, types, dict(HAS_KV_START=True, SPLIT_KV=splits > 1, DOT_PRECISION="tf32",
-              DOT_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128), num_warps=4, num_stages=2)
+                     tree_mask_ptr="*i32", depth_ptr="*i32", qk_scale="fp32", softcap="fp32")
+        build(ta._tree_attention_kernel, types, dict(HAS_KV_START=True, SPLIT_KV=splits > 1, WINDOW=window,
+              SOFTCAP=softcap, DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128),
+              num_warps=4, num_stages=2)
     build(ta._combine_kernel, dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16"),
           dict(SPLITS_P2=8, BLOCK_D=128), num_warps=2)
     lm_types = dict(hidden_ptr="*bf16", weight_ptr="*bf16", part_val_ptr="*fp32", part_idx_ptr="*i32")

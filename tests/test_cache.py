@@ -74,3 +74,22 @@ def test_buffers_grow_as_steps_need_rows_and_keep_what_they_hold(monkeypatch):
         assert torch.equal(cache.values[layer][:, :, :17], held + layer)
     cache.begin_step(23)  # to max_len, not past it
     assert cache.capacity == 40
+
+
+def test_a_layer_writing_other_kv_heads_first_resizes_only_its_buffers():
+    """A tensor-parallel plan that gathers a layer's heads on every rank (OLMo 2's) writes more KV
+    heads than the cache was sized for: before the layer's first rows its buffers take that count,
+    the other layers keep theirs, and a later change of count is an error, not a silent overwrite."""
+    import pytest
+
+    cache = make_cache(batch=2, layers=2)  # sized for 2 KV heads
+    cache.begin_step(5)
+    k = torch.randn(2, 4, 5, 4)
+    keys, values = cache.update(k, -k, 0)
+    assert keys.shape == values.shape == (2, 4, 24, 4) and torch.equal(keys[:, :, :5], k)
+    cache.update(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), 1)
+    assert cache.keys[1].shape[1] == 2
+    cache.advance(5)
+    cache.begin_step(1)
+    with pytest.raises(RuntimeError, match="wrote 2 KV heads into a cache holding 4"):
+        cache.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), 0)

@@ -277,6 +277,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} = {value!r} must be an int >= {least}")
     precision(torch.device("cpu"), train_dtype)  # a bad dtype fails before the collection
+    features_from = reader or model  # what computes the features and the argmax targets
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -286,7 +287,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         if progress:
             print(f"reusing {len(examples)} collected sequences from {data_path}")
     else:
-        examples = collect(reader or model, prompt_ids, tokens, max_new_tokens, samples, temperature, collect_batch,
+        examples = collect(features_from, prompt_ids, tokens, max_new_tokens, samples, temperature, collect_batch,
                            progress=progress, max_seconds=collect_seconds, batch_tokens=collect_batch_tokens,
                            writer=model if writer is None else writer)
         torch.save([e.__dict__ for e in examples], data_path)
@@ -337,7 +338,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
                  "collect_seconds": round(collected_seconds, 1),
                  "train_seconds": round(sum(r["seconds"] for r in reports), 1),  # every epoch's, resumed runs too
                  "device": str(device), "train_dtype": str(train_dtype).removeprefix("torch."),
-                 "feature_dtype": str(next((reader or model).parameters()).dtype).removeprefix("torch."),
+                 "feature_dtype": str(next(features_from.parameters()).dtype).removeprefix("torch."),
                  FINGERPRINT_KEY: fingerprinted}
         save(draft, out, extra, dtype=save_dtype)
         (out / "train_log.json").write_text(json.dumps(reports, indent=2) + "\n")
@@ -352,7 +353,7 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
         for group in bar:
             for group_param in optimizer.param_groups:
                 group_param["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(step_index / total_steps, 1.0)))
-            batch = batch_of(reader or model, group, layers, features, prompt_context)
+            batch = batch_of(features_from, group, layers, features, prompt_context)
             with precision(device, train_dtype):
                 losses, _, _ = training_time_test(draft, embed, batch, ttt_steps, draft_of)
             weights = [STEP_DECAY ** k for k in range(ttt_steps)]
@@ -366,8 +367,8 @@ def train_eagle(model, prompt_ids: list[list[int]], out: str | Path, tokens: int
             running = value if running is None else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.3f}")
         draft.eval()
-        accuracy = evaluate(draft, embed, reader or model, held_out or training, layers, ttt_steps, draft_of, batch_tokens,
-                            features, train_dtype, prompt_context)
+        accuracy = evaluate(draft, embed, features_from, held_out or training, layers, ttt_steps, draft_of,
+                            batch_tokens, features, train_dtype, prompt_context)
         reports.append({"epoch": epoch + 1, "loss": running, "step_accuracy": accuracy,
                         "seconds": round(time.perf_counter() - started, 1)})
         if progress:

@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, max_new_tokens):
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+        p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
         p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
         p.add_argument("--sample", action="store_true", help="sample (do_sample=True) instead of greedy")
@@ -609,12 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-prompt-tokens", type=int, default=None,
                        help="leave out training prompts longer than this (default: none left out); long prompts "
                             "cost the collection most of its time on a CPU")
-        p.add_argument("--writer-dtype", choices=("fp32", "bf16"), default="fp32",
+        p.add_argument("--writer-dtype", choices=tuple(DTYPES), default="fp32",
                        help="the text is written by a copy of the model in this dtype (bf16: faster on CPUs and GPUs "
                             "with bf16 matmuls); the targets are the fp32 model's own argmax (train-drafter: see "
                             "--feature-dtype; default fp32)")
         p.add_argument("--max-new-tokens", type=int, default=128, help="per continuation while collecting")
-        p.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32", help="of the saved weights")
+        p.add_argument("--save-dtype", choices=tuple(DTYPES), default="fp32", help="of the saved weights")
         p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where collection and training run")
         p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
 
@@ -676,10 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     drafter.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
     drafter.add_argument("--prompt-context", type=int, default=64,
                          help="prompt positions a training sequence keeps before its generated text (default 64)")
-    drafter.add_argument("--train-dtype", choices=("fp32", "bf16"), default="bf16",
+    drafter.add_argument("--train-dtype", choices=tuple(DTYPES), default="bf16",
                          help="the drafter's forward and backward: bf16 autocast (fp32 weights and optimizer; "
                               "default) or fp32")
-    drafter.add_argument("--feature-dtype", choices=("fp32", "bf16"), default="fp32",
+    drafter.add_argument("--feature-dtype", choices=tuple(DTYPES), default="fp32",
                          help="the features the drafter reads and the argmax it learns come from a copy of the "
                               "model in this dtype, in collection and training (bf16: about 3.5x faster on a CPU "
                               "with bf16 matmuls; default fp32, the model's own)")
@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     skip.add_argument("--exits", nargs="+", default=["30:24", "30:18"],
                       help="FIRST:LAST exit layers, one schedule each (linear, never increasing)")
     skip.add_argument("--max-new-tokens", type=int, default=64)
-    skip.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    skip.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     skip.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     skip.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     skip.set_defaults(func=cmd_bench_skipdecode)

@@ -53,6 +53,9 @@ def test_greedy_report_checks_every_method_against_hf():
     assert all(summary[m]["identical"] == 2 for m in report.methods)
     assert " 2/2" in report.table().splitlines()[-1]
     assert not hasattr(model, "treedec")  # left unpatched
+    # tau counts every forward that emitted tokens, each call's prefill included: 1 without drafts
+    assert summary["hf"]["tau"] == summary["none"]["tau"] == 1.0 and summary["auto"]["tau"] >= 1.0
+    assert [r.steps for r in report.runs if r.method == "hf"] == [11, 11]  # 12 tokens: the prefill's, 11 steps
 
 
 def test_methods_do_not_share_what_they_learn(flat_step_costs):

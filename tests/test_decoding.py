@@ -35,7 +35,10 @@ def test_batch_of_one(seed, drafter):
     out = model.generate(ids, max_new_tokens=40, do_sample=False)
     assert torch.equal(out, expected)
     stats, new = model.treedec.last_stats, out.shape[1] - ids.shape[1]
-    assert stats["new_tokens"] == new and stats["steps"] <= new and stats["tau"] == new / stats["steps"]
+    # the prefill emits the first token (as HF's does); each loop step at least one more
+    assert stats["new_tokens"] == new and stats["steps"] <= new - 1 and stats["tau"] == new / (stats["steps"] + 1)
+    if drafter is None:
+        assert stats["steps"] == new - 1 and stats["tau"] == 1.0
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -93,6 +96,44 @@ def test_max_new_tokens_smaller_than_an_accepted_chunk(max_new_tokens, flat_step
     treedec.patch(model, drafter=OracleDrafter(continuations, depth=12))
     got = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     assert torch.equal(got, expected) and got.shape[1] == 10 + max_new_tokens
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_the_prefill_emits_the_first_token(drafter, monkeypatch):
+    """The prompt's last token goes through the model with the rest of the prompt, so the first
+    token comes from the prefill, as HF's does: a one-token call runs no step and asks for no
+    drafts, on a left-padded batch with a one-token prompt."""
+    from treedec.decoding import TreeDecoder
+
+    proposals = []
+    propose = TreeDecoder._propose
+    monkeypatch.setattr(TreeDecoder, "_propose", lambda self, *a: proposals.append(a) or propose(self, *a))
+    model = tiny_llama(seed=9)
+    ids, mask = left_padded([repetitive_prompt(11, 10), repetitive_prompt(12, 4), [7]])
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    treedec.patch(model, drafter=drafter)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False), expected)
+    stats = model.treedec.last_stats
+    assert stats["steps"] == 0 and stats["new_tokens"] == 3 and stats["tau"] == 1.0 and not proposals
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert model.treedec.last_stats["steps"] == 1
+
+
+def test_a_first_token_that_is_eos_ends_its_row_at_the_prefill(flat_step_costs):
+    """One row's first token is its EOS: that row leaves the batch after the prefill, the others
+    go on, and the output is HF's (the EOS id appears in other rows' continuations too)."""
+    model = tiny_llama(seed=10)
+    ids, mask = left_padded([repetitive_prompt(13, 9), repetitive_prompt(14, 12), repetitive_prompt(15, 5)])
+    continuations = greedy_continuation(model, ids, mask, 30)
+    eos = continuations[1][0]
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)
+    assert expected[1, ids.shape[1]:].tolist() == [eos] + [0] * 29  # the case under test
+    assert (expected[:, ids.shape[1]:] != 0).sum() > 3  # other rows went on
+    treedec.patch(model, drafter=OracleDrafter(continuations, depth=6))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
+    assert torch.equal(got, expected)
 
 
 def test_streamer_chunks_concatenate_to_the_output(flat_step_costs):

@@ -738,8 +738,8 @@ def test_medusa_guesses_are_the_top_of_the_draft_vocabulary(monkeypatch, tmp_pat
     ids = torch.tensor([repetitive_prompt(2, 15)])
     treedec.patch(model, drafter="medusa", heads=tmp_path / "m", context=False, widths=[4], draft_vocab=40)
     model.generate(ids, max_new_tokens=2, do_sample=False)
-    with torch.no_grad():  # the first step's root is the prompt's last token: the heads read the state before it
-        hidden = model.model(ids).last_hidden_state[:, -2]
+    with torch.no_grad():  # the first step's root is the prefill's token: the heads read the prompt's last state
+        hidden = model.model(ids).last_hidden_state[:, -1]
         logits = heads.states(hidden)[0, 0] @ model.lm_head.weight.T
     allowed = draft_vocabulary(frequencies, 40)
     masked = torch.full_like(logits, float("-inf"))

@@ -85,7 +85,8 @@ def adapter_classes(cls=ModelAdapter):
 @pytest.fixture
 def device_reads(monkeypatch):
     """Makes the model's outputs OnDevice and returns the recorded host reads per decode step:
-    a list (one entry per step, the prefill's in the first) of lists of (what, where)."""
+    a list (the prefill's, which emits the first token, then one entry per step) of lists of
+    (what, where)."""
     OnDevice.reads = []
     for cls in set(adapter_classes()):
         for name in ("forward", "forward_from"):
@@ -127,6 +128,13 @@ def device_reads(monkeypatch):
     monkeypatch.setattr(host, "to_host", counted_to_host)
     boundaries = []
     monkeypatch.setattr(profiling.NoProfile, "step_done", lambda self, seconds: boundaries.append(len(OnDevice.reads)))
+    new_profile = profiling.new_profile
+
+    def prefill_done(*args):  # the loop makes the steps' profile once the prefill has emitted
+        boundaries.append(len(OnDevice.reads))
+        return new_profile(*args)
+
+    monkeypatch.setattr(profiling, "new_profile", prefill_done)
 
     def per_step():
         starts = [0] + boundaries[:-1]
@@ -158,7 +166,7 @@ def test_one_host_wait_per_step(device_reads, flat_step_costs, drafter, call):
     torch.manual_seed(0)
     model.generate(ids, attention_mask=mask, max_new_tokens=24, **CALLS[call])
     steps = device_reads()
-    assert len(steps) == model.treedec.last_stats["steps"]
+    assert len(steps) == model.treedec.last_stats["steps"] + 1  # the prefill, then the steps
     if drafter is not None:  # the steps verified trees, not one node each
         assert model.treedec.last_stats["mean_tree_nodes"] > 1
     assert_one_wait_per_step(steps)

@@ -1,7 +1,9 @@
 """The decode loop: draft -> tree forward -> verify -> compact -> emit.
 
-One `generate` call: prefill the prompt (all but its last token) into a TreeCache, then
-repeat steps until every sequence has finished. A step asks the drafter for candidates per
+One `generate` call: prefill the prompt into a TreeCache and take each sequence's first token
+from the prefill's last position (the prompt's last token is the first tree's root, verified as
+a one-node tree, as HF takes its first token from its prefill), then repeat steps until every
+sequence has finished. A step asks the drafter for candidates per
 sequence, keeps the ones worth their cost (sizing.choose), runs the tree through the model in
 one forward with tree attention, verifies greedily, keeps the accepted rows of the cache, and
 emits the accepted tokens plus the bonus token. Sequences finish independently (EOS,
@@ -46,13 +48,15 @@ class DecodeRequest:
 
 @dataclass
 class DecodeStats:
-    steps: int = 0
+    steps: int = 0  # the loop's tree forwards (the prefill, which emits each sequence's first token, is not one)
     new_tokens: int = 0
     sequences: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     tree_nodes: int = 0  # summed over steps (T per step)
-    sequence_steps: int = 0  # steps summed over the sequences taking part in them
+    # steps summed over the sequences taking part in them, the prefill's one each included: tau,
+    # new_tokens / sequence_steps, is tokens per forward, 1.0 without drafts
+    sequence_steps: int = 0
     draft_seconds: float = 0.0  # time the drafter spent proposing (running the model, for some)
     plain_steps: int = 0  # steps that did not draft because drafted steps were losing (sizing.DraftGate)
     profile: dict | None = None  # per-phase seconds (profiling.StepProfile.as_dict) when profiling
@@ -69,6 +73,17 @@ class DecodeStats:
             "plain_steps": self.plain_steps,
             **({"profile": self.profile} if self.profile is not None else {}),
         }
+
+
+@dataclass
+class CallState:
+    """What one generate call has emitted so far, per sequence id, and what ends it."""
+
+    generated: list[list[int]]
+    roots: list[int]  # each sequence's next root: its last emitted token (at first, its prompt's last)
+    settled: set[int] = field(default_factory=set)  # sequences whose tokens are final
+    stopping: BatchStopping | None = None  # the caller's stopping criteria over the batch
+    streamed: int = 0  # tokens already pushed to the streamer (batch size 1)
 
 
 def left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -141,8 +156,7 @@ class TreeDecoder:
         if self.sampler is not None:
             self.sampler.start(request.input_ids.shape[0], request.max_new_tokens)
         stats = DecodeStats(sequences=request.input_ids.shape[0])
-        self.profile = profiling.new_profile(self.profiling, self.adapter.lm_head_device)
-        profile = self.profile
+        self.profile = profiling.NoProfile()  # the profile is the steps': the prefill is not one
         input_ids = request.input_ids.cpu()
         batch, length = input_ids.shape
         padding = left_padding(input_ids, request.attention_mask)
@@ -150,36 +164,47 @@ class TreeDecoder:
         if request.streamer is not None:
             request.streamer.put(input_ids)
 
-        cache, prompt_states, prompt_features = self._prefill(input_ids, padding, request.max_new_tokens)
+        cache, prefilled = self._prefill(input_ids, padding, request.max_new_tokens)
+        prompt_states, prompt_features, root_hidden, root_features = prefilled
         # the state whose LM-head output is each prompt's first root (None for one-token prompts)
         prompt_hidden = None if prompt_states is None else prompt_states[:, -1].contiguous()
-        stats.prefill_seconds = time.perf_counter() - started
 
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        roots = [prompt[-1] for prompt in prompts]
-        active = list(range(batch))  # sequence ids of the cache's batch rows
-        settled: set[int] = set()  # sequences whose tokens are final
-        stopping = None
+        call = CallState([[] for _ in range(batch)], [prompt[-1] for prompt in prompts])
         if request.stopping_criteria:
-            stopping = BatchStopping(request.stopping_criteria, request.input_ids, request.max_new_tokens,
-                                     request.pad_token_id, request.finished_rows_pad)
-        streamed = 0  # tokens already pushed to the streamer (batch size 1)
+            call.stopping = BatchStopping(request.stopping_criteria, request.input_ids, request.max_new_tokens,
+                                          request.pad_token_id, request.finished_rows_pad)
         self.drafter.start(prompts, prompt_hidden)
         if prompt_states is not None:
             self.drafter.prefilled(prompt_states, prompt_features)
         del prompt_states, prompt_features  # [B, L - 1, H]: a drafter that wants them keeps its own reference
+
+        # The first step's root (each prompt's last token) went through the model with the rest of
+        # the prompt: its one-node tree is verified from the prefill's last column, as HF takes its
+        # first token from its prefill. A first step of its own would cost one more forward a call.
+        active = list(range(batch))  # sequence ids of the cache's batch rows
+        parents = torch.full((batch, 1), -1, dtype=torch.int32)
+        tokens = input_ids[:, -1:].clone()
+        verified = self._verified(root_hidden, root_features, parents, tokens, active, [0] * batch,
+                                  torch.zeros(batch, 1, dtype=torch.int32))
+        del root_hidden, root_features
+        _, finished_rows = self._emit(request, call, active, parents, tokens, verified)
+        stats.sequence_steps += batch  # the prefill emitted each sequence's first token
+        active = self._without(cache, active, finished_rows)
+        stats.prefill_seconds = time.perf_counter() - started
+
+        self.profile = profile = profiling.new_profile(self.profiling, self.adapter.lm_head_device)
         while active:
             step_started = time.perf_counter()
-            emitted = [len(generated[s]) for s in active]
+            emitted = [len(call.generated[s]) for s in active]
             # trees up to what the cost curve has measured, or twice that
             max_nodes = min(self.max_nodes, self.cost.explored_nodes(len(active)))
             with profile.phase("drafting"):
                 drafts = self.max_nodes > 1 and self.gate.opens(len(active))
                 if drafts:
-                    proposal = self._propose(cache, active, [roots[s] for s in active], emitted, max_nodes)
+                    proposal = self._propose(cache, active, [call.roots[s] for s in active], emitted, max_nodes)
                 else:
                     stats.plain_steps += self.max_nodes > 1
-                    proposal = Proposal([DraftTrie(roots[s]) for s in active])
+                    proposal = Proposal([DraftTrie(call.roots[s]) for s in active])
             stats.draft_seconds += time.perf_counter() - step_started
             tries, verify_start = proposal.tries, proposal.verify_start
             with_drafts = any(len(trie) > 1 for trie in tries)
@@ -192,36 +217,13 @@ class TreeDecoder:
                 parents, tokens = pack_tries(tries, kept, num_nodes)
             start = verify_start(kept, num_nodes) if verify_start is not None else None
             verified = self._verify_step(cache, parents, tokens, active, emitted, start)
-            accept_len, accept_nodes, bonus, topk, topk_probs, hidden, features = verified
+            accept_len, accept_nodes = verified[0], verified[1]
             if with_drafts:
                 with profile.phase("learning"):
                     self._learn_acceptance(tries, kept, accept_nodes)
             with profile.phase("compaction"):
                 cache.compact(accept_nodes, accept_len)
-
-            chunks = []
-            for row, seq in enumerate(active):
-                n = int(accept_len[row])
-                path = accept_nodes[row, 1 : n + 1].long()
-                chunk, done = self._limit(request, generated[seq], tokens[row, path].tolist() + [int(bonus[row])])
-                generated[seq].extend(chunk)
-                chunks.append(chunk)
-                if done:
-                    settled.add(seq)
-            if stopping is not None:  # may cut and settle any sequence, finished ones included
-                settled |= stopping.update(generated, settled)
-            if request.streamer is not None and len(generated[0]) > streamed:  # batch size 1: final tokens
-                request.streamer.put(torch.tensor(generated[0][streamed:]))
-                streamed = len(generated[0])
-            with profile.phase("learning"):
-                self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active),
-                                                 topk_probs, emitted=chunks, hidden=hidden, features=features))
-            finished_rows = []
-            for row, (seq, chunk) in enumerate(zip(active, chunks)):
-                if seq in settled:
-                    finished_rows.append(row)
-                else:  # its chunk is whole: only settled sequences are ever cut
-                    roots[seq] = chunk[-1]
+            chunks, finished_rows = self._emit(request, call, active, parents, tokens, verified)
             stats.steps += 1
             stats.sequence_steps += len(active)
             stats.tree_nodes += num_nodes
@@ -235,18 +237,57 @@ class TreeDecoder:
                                  sum(map(len, chunks)), plain)
             self.acceptance.next_step()
             if finished_rows:
-                keep = [r for r in range(len(active)) if r not in finished_rows]
-                active = [active[r] for r in keep]
-                if active:
-                    with profile.phase("compaction"):
-                        cache.select(torch.tensor(keep, dtype=torch.int64))
+                with profile.phase("compaction"):
+                    active = self._without(cache, active, finished_rows)
             profile.step_done(time.perf_counter() - step_started)
         if request.streamer is not None:
             request.streamer.end()
-        stats.new_tokens = sum(map(len, generated))
+        stats.new_tokens = sum(map(len, call.generated))
         stats.seconds = time.perf_counter() - started
         stats.profile = profile.as_dict()
-        return generated, stats
+        return call.generated, stats
+
+    def _emit(self, request: DecodeRequest, call: CallState, active: list[int], parents: torch.Tensor,
+              tokens: torch.Tensor, verified) -> tuple[list[list[int]], list[int]]:
+        """Each row's accepted path and bonus token, cut at max_new_tokens, its first EOS and the
+        caller's stopping criteria, join its sequence's output (and the streamer); the drafter
+        observes the outcome. Returns the chunks emitted (one per row) and the rows whose sequences
+        have finished."""
+        accept_len, accept_nodes, bonus, topk, topk_probs, hidden, features = verified
+        chunks = []
+        for row, seq in enumerate(active):
+            n = int(accept_len[row])
+            path = accept_nodes[row, 1 : n + 1].long()
+            chunk, done = self._limit(request, call.generated[seq], tokens[row, path].tolist() + [int(bonus[row])])
+            call.generated[seq].extend(chunk)
+            chunks.append(chunk)
+            if done:
+                call.settled.add(seq)
+        if call.stopping is not None:  # may cut and settle any sequence, finished ones included
+            call.settled |= call.stopping.update(call.generated, call.settled)
+        if request.streamer is not None and len(call.generated[0]) > call.streamed:  # batch size 1: final tokens
+            request.streamer.put(torch.tensor(call.generated[0][call.streamed :]))
+            call.streamed = len(call.generated[0])
+        with self.profile.phase("learning"):
+            self.drafter.observe(StepOutcome(tokens, parents, topk, accept_len, accept_nodes, list(active),
+                                             topk_probs, emitted=chunks, hidden=hidden, features=features))
+        finished_rows = []
+        for row, (seq, chunk) in enumerate(zip(active, chunks)):
+            if seq in call.settled:
+                finished_rows.append(row)
+            else:  # its chunk is whole: only settled sequences are ever cut
+                call.roots[seq] = chunk[-1]
+        return chunks, finished_rows
+
+    @staticmethod
+    def _without(cache: TreeCache, active: list[int], finished_rows: list[int]) -> list[int]:
+        """The active sequences but those in `finished_rows`, whose rows leave the cache."""
+        if not finished_rows:
+            return active
+        keep = [r for r in range(len(active)) if r not in finished_rows]
+        if keep:
+            cache.select(torch.tensor(keep, dtype=torch.int64))
+        return [active[r] for r in keep]
 
     # -- pieces --------------------------------------------------------------------------------
     def _propose(self, cache: TreeCache, active: list[int], roots: list[int], emitted: list[int],
@@ -264,27 +305,28 @@ class TreeDecoder:
                              f"{len(active)} rows (one per row)")
         return proposal
 
-    def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor,
-                 max_new_tokens: int) -> tuple[TreeCache, torch.Tensor | None, torch.Tensor | None]:
-        """Cache every prompt token but the last (the first step's root) as one causal chain; the
-        cache, the normed last hidden state at those positions [B, L - 1, H] (its last column's
-        LM-head output is the first root) and the drafter's features there [B, L - 1, F], each
-        None for one-token prompts (features also without feature layers)."""
+    def _prefill(self, input_ids: torch.Tensor, padding: torch.Tensor, max_new_tokens: int):
+        """Cache every prompt token, the last (the first step's root) included, as one causal chain.
+        Returns the cache and, split at the prompt's last column: the normed last hidden state at
+        the positions before it [B, L - 1, H] (its last column's LM-head output is the root) and the
+        drafter's features there [B, L - 1, F], each None for one-token prompts (features also
+        without feature layers); then the root's own [B, 1, H] and [B, 1, F] (or None)."""
         batch, length = input_ids.shape
         adapter = self.adapter
         tree_rows = max(self.max_nodes, 1) + 1
         cache = adapter.new_cache(padding, max_len=length + max_new_tokens + tree_rows,
-                                 initial_len=length + min(max_new_tokens, GROWTH_ROWS) + tree_rows)
-        if length > 1:
-            prefill_len = length - 1
-            step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, prefill_len))
-            positions = prompt_positions(prefill_len, padding)
-            cache.begin_step(prefill_len)
-            with adapter.captured(self.drafter.feature_layers) as captured:
-                hidden = adapter.forward(input_ids[:, :prefill_len], positions, cache, step)
-            cache.advance(prefill_len)
-            return cache, hidden, self._features(captured)
-        return cache, None, None
+                                  initial_len=length + min(max_new_tokens, GROWTH_ROWS) + tree_rows)
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, length))
+        cache.begin_step(length)
+        with adapter.captured(self.drafter.feature_layers) as captured:
+            hidden = adapter.forward(input_ids, prompt_positions(length, padding), cache, step)
+        cache.advance(length)
+        features = self._features(captured)
+        root_features = None if features is None else features[:, -1:].contiguous()
+        if length == 1:
+            return cache, (None, None, hidden, root_features)
+        return cache, (hidden[:, :-1], None if features is None else features[:, :-1], hidden[:, -1:].contiguous(),
+                       root_features)
 
     def _features(self, captured: dict[int, torch.Tensor]) -> torch.Tensor | None:
         """The drafter's feature layers' outputs, concatenated in its order [B, T, F] (None: none)."""
@@ -323,6 +365,14 @@ class TreeDecoder:
         features = self._features(captured)
         if trial:  # CPU tensors (the only routed ones): the clock needs no synchronisation
             self.routing.finish(rows, self.adapter.agreed_seconds(time.perf_counter() - forward_started))
+        return self._verified(hidden, features, parents, tokens, sequences, emitted, depth)
+
+    def _verified(self, hidden: torch.Tensor, features: torch.Tensor | None, parents: torch.Tensor,
+                  tokens: torch.Tensor, sequences: list[int], emitted: list[int], depth: torch.Tensor):
+        """Verification of trees whose forward gave `hidden` [B, T, H] (and `features`): the
+        LM head, then greedy acceptance, or sampling each node's target with the uniform of its
+        output position (emitted + depth); returns what _verify_step does."""
+        profile = self.profile
         if self.sampler is None:
             with profile.phase("lm_head"):
                 topk = self.adapter.topk(hidden, max(self.drafter.topk, 1))

@@ -48,7 +48,7 @@ class Run:
     prompt_tokens: int
     new_tokens: int
     seconds: float
-    steps: int
+    steps: int  # decode steps: HF's after its prefill, or treedec's loop steps (last_stats["steps"])
     identical: bool
     first_diff: int | None = None  # first generated position that differs from HF greedy
     logit_gap: float | None = None  # HF's top-2 logit gap there: a near-tie means fp rounding, not a bug
@@ -77,12 +77,13 @@ class Report:
             hf_seconds = sum(r.seconds for r in hf)
             hf_rate = sum(r.new_tokens for r in hf) / hf_seconds if hf_seconds else 0.0
             steps = sum(r.steps for r in runs)
+            forwards = steps + sum(r.new_tokens > 0 for r in runs)  # and each call's prefill, which emits a token
             rows[method] = {
                 "prompts": len(runs),
                 "tokens_per_s": tokens / seconds if seconds else 0.0,
                 "speedup": (tokens / seconds) / hf_rate if seconds and hf_rate else float("nan"),
-                "tau": tokens / steps if steps else float("nan"),
-                "step_ms": 1000 * seconds / steps if steps else float("nan"),
+                "tau": tokens / forwards if forwards else float("nan"),
+                "step_ms": 1000 * seconds / forwards if forwards else float("nan"),
                 "identical": sum(r.identical for r in runs),
             }
         return rows
@@ -232,7 +233,8 @@ def run_benchmark(
         _synchronize(device)
         seconds = time.perf_counter() - started
         new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
-        stats = model.treedec.last_stats if method in TREEDEC_METHODS else {"steps": new_tokens}
+        # HF's first token comes from its prefill, as treedec's does: the steps are the forwards after it
+        stats = model.treedec.last_stats if method in TREEDEC_METHODS else {"steps": max(new_tokens - 1, 0)}
         return out[0, inputs["input_ids"].shape[1]:].tolist(), seconds, stats
 
     try:

@@ -162,3 +162,66 @@ def test_model_tree_forward_matches_plain_forward_per_path():
             ids = torch.cat([prompt, torch.tensor([path], dtype=torch.int64)], dim=1)
             expected = model(ids).logits[0, -1]
             torch.testing.assert_close(tree_logits[i], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_nodes, q_heads, kv_heads", [(1, 2, 2), (9, 4, 2), (37, 3, 1)])
+def test_causal_reference_equals_the_dense_chain_mask(num_nodes, q_heads, kv_heads):
+    """An unpadded prefill (a chain on an empty cache) takes SDPA's causal kernel; its output is
+    the dense chain mask's, and a causal call over more rows than its own is refused."""
+    from treedec import reference
+    from treedec.reference.tree import chain_tree_mask
+
+    torch.manual_seed(num_nodes)
+    batch, dim = 2, 16
+    q = torch.randn(batch, q_heads, num_nodes, dim)
+    k, v = torch.randn(2, batch, kv_heads, num_nodes + 5, dim)
+    prefix_len = torch.zeros(batch, dtype=torch.int32)
+    mask = chain_tree_mask(batch, num_nodes)
+    dense = reference.dense_tree_mask(prefix_len, mask, None, num_nodes, num_nodes)
+    expected = reference.tree_attention(q, k, v, prefix_len, mask, dense_mask=dense)
+    got = reference.tree_attention(q, k, v, prefix_len, mask, dense_mask=dense, causal=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    wider = reference.dense_tree_mask(prefix_len + 1, mask, None, num_nodes, num_nodes + 1)
+    with pytest.raises(ValueError, match="causal"):
+        reference.tree_attention(q, k, v, prefix_len + 1, mask, dense_mask=wider, causal=True)
+
+
+def test_a_step_is_causal_only_as_an_unpadded_chain_on_an_empty_cache():
+    from treedec.attention import TreeStep
+    from treedec.reference.tree import chain_tree_mask
+
+    zeros = torch.zeros(2, dtype=torch.int32)
+    chain = chain_tree_mask(2, 6)
+    assert TreeStep(zeros, zeros, chain, chain=True).causal(None)
+    assert TreeStep(zeros, zeros, chain, chain=True).causal(6)
+    assert not TreeStep(zeros, zeros, chain, chain=True).causal(5)  # the window cuts the chain
+    assert not TreeStep(zeros, torch.tensor([0, 2], dtype=torch.int32), chain, chain=True).causal(None)  # padding
+    assert not TreeStep(torch.tensor([3, 3], dtype=torch.int32), zeros, chain, chain=True).causal(None)  # a prefix
+    assert not TreeStep(zeros, zeros, chain).causal(None)  # not declared a chain (a tree's mask)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_loop_prefills_with_the_causal_kernel_unless_padded(padded, monkeypatch):
+    """treedec's prefill of an unpadded prompt runs SDPA's causal kernel in every layer, as HF's
+    does; a left-padded batch's keeps the dense mask. The output is HF's either way."""
+    import treedec
+    from test_decoding import left_padded, repetitive_prompt
+    from treedec.reference import attention as reference_attention
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("is_causal", False))
+        return sdpa(*args, **kwargs)
+
+    model = tiny_llama(seed=4)
+    prompts = [repetitive_prompt(4, 11), repetitive_prompt(5, 7)] if padded else [repetitive_prompt(4, 11)]
+    ids, mask = left_padded(prompts)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    treedec.patch(model, drafter=None)
+    monkeypatch.setattr(reference_attention.F, "scaled_dot_product_attention", spy)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    layers = model.config.num_hidden_layers
+    assert calls.count(True) == (0 if padded else layers)

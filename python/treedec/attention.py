@@ -39,6 +39,8 @@ class TreeStep:
     # the rows (`longest`, `unmasked`) are read there, since reading them from a GPU's copy would
     # make the host wait for the device at every layer
     host: TreeStep | None = field(default=None, repr=False)
+    # the nodes are one chain in order (node i's parent is i - 1): a prefill's causal block
+    chain: bool = False
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
     _dense: dict = field(default_factory=dict, repr=False)  # window (None: none) -> the dense mask
     _facts: dict = field(default_factory=dict, repr=False)  # longest, unmasked: read once a step
@@ -78,6 +80,18 @@ class TreeStep:
                                 and int(self.prefix_len.min()) == longest and (window is None or longest < window))
         return self._facts[key]
 
+    def causal(self, window: int | None) -> bool:
+        """Whether the dense mask is plain causal attention of the nodes over themselves: a chain
+        on an empty cache with no left padding (an unpadded prefill), and the window (if any) no
+        narrower than the chain, so SDPA's causal kernel can skip the masked half."""
+        if self.host is not None:
+            return self.host.causal(window)
+        key = ("causal", window)
+        if key not in self._facts:
+            self._facts[key] = (self.chain and self.longest() == 0 and int(self.kv_start.abs().max()) == 0
+                                and (window is None or self.num_nodes <= window))
+        return self._facts[key]
+
     def subset(self, rows: torch.Tensor) -> TreeStep:
         """This step for the batch rows `rows` (int64 [A], ascending) only."""
         host = rows.cpu()
@@ -105,7 +119,8 @@ class TreeStep:
             # would make a GPU's host wait at every layer; the reference's dense mask is built once a step
             return ops.tree_attention(q, k, v, step.prefix_len, step.tree_mask, step.kv_start, scale,
                                       check_values=False, dense_mask=lambda: step.dense_mask(window),
-                                      window=window, softcap=softcap, unmasked=lambda: step.unmasked(window))
+                                      window=window, softcap=softcap, unmasked=lambda: step.unmasked(window),
+                                      causal=lambda: step.causal(window))
 
 
 def layer_window(module, kwargs: dict) -> int | None:

@@ -316,7 +316,7 @@ class TreeDecoder:
         tree_rows = max(self.max_nodes, 1) + 1
         cache = adapter.new_cache(padding, max_len=length + max_new_tokens + tree_rows,
                                   initial_len=length + min(max_new_tokens, GROWTH_ROWS) + tree_rows)
-        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, length))
+        step = TreeStep(cache.prefix_len.clone(), cache.kv_start.clone(), chain_tree_mask(batch, length), chain=True)
         cache.begin_step(length)
         with adapter.captured(self.drafter.feature_layers) as captured:
             hidden = adapter.forward(input_ids, prompt_positions(length, padding), cache, step)

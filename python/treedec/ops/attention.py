@@ -46,6 +46,7 @@ def tree_attention(
     window: int | None = None,
     softcap: float | None = None,
     unmasked: Callable[[], bool] | None = None,
+    causal: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Attention of T tree nodes over their prefix and their own ancestors.
 
@@ -82,6 +83,10 @@ def tree_attention(
     unmasked : callable, optional
         With `dense_mask`, for the reference: whether that mask is all true (TreeStep.unmasked,
         known on the host), so the reference need not read it back to pick SDPA's unmasked kernel.
+    causal : callable, optional
+        With `dense_mask`, for the reference: whether that mask is plain causal attention of the
+        T nodes over themselves (TreeStep.causal: an unpadded prefill), so SDPA's causal kernel
+        runs and skips the masked half of the scores, as HF's prefill does.
 
     The Triton kernel implements `window` and `softcap`; on a GPU, auto still runs the reference
     for them until they have run on one (`window_or_softcap_on_a_gpu`).
@@ -99,7 +104,8 @@ def tree_attention(
     backend = TREE_ATTENTION.backend(q.device, *args)
     if backend == "reference" and dense_mask is not None and not torch.compiler.is_compiling():
         return reference.tree_attention(*args[:7], dense_mask=dense_mask(), window=window, softcap=softcap,
-                                        unmasked=unmasked() if unmasked is not None else None)
+                                        unmasked=unmasked() if unmasked is not None else None,
+                                        causal=causal is not None and causal())
     return TREE_ATTENTION.run(backend, *args)
 
 

@@ -59,13 +59,16 @@ def tree_attention(
     window: int | None = None,
     softcap: float | None = None,
     unmasked: bool | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]. GQA when Hq is a multiple of Hkv.
 
     `dense_mask` (from `dense_tree_mask`) may be passed in so a caller running many layers
     builds it once per step; it must match the other arguments, `window` included (see
     `dense_tree_mask`); its width is then the rows read (max(prefix_len) + T), and `unmasked`
-    may say whether it is all true. Both spare a read of device memory per call. `softcap`
+    may say whether it is all true, `causal` that it is plain causal attention of the T nodes
+    over themselves (a chain on an empty cache: SDPA's causal kernel skips the masked half).
+    They spare a read of device memory per call. `softcap`
     (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask, as transformers'
     eager attention does.
     """
@@ -76,6 +79,11 @@ def tree_attention(
         dense_mask = dense_tree_mask(prefix_len, tree_mask, kv_start, num_nodes, kv_len, window)
     if softcap is not None:
         return softcapped_attention(q, k, v, dense_mask, scale, softcap)
+    if causal:
+        if kv_len != num_nodes:
+            raise ValueError(f"causal attention of {num_nodes} nodes over {kv_len} rows: a causal step reads "
+                             "only its own rows (an empty cache)")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     # Nothing masked (one node, no padding: a plain decode step): SDPA's unmasked kernel is faster.
     if unmasked is None:
         unmasked = bool(dense_mask.all())

@@ -164,8 +164,8 @@ class TreeDecoder:
         if request.streamer is not None:
             request.streamer.put(input_ids)
 
-        cache, prefilled = self._prefill(input_ids, padding, request.max_new_tokens)
-        prompt_states, prompt_features, root_hidden, root_features = prefilled
+        cache, (prompt_states, prompt_features, root_hidden, root_features) = self._prefill(
+            input_ids, padding, request.max_new_tokens)
         # the state whose LM-head output is each prompt's first root (None for one-token prompts)
         prompt_hidden = None if prompt_states is None else prompt_states[:, -1].contiguous()
 

@@ -43,7 +43,7 @@ class TreeStep:
     chain: bool = False
     _per_device: dict = field(default_factory=dict, repr=False)  # device -> this step's tensors there
     _dense: dict = field(default_factory=dict, repr=False)  # window (None: none) -> the dense mask
-    _facts: dict = field(default_factory=dict, repr=False)  # longest, unmasked: read once a step
+    _facts: dict = field(default_factory=dict, repr=False)  # longest, unpadded, unmasked, causal: read once a step
 
     @property
     def num_nodes(self) -> int:
@@ -68,6 +68,14 @@ class TreeStep:
             self._facts["longest"] = int(self.prefix_len.max())
         return self._facts["longest"]
 
+    def unpadded(self) -> bool:
+        """Whether no row has left padding (kv_start all 0)."""
+        if self.host is not None:
+            return self.host.unpadded()
+        if "unpadded" not in self._facts:
+            self._facts["unpadded"] = int(self.kv_start.abs().max()) == 0
+        return self._facts["unpadded"]
+
     def unmasked(self, window: int | None) -> bool:
         """Whether the dense mask is all true: one node (a plain decode step), every row at the
         same length with no left padding, and the window (if any) wider than every row."""
@@ -76,7 +84,7 @@ class TreeStep:
         key = ("unmasked", window)
         if key not in self._facts:
             longest = self.longest()
-            self._facts[key] = (self.num_nodes == 1 and int(self.kv_start.abs().max()) == 0
+            self._facts[key] = (self.num_nodes == 1 and self.unpadded()
                                 and int(self.prefix_len.min()) == longest and (window is None or longest < window))
         return self._facts[key]
 
@@ -88,7 +96,7 @@ class TreeStep:
             return self.host.causal(window)
         key = ("causal", window)
         if key not in self._facts:
-            self._facts[key] = (self.chain and self.longest() == 0 and int(self.kv_start.abs().max()) == 0
+            self._facts[key] = (self.chain and self.longest() == 0 and self.unpadded()
                                 and (window is None or self.num_nodes <= window))
         return self._facts[key]
 

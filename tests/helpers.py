@@ -97,3 +97,18 @@ class Tries:
 
     def __len__(self):
         return len(self.found)
+
+
+def on_prefill_done(monkeypatch, callback) -> None:
+    """Calls `callback()` when a decode call's prefill has emitted its first token: the loop makes
+    the steps' profile (profiling.new_profile) right then, so a spy can split the prefill's host
+    reads from the first step's."""
+    from treedec import profiling
+
+    new_profile = profiling.new_profile
+
+    def marked(*args):
+        callback()
+        return new_profile(*args)
+
+    monkeypatch.setattr(profiling, "new_profile", marked)

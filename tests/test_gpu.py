@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import treedec
-from helpers import make_parents
+from helpers import make_parents, on_prefill_done
 from test_decoding import left_padded, repetitive_prompt
 from treedec import ops
 from treedec.attention import TreeStep
@@ -249,13 +249,7 @@ def cuda_host_reads(monkeypatch):
 
     monkeypatch.setattr(host, "to_host", counted)
     monkeypatch.setattr(profiling.NoProfile, "step_done", lambda self, seconds: boundaries.append(len(events)))
-    new_profile = profiling.new_profile
-
-    def prefill_done(*args):  # the loop makes the steps' profile once the prefill has emitted
-        boundaries.append(len(events))
-        return new_profile(*args)
-
-    monkeypatch.setattr(profiling, "new_profile", prefill_done)
+    on_prefill_done(monkeypatch, lambda: boundaries.append(len(events)))
     return Reads(), events, boundaries
 
 

@@ -18,6 +18,7 @@ import torch
 
 import test_model_types
 import treedec
+from helpers import on_prefill_done
 from test_decoding import left_padded, repetitive_prompt
 from treedec import host, profiling
 from treedec.adapters import ModelAdapter
@@ -128,13 +129,7 @@ def device_reads(monkeypatch):
     monkeypatch.setattr(host, "to_host", counted_to_host)
     boundaries = []
     monkeypatch.setattr(profiling.NoProfile, "step_done", lambda self, seconds: boundaries.append(len(OnDevice.reads)))
-    new_profile = profiling.new_profile
-
-    def prefill_done(*args):  # the loop makes the steps' profile once the prefill has emitted
-        boundaries.append(len(OnDevice.reads))
-        return new_profile(*args)
-
-    monkeypatch.setattr(profiling, "new_profile", prefill_done)
+    on_prefill_done(monkeypatch, lambda: boundaries.append(len(OnDevice.reads)))
 
     def per_step():
         starts = [0] + boundaries[:-1]
